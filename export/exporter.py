@@ -1,0 +1,201 @@
+"""Run directory -> verified bundle: the work behind `streamrec export`.
+
+Order matters: write every file into a temporary directory, seal it (manifest
+with checksums), load it back through ``load_scorer`` exactly as the stream
+will, check parity against the trained model on real test prefixes, optionally
+quantize and measure, seal again, and only then rename it into place. Any
+failure on the way leaves no bundle behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from export.bundle import BundleWriter
+from training.data import PreparedData, Vocab
+from training.errors import UserError
+
+DEFAULT_K = 20
+DEFAULT_SEEN_HISTORY = 50  # hidden / items kinds: recent items kept per session for exclude_seen
+DEFAULT_PARITY_SESSIONS = 200
+
+
+def export_run(
+    run_dir: Path,
+    out: Path,
+    *,
+    data_dir: Path | None = None,
+    k: int = DEFAULT_K,
+    history_len: int | None = None,
+    int8: bool = False,
+    min_overlap: float = 0.9,
+    parity_sessions: int = DEFAULT_PARITY_SESSIONS,
+    threads: int = 1,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Export the trained run in ``run_dir`` to the bundle ``out``; returns the manifest."""
+    import torch
+
+    from export.parity import check_parity, sample_sessions
+    from export.scorer import load_scorer
+    from training.models import load_run
+
+    run_dir, out = Path(run_dir), Path(out)
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists (pass --force to replace it)")
+    model = load_run(run_dir)
+    run_doc = json.loads((run_dir / "config.json").read_text())
+    if not (run_dir / "vocab.json").is_file():
+        raise UserError(f"{run_dir}: vocab.json missing (runs made by `streamrec train` carry a copy of the dataset's vocabulary)")
+    vocab = Vocab.load(run_dir / "vocab.json")
+    if vocab.n_items != model.n_items:
+        raise UserError(f"{run_dir}: vocab.json has {vocab.n_items} items but the model was trained on {model.n_items}")
+    data = _dataset(run_dir, run_doc, data_dir)
+    if data.vocab.item_ids != vocab.item_ids:
+        raise UserError(f"{data.path}: its vocabulary differs from the run's vocab.json (not the dataset the model was trained on)")
+    if k < 1:
+        raise UserError(f"--k must be at least 1, got {k}")
+    kind = model.state_kind
+    history_len = _history_len(model, kind, history_len)
+    k = min(k, model.n_items)
+    candidates = min(k + history_len, model.n_items)
+    if int8 and kind not in ("hidden", "window"):
+        raise UserError(f"--int8 applies to ONNX models (state kinds hidden, window); '{model.name}' is served as '{kind}'")
+    torch.set_num_threads(threads)
+
+    metrics_path = run_dir / "metrics.json"
+    manifest = {
+        "model": model.name,
+        "state_kind": kind,
+        "n_items": model.n_items,
+        "k": k,
+        "hidden_size": int(getattr(model, "hidden_size", 0)) if kind == "hidden" else 0,
+        "history_len": history_len,
+        "window_len": history_len if kind in ("window", "graph") else 0,
+        "features": {},
+        "model_file": {"hidden": "model.onnx", "window": "model.onnx", "graph": "model.pt", "items": "model.npz"}[kind],
+        "precision": "fp32",
+        "model_config": _jsonable(dataclasses.asdict(model.config)),
+        "training": {
+            "metrics": json.loads(metrics_path.read_text()) if metrics_path.is_file() else None,
+            "dataset": {"path": str(data.path.resolve()) if data.path else None, "stats": data.stats},
+            "train_seconds": run_doc.get("train_seconds"),
+            "run_dir": str(run_dir.resolve()),
+        },
+    }
+    with BundleWriter(out, overwrite=force) as writer:
+        shutil.copyfile(run_dir / "vocab.json", writer.path("vocab.json"))
+        np.save(writer.path("popularity.npy"), np.bincount(data.train.items, minlength=model.n_items + 1)[: model.n_items + 1].astype(np.int64))
+        log(f"exporting {model.name} ({kind}, {model.n_items:,} items) from {run_dir}")
+        _write_model(model, kind, manifest, writer, k, candidates)
+        if manifest["model_file"] == "model.onnx":
+            manifest["onnx"] = {"candidates": candidates, "size_bytes": writer.path("model.onnx").stat().st_size}
+        writer.seal(manifest)
+
+        sample = sample_sessions(data.test, parity_sessions)
+        scorer = load_scorer(writer.tmp, threads=threads)
+        log(f"checking parity on {len(sample)} test sessions ({sample.n_events:,} events)")
+        manifest["parity"] = check_parity(model, scorer, sample)
+        log(f"parity ok: max score difference {manifest['parity']['max_score_diff']:.2g}, identical top-{k} lists at {manifest['parity']['exact_top_k_share']:.1%} of {manifest['parity']['positions']:,} positions")
+        if int8:
+            manifest["precision"] = "int8"
+            manifest["int8"] = _int8(writer, manifest, scorer, sample, threads, min_overlap, log)
+            manifest["onnx"]["size_bytes"] = writer.path("model.onnx").stat().st_size
+        manifest = writer.seal(manifest)
+        writer.commit()
+    log(f"wrote {out} (model_version {manifest['model_version']})")
+    return manifest
+
+
+def _dataset(run_dir: Path, run_doc: dict, data_dir: Path | None) -> PreparedData:
+    """The prepared data the run was trained on: --data, else the path recorded in the run."""
+    if data_dir is None:
+        recorded = (run_doc.get("data") or {}).get("path")
+        if not recorded:
+            raise UserError(f"{run_dir}: the run does not record its dataset; pass --data DATA_DIR (needed for popularity and the parity check)")
+        data_dir = Path(recorded)
+        if not data_dir.is_dir():
+            raise UserError(f"{run_dir} was trained on {data_dir}, which no longer exists; pass --data DATA_DIR")
+    return PreparedData.load(data_dir)
+
+
+def _history_len(model, kind: str, requested: int | None) -> int:
+    """Recent items the stream keeps per session: the model's window, or the exclude_seen horizon."""
+    if kind in ("window", "graph"):
+        length = int(model.history_len)
+        if requested is not None and requested != length:
+            raise UserError(f"--history-len {requested}: {model.name} was trained on windows of {length} items and is served with exactly that")
+        return length
+    length = DEFAULT_SEEN_HISTORY if requested is None else requested
+    if length < 1:
+        raise UserError(f"--history-len must be at least 1, got {length}")
+    return length
+
+
+def _write_model(model, kind: str, manifest: dict, writer: BundleWriter, k: int, candidates: int) -> None:
+    from export.onnx_export import export_step_model, export_window_model
+
+    if kind == "hidden":
+        export_step_model(model.export_module(), manifest["hidden_size"], k, candidates, writer.path("model.onnx"))
+    elif kind == "window":
+        features = dict(getattr(model, "net_args", {}).get("event_features") or {})
+        manifest["features"] = features
+        labels = manifest["training"]["dataset"]["stats"].get("feature_vocab", {})
+        manifest["feature_vocab"] = {name: labels[name] for name in features if name in labels}
+        export_window_model(model.export_module(), manifest["history_len"], list(features), k, candidates, writer.path("model.onnx"))
+    elif kind == "graph":
+        model.save(writer.tmp)  # config.json + model.pt, reloaded with weights_only=True by the scorer
+        for extra in set(p.name for p in writer.tmp.iterdir()) - {"config.json", "model.pt", "vocab.json", "popularity.npy"}:
+            (writer.tmp / extra).unlink()
+    elif kind == "items":
+        np.savez(writer.path("model.npz"), **model.arrays())
+    else:
+        raise UserError(f"model '{model.name}' has unknown state kind '{kind}'")
+
+
+def _int8(writer: BundleWriter, manifest: dict, fp32_scorer, sample, threads: int, min_overlap: float, log) -> dict:
+    """Swap the bundle's model.onnx for its int8 version; measure overlap and speed against fp32 (kept in memory)."""
+    from export.parity import replay, time_steps
+    from export.quantize import quantize_int8, top_k_overlap
+    from export.scorer import load_scorer
+
+    model_path = writer.path("model.onnx")
+    int8_path = writer.path("model.int8.onnx")
+    fp32_size = model_path.stat().st_size
+    quantize_int8(model_path, int8_path)
+    calls: list = []
+    fp32_replay = replay(fp32_scorer, sample, record=calls)
+    int8_path.replace(model_path)  # the fp32 session stays loaded in memory
+    writer.seal(manifest)
+    int8_scorer = load_scorer(writer.tmp, threads=threads)
+    int8_replay = replay(int8_scorer, sample)
+    overlap = top_k_overlap(fp32_replay, int8_replay)
+    fp32_seconds, int8_seconds = time_steps(fp32_scorer, calls), time_steps(int8_scorer, calls)
+    events = int(sum(len(c.items) for c in calls))
+    report = {
+        "top_k_overlap": overlap,
+        "min_overlap": min_overlap,
+        "positions": len(int8_replay.positions),
+        "fp32_ms_per_event": 1000 * fp32_seconds / events,
+        "int8_ms_per_event": 1000 * int8_seconds / events,
+        "speedup": fp32_seconds / int8_seconds,
+        "fp32_size_bytes": fp32_size,
+        "int8_size_bytes": model_path.stat().st_size,
+    }
+    k = fp32_scorer.k
+    log(f"int8: top-{k} overlap with fp32 {overlap:.1%}, {report['speedup']:.2f}x the fp32 speed, {report['int8_size_bytes'] / 1e6:.1f} MB (fp32 {fp32_size / 1e6:.1f} MB)")
+    if overlap < min_overlap:
+        raise UserError(f"int8 model keeps only {overlap:.1%} of the fp32 top-{k} (--min-overlap {min_overlap:.0%}); nothing written")
+    return report
+
+
+def _jsonable(value):
+    """Config values as JSON (tuples become lists)."""
+    return json.loads(json.dumps(value, default=list))
