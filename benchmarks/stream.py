@@ -1,0 +1,440 @@
+"""Stream throughput and end-to-end latency on the embedded broker, three ways of serving a click.
+
+(a) echo:     a trivial per-event Faust agent that forwards each click (Faust's ceiling);
+(b) naive:    a per-event Faust agent that re-runs GRU4Rec in torch eager mode over the whole
+              session for every click, batch 1;
+(c) streamrec: `streamrec serve` (micro-batches, carried GRU state, ONNX Runtime, bulk delivery).
+
+Each system gets a fresh embedded broker and runs as its own process. For each:
+- max sustained events/s: a backlog of clicks is produced flat out, and the rate is
+  answers / (last answer received - first click sent);
+- latency: clicks offered at a fixed rate (1,000/s) for a while; end-to-end = the time the
+  answer reaches a consumer minus the time the click was handed to the producer (same clock).
+
+The model is an untrained GRU4Rec (its cost does not depend on the weights) over a synthetic
+catalogue of ~40k items, exported to a bundle with K=20.
+
+    python benchmarks/stream.py            # writes "## Stream" in docs/performance.md and docs/img/stream_latency.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DOC = ROOT / "docs" / "performance.md"
+PLOT = ROOT / "docs" / "img" / "stream_latency.png"
+SECTION = "## Stream"
+IN, OUT = "clicks", "recommendations"
+
+
+# ----------------------------------------------------------------------------- systems (a) and (b)
+
+
+def baseline_app(role: str, broker: str, run_dir: Path | None, fetch_wait_ms: int):
+    """A stock per-event Faust agent (Faust's own delivery loop, fetch wait lowered like the worker's)."""
+    import faust
+
+    from stream.transport import stream_transport
+
+    app = faust.App(f"bench-{role}", broker=broker, store="memory://", web_enabled=False, topic_partitions=4, consumer_auto_offset_reset="latest", broker_session_timeout=2.0, broker_heartbeat_interval=0.5)
+    app.transport = stream_transport(fetch_wait_ms, bulk_delivery=False)(app.conf.broker_consumer, app)
+    clicks = app.topic(IN, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+    out = app.topic(OUT, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+
+    if role == "echo":
+
+        @app.agent(clicks)
+        async def echo(stream):
+            async for event in stream.events():
+                await out.send(key=event.key, value=event.value)
+
+        return app
+
+    import torch
+
+    from training.models import load_run
+
+    torch.set_num_threads(1)
+    model = load_run(run_dir)
+    step = model.export_module()
+    hidden_size = int(model.hidden_size)
+    item_ids = ["" ] + json.loads((run_dir / "vocab.json").read_text())["items"]
+    index = {item: i for i, item in enumerate(item_ids)}
+    sessions: dict[str, list[int]] = {}
+
+    @app.agent(clicks)
+    async def naive(stream):
+        async for event in stream.events():
+            doc = orjson.loads(event.value)
+            items = sessions.setdefault(doc["session_id"], [])
+            items.append(index.get(str(doc["item_id"]), 0))
+            with torch.inference_mode():
+                h = torch.zeros(1, hidden_size)
+                for item in items:  # the whole session again, every click
+                    h, scores = step(torch.tensor([item]), h)
+                scores[0, 0] = -torch.inf
+                top = torch.topk(scores[0], 20)
+            answer = {"session_id": doc["session_id"], "position": len(items), "items": [item_ids[i] for i in top.indices.tolist()], "scores": top.values.tolist()}
+            await out.send(key=event.key, value=orjson.dumps(answer))
+
+    return app
+
+
+def run_role(args) -> None:
+    from faust.worker import Worker
+
+    app = baseline_app(args.role, args.broker, Path(args.run) if args.run else None, args.fetch_wait_ms)
+    Worker(app, loglevel="warning", quiet=True).execute_from_commandline()
+
+
+# ----------------------------------------------------------------------------- load generation
+
+
+def schedule(n: int, sessions: int, items: list[str], rng: np.random.Generator, prefix: str) -> list[tuple[str, str, int]]:
+    """(session id, item id, position) of ``n`` clicks over ``sessions`` concurrent sessions."""
+    which = rng.integers(0, sessions, n)
+    picked = rng.integers(0, len(items), n)
+    count = np.zeros(sessions, dtype=np.int64)
+    out = []
+    for s, i in zip(which, picked):
+        count[s] += 1
+        out.append((f"{prefix}-{s}", items[i], int(count[s])))
+    return out
+
+
+async def drive(bootstrap: str, clicks: list[tuple[str, str, int]], rate: float | None, timeout: float) -> tuple[np.ndarray, np.ndarray]:
+    """Send ``clicks`` (flat out, or at ``rate``/s) and wait for their answers; (send times, receive times), NaN = no answer."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+    where = {(sid, pos): j for j, (sid, _, pos) in enumerate(clicks)}
+    sent = np.full(len(clicks), np.nan)
+    received = np.full(len(clicks), np.nan)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, fetch_max_wait_ms=5, enable_auto_commit=False)
+    await consumer.start()
+    await consumer.topics()
+    tps = [TopicPartition(OUT, p) for p in sorted(consumer.partitions_for_topic(OUT) or [])]
+    consumer.assign(tps)
+    await consumer.seek_to_end(*tps)
+    for tp in tps:
+        await consumer.position(tp)
+    done = asyncio.Event()
+    n_received = 0
+
+    async def receive():
+        nonlocal n_received
+        while not done.is_set():
+            batch = await consumer.getmany(timeout_ms=100)
+            now = time.time()
+            for records in batch.values():
+                for r in records:
+                    doc = orjson.loads(r.value)
+                    j = where.get((doc["session_id"], int(doc["position"])))
+                    if j is not None and np.isnan(received[j]):
+                        received[j] = now
+                        n_received += 1
+            if n_received == len(clicks):
+                done.set()
+
+    task = asyncio.create_task(receive())
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0)
+    await producer.start()
+    started = time.perf_counter()
+    for j, (sid, item, pos) in enumerate(clicks):
+        if rate is not None:
+            wait = j / rate - (time.perf_counter() - started)
+            if wait > 0.0005:
+                await asyncio.sleep(wait)
+        now = time.time()
+        sent[j] = now
+        await producer.send(IN, orjson.dumps({"session_id": sid, "item_id": item, "timestamp": now, "position": pos}), key=sid.encode())
+    await producer.flush()
+    try:
+        await asyncio.wait_for(done.wait(), timeout)
+    except asyncio.TimeoutError:
+        pass
+    done.set()
+    await task
+    await producer.stop()
+    await consumer.stop()
+    return sent, received
+
+
+def wait_ready(bootstrap: str, items: list[str], process, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    n = 0
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the benchmarked process exited with status {process.returncode}")
+        n += 1
+        _, received = asyncio.run(drive(bootstrap, [(f"probe-{n}", items[0], 1)], None, timeout=5.0))
+        if not np.isnan(received).any():
+            return
+    raise SystemExit("the benchmarked process never answered")
+
+
+def measure(name: str, start, items: list[str], args, rng: np.random.Generator) -> dict:
+    """Start a system on a fresh broker, measure its max sustained rate and its latency at the offered rate."""
+    from stream.broker import EmbeddedBroker
+    from stream.settings import Settings
+    from stream.topics import ensure_topics
+
+    with EmbeddedBroker() as broker:
+        asyncio.run(ensure_topics(Settings(broker=broker.url, partitions=4)))
+        process = start(broker)
+        try:
+            wait_ready(broker.bootstrap, items, process)
+            n_sat = args.naive_events if name.startswith("(b)") else args.events
+            print(f"{name}: saturation, {n_sat:,} clicks flat out ...", file=sys.stderr)
+            sent, received = asyncio.run(drive(broker.bootstrap, schedule(n_sat, args.sessions, items, rng, "sat"), None, timeout=args.timeout))
+            answered = ~np.isnan(received)
+            throughput = answered.sum() / (np.nanmax(received) - sent[0]) if answered.any() else 0.0
+            n_lat = int(args.rate * (args.naive_seconds if name.startswith("(b)") else args.seconds))
+            print(f"{name}: {throughput:,.0f} events/s; latency at {args.rate:,.0f}/s, {n_lat:,} clicks ...", file=sys.stderr)
+            sent_l, received_l = asyncio.run(drive(broker.bootstrap, schedule(n_lat, args.sessions, items, rng, "lat"), args.rate, timeout=args.timeout))
+            low = None
+            if not name.startswith("(b)"):
+                n_low = int(args.low_rate * args.low_seconds)
+                print(f"{name}: latency at {args.low_rate:,.0f}/s, {n_low:,} clicks ...", file=sys.stderr)
+                sent_q, received_q = asyncio.run(drive(broker.bootstrap, schedule(n_low, args.sessions, items, rng, "low"), args.low_rate, timeout=args.timeout))
+                low = (received_q - sent_q) * 1000.0
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    latency = (received_l - sent_l) * 1000.0
+    ok = ~np.isnan(latency)
+    return {
+        "name": name,
+        "throughput": float(throughput),
+        "answered_saturation": f"{int(answered.sum())}/{len(sent)}",
+        "latency_ms": latency[ok],
+        "answered_latency": f"{int(ok.sum())}/{len(latency)}",
+        "saturated": throughput < args.rate,
+        "low_latency_ms": low[~np.isnan(low)] if low is not None else None,
+    }
+
+
+# ----------------------------------------------------------------------------- set-up and report
+
+
+def build_bundle(work: Path, args) -> tuple[Path, Path, list[str]]:
+    import torch
+
+    from export.exporter import export_run
+    from training.models import get_model
+    from training.synth import synthesize
+
+    print(f"synthesizing {args.items_asked:,} items ...", file=sys.stderr)
+    data = synthesize(args.items_asked, args.catalogue_sessions, seed=0, test_fraction=0.05)
+    data.save(work / "data")
+    cls = get_model("gru4rec")
+    torch.manual_seed(0)
+    model = cls(data.n_items, cls.Config(layers=(args.hidden,)))  # untrained: serving cost does not depend on the weights
+    run_dir, bundle_dir = work / "run", work / "bundle"
+    model.save(run_dir)
+    (run_dir / "vocab.json").write_text((work / "data" / "vocab.json").read_text())
+    doc = json.loads((run_dir / "config.json").read_text())
+    doc["data"] = {"path": str(work / "data")}
+    (run_dir / "config.json").write_text(json.dumps(doc))
+    export_run(run_dir, bundle_dir, data_dir=work / "data", k=20, parity_sessions=20, log=lambda line: print(line, file=sys.stderr))
+    export_run(run_dir, work / "bundle-int8", data_dir=work / "data", k=20, int8=True, min_overlap=0.0, parity_sessions=20, log=lambda line: print(line, file=sys.stderr))
+    return run_dir, bundle_dir, data.vocab.item_ids
+
+
+def scorer_ceiling(bundle_dir: Path, batch: int = 256, seconds: float = 3.0) -> float:
+    """Events/s of ``Scorer.step`` alone at ``batch`` rows (1 thread): the worker cannot beat it."""
+    from export.scorer import StepInput, load_scorer
+
+    scorer = load_scorer(bundle_dir)
+    rng = np.random.default_rng(0)
+    items = rng.integers(1, scorer.n_items + 1, batch)
+    step = StepInput(items, np.zeros((batch, scorer.hidden_size), np.float32), [np.array([i]) for i in items])
+    scorer.step(step)
+    n, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        scorer.step(step)
+        n += batch
+    return n / (time.perf_counter() - started)
+
+
+def render(results: list[dict], args, n_items: int, load: str, ceilings: dict[str, float]) -> str:
+    rate, low_rate = f"{args.rate:,.0f}/s", f"{args.low_rate:,.0f}/s"
+    rows = [
+        f"| system | max sustained events/s | p50 ms @{rate} | p90 ms @{rate} | p99 ms @{rate} | answered @{rate} | p50 ms @{low_rate} | p99 ms @{low_rate} | note |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---|",
+    ]
+    for r in results:
+        lat = r["latency_ms"]
+        p = np.percentile(lat, [50, 90, 99]) if len(lat) else [np.nan] * 3
+        low = r["low_latency_ms"]
+        q = np.percentile(low, [50, 99]) if low is not None and len(low) else None
+        lows = f"{q[0]:,.1f} | {q[1]:,.1f}" if q is not None else " | "
+        note = "saturated below the offered rate: latency grows with the queue" if r["saturated"] else ""
+        rows.append(f"| {r['name']} | {r['throughput']:,.0f} | {p[0]:,.1f} | {p[1]:,.1f} | {p[2]:,.1f} | {r['answered_latency']} | {lows} | {note} |")
+    c = next((r for r in results if r["name"] == "(c) streamrec worker"), None)
+    b = next((r for r in results if r["name"].startswith("(b)")), None)
+    a = next((r for r in results if r["name"].startswith("(a)")), None)
+    ratios = []
+    if c and b and b["throughput"]:
+        ratios.append(f"(c)/(b) = {c['throughput'] / b['throughput']:,.0f}x")
+    if c and a and a["throughput"]:
+        ratios.append(f"(c)/(a) = {c['throughput'] / a['throughput']:.2f}x")
+    targets = []
+    if c:
+        p50, p99 = (np.percentile(c["latency_ms"], [50, 99]) if len(c["latency_ms"]) else (np.nan, np.nan))
+        checks = [
+            ("(c) >= 5,000 events/s", c["throughput"] >= 5000, f"{c['throughput']:,.0f}"),
+            ("(c) >= 10x (b)", bool(b and c["throughput"] >= 10 * b["throughput"]), f"{c['throughput'] / b['throughput']:,.1f}x" if b and b["throughput"] else "n/a"),
+            ("(c) >= (a)", bool(a and c["throughput"] >= a["throughput"]), f"{c['throughput'] / a['throughput']:.2f}x" if a and a["throughput"] else "n/a"),
+            (f"p50 <= 10 ms at {args.rate:,.0f}/s", p50 <= 10, f"{p50:,.1f} ms"),
+            (f"p99 <= 50 ms at {args.rate:,.0f}/s", p99 <= 50, f"{p99:,.1f} ms"),
+        ]
+        targets = ["", "| target | this run | met |", "|---|---:|---|"] + [f"| {t} | {v} | {'yes' if ok else '**no**'} |" for t, ok, v in checks]
+    return "\n".join(
+        [
+            SECTION,
+            "",
+            f"End to end through the embedded broker (Tansu, memory storage, 4 partitions) on this project's box: 2 cores shared by the "
+            f"broker, the load generator and the system under test (and other jobs: load average {load}), {platform.machine()}, {date.today().isoformat()}. "
+            f"Model: GRU4Rec with {args.hidden} hidden units, untrained (serving cost does not depend on the weights), over {n_items:,} synthetic items, K=20, "
+            f"{args.sessions:,} concurrent sessions with uniformly random clicks. "
+            "Max sustained events/s: a backlog produced flat out, answers / (last answer received - first click sent). "
+            f"Latency: clicks offered at {args.rate:,.0f}/s, end-to-end = answer received by a consumer - click handed to the producer. "
+            f"(a) is a stock per-event Faust agent that forwards each click; (b) the naive path: a per-event Faust agent re-running GRU4Rec in torch eager mode "
+            "over the whole session for every click, batch 1; (c) `streamrec serve` with its defaults on the embedded broker "
+            f"(`--broker-quirks {args.quirks}`, fetch wait {args.fetch_wait_ms} ms, batch up to 256). "
+            f"All use the same {args.fetch_wait_ms} ms fetch wait (stock Faust holds fetches up to 1.5 s). Ratios: {', '.join(ratios)}. "
+            f"For scale, `Scorer.step` alone (no Kafka, 1 thread, batch 256) ran at {ceilings['bundle']:,.0f} events/s for this bundle "
+            f"and {ceilings['bundle-int8']:,.0f} events/s for its int8 version in the same run: no worker can exceed its scorer.",
+            "",
+            "Produced by:",
+            "",
+            "    python benchmarks/stream.py",
+            "",
+            *rows,
+            *targets,
+            "",
+            f"![end-to-end latency at {args.rate:,.0f} events/s](img/{PLOT.name})",
+            "",
+        ]
+    )
+
+
+def plot(results: list[dict], rate: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in results:
+        lat = np.sort(r["latency_ms"])
+        if len(lat):
+            ax.plot(lat, np.arange(1, len(lat) + 1) / len(lat), label=r["name"])
+    ax.set_xscale("log")
+    ax.set_xlabel("end-to-end latency (ms, log scale)")
+    ax.set_ylabel("share of clicks answered within")
+    ax.set_title(f"Clicks offered at {rate:,.0f}/s on the embedded broker")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right")
+    PLOT.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(PLOT, dpi=120)
+
+
+def write_section(section: str) -> None:
+    """Replace (or append) the "## Stream" section of docs/performance.md, leaving other sections alone."""
+    text = DOC.read_text() if DOC.is_file() else "# Performance\n\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section + "\n", text)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    DOC.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--role", choices=["echo", "naive"], help=argparse.SUPPRESS)
+    parser.add_argument("--broker", help=argparse.SUPPRESS)
+    parser.add_argument("--run", help=argparse.SUPPRESS)
+    parser.add_argument("--items-asked", type=int, default=40_000, help="catalogue size asked of the generator")
+    parser.add_argument("--catalogue-sessions", type=int, default=100_000, help="synthetic sessions generated (they set the catalogue)")
+    parser.add_argument("--hidden", type=int, default=100, help="GRU4Rec hidden units")
+    parser.add_argument("--sessions", type=int, default=2000, help="concurrent sessions in the load")
+    parser.add_argument("--events", type=int, default=40_000, help="clicks in the saturation run of (a) and (c)")
+    parser.add_argument("--naive-events", type=int, default=1500, help="clicks in the saturation run of (b)")
+    parser.add_argument("--rate", type=float, default=1000.0, help="offered clicks/s in the latency run")
+    parser.add_argument("--seconds", type=float, default=15.0, help="length of the latency run")
+    parser.add_argument("--low-rate", type=float, default=100.0, help="offered clicks/s of the low-load latency run of (a) and (c)")
+    parser.add_argument("--low-seconds", type=float, default=5.0, help="length of the low-load latency run")
+    parser.add_argument("--naive-seconds", type=float, default=3.0, help="length of (b)'s latency run")
+    parser.add_argument("--timeout", type=float, default=180.0, help="longest wait for the answers of one run")
+    parser.add_argument("--systems", default="a,b,c,c8")
+    parser.add_argument("--fetch-wait-ms", type=int, default=10, help="consumer fetch wait of every system (the worker's default)")
+    parser.add_argument("--quirks", default="tansu", choices=["tansu", "none"], help="--broker-quirks of (c)")
+    parser.add_argument("--no-write", action="store_true", help="print the table only")
+    args = parser.parse_args()
+    if args.role:
+        run_role(args)
+        return
+
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory(prefix="streamrec-stream-bench-") as tmp:
+        work = Path(tmp)
+        run_dir, bundle_dir, items = build_bundle(work, args)
+        me = [sys.executable, str(Path(__file__).resolve())]
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+
+        def start_baseline(role):
+            return lambda broker: subprocess.Popen(me + ["--role", role, "--broker", broker.url, "--run", str(run_dir), "--fetch-wait-ms", str(args.fetch_wait_ms)], env=env, stdout=subprocess.DEVNULL, stderr=open(work / f"{role}.log", "wb"))
+
+        def start_streamrec(bundle):
+            def start(broker):
+                from stream.settings import Settings
+                from stream.worker import start_worker
+
+                settings = Settings(broker=broker.url, broker_quirks=args.quirks, group_session_timeout=2.0, metrics_port=0, fetch_wait_ms=args.fetch_wait_ms)
+                return start_worker(settings, bundle, work / "streamrec.log")
+
+            return start
+
+        systems = {
+            "a": ("(a) Faust echo, per event", start_baseline("echo")),
+            "b": ("(b) naive: eager torch, whole session, batch 1", start_baseline("naive")),
+            "c": ("(c) streamrec worker", start_streamrec(bundle_dir)),
+            "c8": ("(c) streamrec worker, int8 bundle", start_streamrec(work / "bundle-int8")),
+        }
+        ceilings = {name: scorer_ceiling(work / name) for name in ("bundle", "bundle-int8")}
+        print(f"Scorer.step alone at batch 256: {ceilings}", file=sys.stderr)
+        results = [measure(systems[s][0], systems[s][1], items, args, rng) for s in args.systems.split(",")]
+    load = f"{os.getloadavg()[0]:.1f}"
+    table = render(results, args, len(items), load, ceilings)
+    print(table)
+    if not args.no_write:
+        plot(results, args.rate)
+        write_section(table)
+        print(f"wrote {DOC} ({SECTION}) and {PLOT}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

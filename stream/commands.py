@@ -1,0 +1,123 @@
+"""`streamrec serve`, `broker`, `replay`, `score-online` and `demo` (mounted by stream/cli.py)."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import click
+
+from stream.settings import settings_from, settings_options
+from training.errors import UserError
+
+CONNECTION = ("broker", "security_protocol", "sasl_mechanism", "sasl_username", "sasl_password", "ssl_cafile", "ssl_certfile", "ssl_keyfile", "broker_quirks")
+TOPICS = ("clicks_topic", "recommendations_topic", "dlq_topic", "partitions", "replication_factor")
+
+
+@click.command()
+@click.option("--bundle", "bundle_dir", required=True, envvar="STREAMREC_BUNDLE", type=click.Path(path_type=Path), help="BUNDLE_DIR from `streamrec export`.")
+@settings_options()
+def serve(bundle_dir: Path, **options) -> None:
+    """Run the stream worker: clicks in, recommendations out (Ctrl-C stops it).
+
+    \b
+    Example:
+      streamrec serve --bundle bundles/gru4rec --broker kafka://127.0.0.1:9092 --metrics-port 9108
+    """
+    from stream.worker import serve as run
+
+    settings, _ = settings_from(options)
+    if not bundle_dir.is_dir():
+        raise UserError(f"{bundle_dir}: no such bundle directory (make one with `streamrec export`)")
+    run(settings, bundle_dir)
+
+
+@click.command()
+@click.option("--port", type=click.IntRange(1, 65535), default=9092, show_default=True, envvar="STREAMREC_BROKER_PORT", help="Loopback port to listen on.")
+def broker(port: int) -> None:
+    """Run the embedded Kafka-protocol broker (Tansu, in memory) in the foreground; Ctrl-C stops it.
+
+    Clients must pass --broker-quirks tansu (see docs/stream.md).
+    """
+    from stream.broker import EmbeddedBroker
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with EmbeddedBroker(port=port) as b:
+        click.echo(f"embedded broker listening on {b.url} (memory storage; use --broker {b.url} --broker-quirks tansu); Ctrl-C stops it", err=True)
+        while not stop.is_set() and b.process.poll() is None:
+            stop.wait(0.5)
+        if b.process.poll() is not None:
+            raise UserError(f"the embedded broker exited (status {b.process.returncode})")
+    click.echo("embedded broker stopped", err=True)
+
+
+@click.command()
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path), help="Prepared DATA_DIR.")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "valid", "test"]))
+@click.option("--rate", type=float, default=None, help="Send at this many events per second.")
+@click.option("--speedup", type=float, default=None, help="Keep the real gaps between clicks, divided by this factor.")
+@click.option("--max-sessions", type=click.IntRange(min=1), default=None, help="Replay only the first N sessions of the split.")
+@settings_options(CONNECTION + TOPICS)
+def replay(data_dir: Path, split: str, rate, speedup, max_sessions, **options) -> None:
+    """Replay a prepared split as click events (sessions interleaved by time; flat out unless --rate/--speedup).
+
+    \b
+    Example:
+      streamrec replay --data data/synth --split test --broker kafka://127.0.0.1:9092 --rate 2000
+    """
+    import asyncio
+
+    from stream.replay import replay as run, replay_events
+    from training.data import PreparedData
+
+    settings, _ = settings_from(options)
+    events = replay_events(PreparedData.load(data_dir), split, max_sessions)
+    stats = asyncio.run(run(settings, events, rate=rate, speedup=speedup))
+    click.echo(f"replayed {stats['events']:,} events in {stats['seconds']:.1f}s ({stats['events_per_second']:,.0f} events/s) to '{settings.clicks_topic}'")
+
+
+@click.command("score-online")
+@click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path), default=None, help="The served bundle: clicks on items it does not know are skipped, as offline (otherwise they count as misses).")
+@click.option("--ks", default="5,10,20", show_default=True, help="Cut-offs, comma-separated.")
+@click.option("--expect", type=click.IntRange(min=1), default=None, help="Wait until this many recommendations are on the topic.")
+@click.option("--idle", type=float, default=2.0, show_default=True, help="Stop reading after this many seconds without new records.")
+@settings_options(CONNECTION + TOPICS)
+def score_online(bundle_dir, ks: str, expect, idle: float, **options) -> None:
+    """Online HR@K/MRR@K: was each click in the list published after the session's previous click?"""
+    import asyncio
+    import json
+
+    from stream.replay import read_and_score
+
+    settings, _ = settings_from(options)
+    try:
+        cutoffs = tuple(sorted({int(k) for k in ks.split(",") if k.strip()}))
+    except ValueError:
+        raise UserError(f"--ks wants comma-separated integers, got '{ks}'") from None
+    known = None
+    if bundle_dir is not None:
+        from export.bundle import open_bundle
+
+        known = set(open_bundle(bundle_dir).vocab.item_ids)
+    score = asyncio.run(read_and_score(settings, cutoffs, known, expect_answers=expect, idle=idle))
+    metrics = score.metrics()
+    click.echo(json.dumps(metrics, indent=2))
+
+
+@click.command()
+@click.option("--data", "data_kind", type=click.Choice(["synth", "yoochoose"]), default="synth", show_default=True, help="Synthetic click log, or the YooChoose 100k sample from ../shared/data.")
+@click.option("--rate", type=float, default=2000.0, show_default=True, help="Clicks per second replayed to the worker.")
+@click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True, help="GRU4Rec training epochs.")
+@click.option("--workdir", type=click.Path(path_type=Path), default=None, help="Keep data, run, bundle and logs here (default: a temporary directory, removed).")
+def demo(data_kind: str, rate: float, epochs: int, workdir) -> None:
+    """The whole path on this machine: broker, data, GRU4Rec, bundle, worker, replay, online vs offline accuracy."""
+    from stream.demo import DemoConfig, run_demo
+
+    if rate <= 0:
+        raise UserError("--rate must be positive")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so that the broker and worker are stopped
+    run_demo(DemoConfig(data=data_kind, rate=rate, epochs=epochs), workdir)

@@ -1,0 +1,78 @@
+"""The worker's Prometheus metrics: exactly the names of docs/architecture.md's table.
+
+prometheus_client appends ``_total`` to counter names itself, so counters are
+declared without it. Each worker has its own registry, served on
+``--metrics-host``:``--metrics-port``.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from stream.events import REASONS
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+ONLINE_KS = (1, 5, 10, 20, 50, 100)
+
+
+class StreamMetrics:
+    def __init__(self, ks: tuple[int, ...], registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.ks = tuple(sorted(set(ks)))
+        self.events = Counter("streamrec_events", "Click events consumed, by outcome.", ["outcome"], registry=r)
+        self.unknown_items = Counter("streamrec_unknown_items", "Clicks on items the model does not know (answered by popularity).", registry=r)
+        self.dead_letters = Counter("streamrec_dead_letters", "Events sent to the dead-letter topic, by reason.", ["reason"], registry=r)
+        self.recommendations = Counter("streamrec_recommendations", "Recommendations published.", registry=r)
+        self.inference = Histogram("streamrec_inference_seconds", "Scorer time per micro-batch.", buckets=LATENCY_BUCKETS, registry=r)
+        self.end_to_end = Histogram("streamrec_end_to_end_seconds", "Click record timestamp to recommendation publish.", buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("streamrec_batch_size", "Events per micro-batch.", buckets=BATCH_BUCKETS, registry=r)
+        self.active_sessions = Gauge("streamrec_active_sessions", "Sessions with state on this worker.", registry=r)
+        self.expired_sessions = Counter("streamrec_expired_sessions", "Sessions removed after --session-ttl without clicks.", registry=r)
+        self.model_info = Gauge("streamrec_model_info", "The served model (value 1).", ["model", "version", "state_kind"], registry=r)
+        self.online_hits = Counter("streamrec_online_hits", "Clicks that were in the list published after the session's previous click, by cut-off.", ["k"], registry=r)
+        self.online_rr = Counter("streamrec_online_reciprocal_rank", "Sum of 1/rank of those clicks (0 beyond the cut-off), by cut-off.", ["k"], registry=r)
+        self.online_evaluated = Counter("streamrec_online_evaluated", "Clicks on known items that followed a published list.", registry=r)
+        self.online_hit_rate = Gauge("streamrec_online_hit_rate", "Online HR@k so far.", ["k"], registry=r)
+        self.online_mrr = Gauge("streamrec_online_mrr", "Online MRR@k so far.", ["k"], registry=r)
+        self.last_progress = Gauge("streamrec_last_progress_timestamp_seconds", "When the worker last finished a micro-batch.", registry=r)
+        for outcome in ("answered", "dead_lettered", "redelivered"):
+            self.events.labels(outcome)
+        for reason in REASONS:
+            self.dead_letters.labels(reason)
+        self._hits = {k: 0 for k in self.ks}
+        self._rr = {k: 0.0 for k in self.ks}
+        self._evaluated = 0
+        for k in self.ks:
+            self.online_hits.labels(str(k))
+            self.online_rr.labels(str(k))
+            self.online_hit_rate.labels(str(k)).set(0)
+            self.online_mrr.labels(str(k)).set(0)
+
+    def observe_online(self, ranks: list[int]) -> None:
+        """Add evaluated clicks (rank 0 = not in the list) to the online accuracy counters and gauges."""
+        if not ranks:
+            return
+        self._evaluated += len(ranks)
+        self.online_evaluated.inc(len(ranks))
+        for k in self.ks:
+            hits = [r for r in ranks if 0 < r <= k]
+            rr = sum(1.0 / r for r in hits)
+            self._hits[k] += len(hits)
+            self._rr[k] += rr
+            label = str(k)
+            self.online_hits.labels(label).inc(len(hits))
+            self.online_rr.labels(label).inc(rr)
+            self.online_hit_rate.labels(label).set(self._hits[k] / self._evaluated)
+            self.online_mrr.labels(label).set(self._rr[k] / self._evaluated)
+
+    def serve(self, host: str, port: int):
+        """Start the HTTP endpoint (a daemon thread); returns the server."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return server
+
+
+def online_ks(k: int) -> tuple[int, ...]:
+    """The cut-offs the worker reports: 20 and the usual others up to the published list length."""
+    return tuple(x for x in ONLINE_KS if x <= k) or (k,)

@@ -1,0 +1,96 @@
+"""Topic set-up and plain aiokafka clients for the tools around the worker (replay, score-online)."""
+
+from __future__ import annotations
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
+
+from stream.settings import Settings
+from training.errors import UserError
+
+
+async def ensure_topics(settings: Settings, timeout: float = 30.0) -> int:
+    """Create the clicks, recommendations and dead-letter topics if missing; return the clicks partitions.
+
+    Existing topics are left as they are; the session table always gets as many
+    partitions as the clicks topic really has.
+    """
+    admin = AIOKafkaAdminClient(**settings.kafka_kwargs(), request_timeout_ms=int(timeout * 1000))
+    try:
+        await admin.start()
+    except (KafkaConnectionError, KafkaError, OSError) as e:
+        raise UserError(f"cannot reach the Kafka broker at {settings.broker} ({e})") from None
+    try:
+        names = [settings.clicks_topic, settings.recommendations_topic, settings.dlq_topic]
+        existing = set(await admin.list_topics())
+        missing = [NewTopic(n, settings.partitions, settings.replication_factor) for n in dict.fromkeys(names) if n not in existing]
+        if missing:
+            try:
+                await admin.create_topics(missing)
+            except TopicAlreadyExistsError:
+                pass  # created by another worker meanwhile
+        described = await admin.describe_topics([settings.clicks_topic])
+        partitions = len(described[0]["partitions"]) if described and described[0].get("partitions") else 0
+        if partitions == 0:
+            raise UserError(f"topic '{settings.clicks_topic}' has no partitions on {settings.broker}")
+        return partitions
+    finally:
+        await admin.close()
+
+
+def producer(settings: Settings, **kwargs):
+    """An aiokafka producer with the settings' connection and security (not started)."""
+    from aiokafka import AIOKafkaProducer
+
+    return AIOKafkaProducer(**settings.kafka_kwargs(), **kwargs)
+
+
+async def consume_all(settings: Settings, topics: list[str], expect: dict[str, int] | None = None, idle: float = 2.0, timeout: float = 120.0) -> dict[str, list]:
+    """Every record of ``topics`` from the beginning, by partition in offset order.
+
+    Stops when each topic in ``expect`` holds at least that many records, or
+    else when every partition has reached its end offset and nothing new came
+    for ``idle`` seconds (the idle wait also covers brokers whose end offsets
+    run short, see --broker-quirks). Raises UserError after ``timeout`` seconds
+    if ``expect`` is not met.
+    """
+    import time
+
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(**settings.kafka_kwargs(), enable_auto_commit=False, auto_offset_reset="earliest", fetch_max_wait_ms=50)
+    await consumer.start()
+    out: dict[str, list] = {t: [] for t in topics}
+    try:
+        await consumer.topics()  # refreshes the cluster metadata
+        tps = [TopicPartition(topic, p) for topic in topics for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        if not tps:
+            return out
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        started = last_new = time.monotonic()
+        while True:
+            batch = await consumer.getmany(timeout_ms=200, max_records=10000)
+            now = time.monotonic()
+            for tp, records in batch.items():
+                out[tp.topic].extend(records)
+                last_new = now
+            if expect:
+                if all(len(out[t]) >= n for t, n in expect.items()):
+                    break
+                if now - started > timeout:
+                    got = ", ".join(f"{t}: {len(out[t])}/{n}" for t, n in expect.items())
+                    raise UserError(f"timed out after {timeout:.0f}s waiting for records ({got})")
+                continue
+            if now - last_new >= idle:
+                ends = await consumer.end_offsets(tps)
+                positions = [await consumer.position(tp) for tp in tps]
+                if all(pos >= ends[tp] for pos, tp in zip(positions, tps)):
+                    break
+            if now - started > timeout:
+                break
+    finally:
+        await consumer.stop()
+    for topic in topics:
+        out[topic].sort(key=lambda r: (r.partition, r.offset))
+    return out

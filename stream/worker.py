@@ -1,0 +1,347 @@
+"""The Faust worker behind `streamrec serve`.
+
+One agent consumes ``clicks``. Each micro-batch is whatever the consumer has
+delivered (up to ``--batch-size``), never waited for: the agent blocks for the
+first event only, then takes what is already queued. The batch is scored by
+``BatchProcessor``; each touched session's state is written once to the
+``sessions`` table (in-memory store, compacted changelog topic
+``<app-id>-sessions-changelog``, on the partition the session's clicks arrive
+on); answers and dead letters are sent in bulk, the batch's state records only
+once the broker has confirmed them (in batch order), and the events are
+acknowledged when the states are confirmed too (at-least-once). A state in the
+changelog thus implies its answers are out, which lets a restarted worker skip
+redelivered clicks its recovered states already hold (see stream.processor).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+import faust
+from aiokafka import AIOKafkaProducer
+from mode import CrashingSupervisor
+
+from stream.metrics import StreamMetrics, online_ks
+from stream.outbox import Outbox
+from stream.processor import BatchProcessor, Record
+from stream.settings import Settings
+from stream.state import SessionState, StateError, last_seen_of
+from stream.topics import ensure_topics
+from stream.transport import stream_transport
+from stream.watchdog import BEAT_SECONDS, Watchdog, serve_http
+from training.errors import UserError
+
+log = logging.getLogger("streamrec.worker")
+
+TABLE = "sessions"
+EXPIRY_CHUNK = 5000  # sessions examined between yields to the event loop
+OUTPUT_BATCH_BYTES = 512 * 1024  # largest record batch the worker sends
+DRAIN_SECONDS = 5.0  # how long a stopping worker waits for its last states and acks
+
+
+def expiry_interval(ttl: float) -> float:
+    """How often idle sessions are looked for: a tenth of the TTL, between 0.1 s and 60 s."""
+    return min(max(ttl / 10.0, 0.1), 60.0)
+
+
+class StreamWorker:
+    """The Faust app, its table and agent, wired to a scorer and metrics."""
+
+    def __init__(self, settings: Settings, scorer, partitions: int, metrics: StreamMetrics | None = None):
+        if settings.k > scorer.k:
+            raise UserError(f"--k {settings.k} is more than the bundle's k ({scorer.k}); export the bundle with a larger --k")
+        self.settings = settings
+        self.scorer = scorer
+        self.partitions = partitions
+        self.processor = BatchProcessor(scorer, settings.k, exclude_seen=settings.exclude_seen, max_event_bytes=settings.max_event_bytes)
+        self.metrics = metrics or StreamMetrics(online_ks(settings.k))
+        self.watchdog = Watchdog(settings.stall_seconds, self.metrics.registry)
+        self.outbox: Outbox | None = None  # made when the agent starts (it owns the producer)
+        self.state_outbox: Outbox | None = None  # the changelog writes, sent after the answers they count
+        self._states_queued: asyncio.Future | None = None  # True once the last batch's states are queued, False if it failed
+        self._deliveries: set[asyncio.Task] = set()  # batches whose answers, states or acks are not done yet
+        self.metrics.model_info.labels(str(scorer.manifest["model"]), str(scorer.manifest["model_version"]), scorer.kind).set(1)
+        self.app = self._build_app()
+
+    def _build_app(self) -> faust.App:
+        s = self.settings
+        app = faust.App(
+            s.app_id,
+            broker=s.faust_broker(),
+            store="memory://",
+            web_enabled=False,
+            topic_partitions=self.partitions,
+            topic_replication_factor=s.replication_factor,
+            consumer_auto_offset_reset="earliest",
+            broker_session_timeout=s.group_session_timeout,
+            broker_heartbeat_interval=min(3.0, s.group_session_timeout / 4),
+            broker_rebalance_timeout=max(s.group_session_timeout, 10.0),
+            processing_guarantee="at_least_once",
+            stream_buffer_maxsize=max(4 * s.batch_size, 1024),
+            **s.faust_credentials(),
+        )
+        app.transport = stream_transport(s.fetch_wait_ms)(app.conf.broker_consumer, app)
+        if s.faust_metrics:
+            from faust.sensors.prometheus import FaustMetrics, PrometheusMonitor
+
+            app.monitor = PrometheusMonitor(metrics=FaustMetrics.create(self.metrics.registry, "faust"))
+        self.clicks = app.topic(s.clicks_topic, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw", partitions=self.partitions)
+        self.recommendations = s.recommendations_topic
+        self.dlq = s.dlq_topic
+        self.table = app.Table(TABLE, key_type=bytes, value_type=bytes, partitions=self.partitions, default=None)
+        app.agent(self.clicks, name="streamrec.score", supervisor_strategy=CrashingSupervisor)(self._agent)
+        app.timer(expiry_interval(s.session_ttl), name="streamrec.expire")(self._expire)
+        app.timer(BEAT_SECONDS, name="streamrec.watchdog")(self._watch)
+        return app
+
+    async def _watch(self) -> None:
+        self.watchdog.observe(self.app, self.settings.clicks_topic)
+
+    def _owned_partitions(self) -> set[int]:
+        topic = self.settings.clicks_topic
+        return {tp.partition for tp in self.app.consumer.assignment() if tp.topic == topic}
+
+    def _load_state(self, key: bytes) -> SessionState | None:
+        raw = self.table.data.get(key)
+        if raw is None:
+            return None
+        try:
+            return SessionState.decode(raw)
+        except StateError as e:
+            log.warning("session %r: unreadable state (%s); starting it afresh", key, e)
+            return None
+
+    async def _agent(self, stream) -> None:
+        queue = stream.channel.queue
+        batch_size = self.settings.batch_size
+        producer = AIOKafkaProducer(**self.settings.kafka_kwargs(), linger_ms=0, max_batch_size=OUTPUT_BATCH_BYTES, client_id=f"{self.settings.app_id}-outbox")
+        await producer.start()
+        changelog = self.table.changelog_topic_name
+        # Once aiokafka tracks any topic it refreshes metadata for the tracked ones only, and a batch
+        # queued for a topic that fell out of its metadata waits for a leader until it expires (a
+        # stall, then a crash): track every output topic from the start.
+        await producer.client.set_topics([self.recommendations, self.dlq, changelog])
+        self.outbox = Outbox(producer, single_last=frozenset([changelog]) if self.settings.tansu_quirks else frozenset())
+        self.state_outbox = Outbox(producer, single_last=self.outbox.single_last)
+        try:
+            while True:
+                try:
+                    events = [await queue.get()]
+                except StopAsyncIteration:  # Faust ends the stream this way when the worker stops
+                    return
+                while len(events) < batch_size and not queue.empty():
+                    events.append(queue.get_nowait())
+                await self._handle(stream, events)
+        finally:
+            await asyncio.shield(self._close(producer))  # Faust cancels a stopping agent: finish regardless
+
+    async def _close(self, producer: AIOKafkaProducer) -> None:
+        """Give the last batches DRAIN_SECONDS to publish their states, then close the producer."""
+        if self._deliveries:
+            await asyncio.wait(self._deliveries, timeout=DRAIN_SECONDS)
+        await producer.flush()
+        await producer.stop()
+
+    async def _handle(self, stream, events: list) -> None:
+        m = self.metrics
+        owned = self._owned_partitions()
+        events = [e for e in events if e.message.partition in owned]
+        if not events:
+            return
+        now = time.time()
+        records = [Record(e.message.key, e.message.value, e.message.topic, e.message.partition, e.message.offset, e.message.timestamp or now) for e in events]
+        result = self.processor.process(records, self._load_state)
+
+        # One table write per session per batch: the store now, and the changelog record on the
+        # session's own partition (where Faust's recovery looks for it) once the answers are out.
+        outbox = self.outbox
+        data = self.table.data
+        states = []
+        for key, state in result.states.items():
+            raw = state.encode()
+            data[key] = raw
+            states.append((state.partition, key, raw))
+        for key, value in result.recommendations:
+            await outbox.add_keyed(self.recommendations, key, value)
+        for key, value, _ in result.dead_letters:
+            if key is None:
+                outbox.add(self.dlq, 0, None, value)
+            else:
+                await outbox.add_keyed(self.dlq, key, value)
+        futures = await outbox.send()
+        queued = asyncio.get_running_loop().create_future()
+        delivery = asyncio.ensure_future(self._ack_when_delivered(stream, events, futures, states, self._states_queued, queued))
+        self._states_queued = queued
+        self._deliveries.add(delivery)
+        delivery.add_done_callback(self._deliveries.discard)
+
+        answered = len(result.recommendations)
+        m.events.labels("answered").inc(answered)
+        m.recommendations.inc(answered)
+        if result.dead_letters:
+            m.events.labels("dead_lettered").inc(len(result.dead_letters))
+            for _, _, reason in result.dead_letters:
+                m.dead_letters.labels(reason).inc()
+        if result.unknown_items:
+            m.unknown_items.inc(result.unknown_items)
+        m.batch_size.observe(len(records))
+        if result.inference_seconds:
+            m.inference.observe(result.inference_seconds)
+        for latency in result.latencies:
+            m.end_to_end.observe(latency)
+        m.observe_online(result.online_ranks)
+        if result.redelivered:
+            m.events.labels("redelivered").inc(result.redelivered)
+        m.active_sessions.set(len(data))
+        m.last_progress.set(time.time())
+        self.watchdog.handled(records)
+
+    async def _ack_when_delivered(self, stream, events: list, futures: list, states: list, previous: asyncio.Future | None, queued: asyncio.Future) -> None:
+        """Answers and dead letters confirmed, then the states queued (after the previous batch's) and confirmed, then the acks.
+
+        A batch whose answers failed stops the chain: later states would count its clicks.
+        """
+        try:
+            await asyncio.gather(*futures)
+            if previous is not None and not await previous:
+                return
+            changelog = self.table.changelog_topic_name
+            for partition, key, raw in states:
+                self.state_outbox.add(changelog, partition, key, raw)
+            sent = await self.state_outbox.send()
+            queued.set_result(True)
+            await asyncio.gather(*sent)
+        except Exception as exc:  # a send failed after the producer's retries: stop, the events will be redelivered
+            log.error("publishing failed (%r); stopping so that the unacknowledged clicks are consumed again", exc)
+            await self.app.crash(exc)
+            return
+        finally:
+            if not queued.done():
+                queued.set_result(False)
+        for event in events:
+            await stream.ack(event)
+
+    async def _expire(self) -> None:
+        """Remove the state of sessions idle for longer than the TTL: a tombstone each in the changelog."""
+        ttl = self.settings.session_ttl
+        now = time.time()
+        owned = self._owned_partitions()
+        outbox = self.outbox
+        if outbox is None:  # the agent has not started yet
+            return
+        data = self.table.data
+        changelog = self.table.changelog_topic_name
+        expired = 0
+        keys = list(data.keys())
+        for start in range(0, len(keys), EXPIRY_CHUNK):
+            for key in keys[start : start + EXPIRY_CHUNK]:
+                raw = data.get(key)
+                if raw is None:
+                    continue
+                last_seen, partition = last_seen_of(raw)
+                if partition not in owned:
+                    del data[key]  # left over from a partition this worker no longer owns: not ours to delete
+                elif now - last_seen > ttl:
+                    del data[key]
+                    outbox.add(changelog, partition, key, None)  # tombstone
+                    expired += 1
+            await outbox.send()
+            await asyncio.sleep(0)
+        if expired:
+            self.metrics.expired_sessions.inc(expired)
+        self.metrics.active_sessions.set(len(data))
+
+
+def serve(settings: Settings, bundle_dir: Path) -> None:
+    """Run the worker in the foreground until SIGINT/SIGTERM."""
+    from faust.worker import Worker
+
+    from export.scorer import load_scorer
+
+    scorer = load_scorer(bundle_dir, threads=settings.scorer_threads)
+    if settings.k > scorer.k:
+        raise UserError(f"--k {settings.k} is more than the bundle's k ({scorer.k}); export the bundle with a larger --k")
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    partitions = loop.run_until_complete(ensure_topics(settings))
+    worker = StreamWorker(settings, scorer, partitions)
+    worker.watchdog.start()
+    if settings.metrics_port:
+        try:
+            serve_http(settings.metrics_host, settings.metrics_port, worker.metrics.registry, worker.watchdog)
+        except OSError as e:
+            raise UserError(f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port} ({e.strerror})") from None
+    log.info("serving %s (%s) with k=%d from %s", scorer.manifest["model"], scorer.kind, settings.k, bundle_dir)
+    Worker(worker.app, loglevel=settings.log_level, quiet=True, loop=loop).execute_from_commandline()
+
+
+
+def start_worker(settings: Settings, bundle_dir: Path, log_path: Path | None = None):
+    """`streamrec serve` in a child process (its own process group) configured through STREAMREC_* variables."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env.update(settings.to_env())
+    env["STREAMREC_BUNDLE"] = str(bundle_dir)
+    out = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    try:
+        return subprocess.Popen([sys.executable, "-m", "stream.cli", "serve"], env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    finally:
+        if log_path:
+            out.close()
+
+
+def stop_worker(process, timeout: float = 20.0) -> int:
+    """SIGTERM (graceful: Faust commits and leaves the group), SIGKILL after ``timeout``; the exit status."""
+    import os
+    import signal
+    import subprocess
+
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    return process.returncode
+
+
+def wait_until_serving(settings: Settings, process=None, timeout: float = 60.0) -> None:
+    """Block until the worker answers: one probe click (an unknown item, session ``streamrec-probe``)
+    must come back as an answer on the worker's metrics endpoint. The probe is a real click: it
+    is published on the topics and counted like any other."""
+    import urllib.request
+
+    from stream.events import PROBE_SESSION, click_value
+    from stream.topics import producer
+
+    async def send_probe() -> None:
+        await ensure_topics(settings)
+        p = producer(settings)
+        await p.start()
+        try:
+            await p.send_and_wait(settings.clicks_topic, click_value(PROBE_SESSION, "probe", time.time()), key=PROBE_SESSION.encode())
+        finally:
+            await p.stop()
+
+    asyncio.run(send_probe())
+    url = f"http://{settings.metrics_host}:{settings.metrics_port}/metrics"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise UserError(f"the stream worker exited (status {process.returncode})")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                for line in r.read().decode().splitlines():
+                    if line.startswith('streamrec_events_total{outcome="answered"}') and float(line.split()[-1]) >= 1:
+                        return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise UserError(f"the stream worker did not answer within {timeout:.0f}s (metrics at {url})")

@@ -1,0 +1,210 @@
+"""The worker end to end through the embedded broker, with real trained bundles.
+
+Each test starts `streamrec serve` as a child process, produces clicks with
+aiokafka and reads the output topics back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+
+import numpy as np
+import orjson
+import pytest
+
+from stream.events import click_value
+from stream.replay import read_and_score, replay, replay_events
+from stream.worker import TABLE
+from training.evaluate import evaluate
+from training.models import load_run
+from training.sessions import Sessions
+from tests.test_stream_support import (  # noqa: F401  (fixtures)
+    answers_by_position,
+    assert_answer_matches,
+    gru_bundle,
+    markov_bundle,
+    metric,
+    metrics_text,
+    offline_rows,
+    read,
+    running_worker,
+    send,
+    stream_data,
+    wait_for,
+    worker_settings,
+)
+
+pytestmark = pytest.mark.broker
+
+UNKNOWN = "no-such-item"
+
+MALFORMED = [
+    (b"a", b"\xff\xfe{}", "invalid_utf8"),
+    (b"a", b'{"session_id": "a", "item_id": ', "invalid_json"),
+    (b"a", b'{"session_id": "a", "item_id": 1, "timestamp": NaN}', "invalid_json"),
+    (b"a", b"[1, 2, 3]", "not_an_object"),
+    (b"a", b'{"item_id": "1", "timestamp": 1.0}', "missing_session_id"),
+    (b"", b'{"session_id": "", "item_id": "1", "timestamp": 1.0}', "bad_session_id"),
+    (b"7", b'{"session_id": 7, "item_id": "1", "timestamp": 1.0}', "bad_session_id"),
+    (b"a", b'{"session_id": "a", "timestamp": 1.0}', "missing_item_id"),
+    (b"a", b'{"session_id": "a", "item_id": true, "timestamp": 1.0}', "bad_item_id"),
+    (b"a", b'{"session_id": "a", "item_id": "1"}', "missing_timestamp"),
+    (b"a", b'{"session_id": "a", "item_id": "1", "timestamp": "yesterday"}', "bad_timestamp"),
+    (b"a", b'{"session_id": "a", "item_id": "1", "timestamp": 1e999}', "invalid_json"),
+    (b"b", b'{"session_id": "a", "item_id": "1", "timestamp": 1.0}', "key_mismatch"),
+    (None, b'{"session_id": "a", "item_id": "1", "timestamp": 1.0}', "key_mismatch"),
+]
+
+
+def interleaved(sessions: Sessions, vocab) -> tuple[list[tuple[bytes, bytes]], list[int]]:
+    """Clicks round-robin over sessions (every session's j-th click before any (j+1)-th), and their flat indices."""
+    order = sorted((j, s, p) for s in range(len(sessions)) for j, p in enumerate(range(sessions.offsets[s], sessions.offsets[s + 1])))
+    ids = np.array([UNKNOWN] + vocab.item_ids, dtype=object)
+    messages, flat = [], []
+    for _, s, p in order:
+        sid = str(sessions.session_ids[s])
+        messages.append((sid.encode(), click_value(sid, ids[sessions.items[p]], float(sessions.times[p]))))
+        flat.append(p)
+    return messages, flat
+
+
+def with_unknown_click(sessions: Sessions, n: int) -> Sessions:
+    """The first ``n`` sessions, the first one with an unknown item (0) inserted after its second click."""
+    lists = [list(sessions.session(s)) for s in range(n)]
+    lists[0].insert(2, 0)
+    return Sessions.from_lists(lists, session_ids=[str(x) for x in sessions.session_ids[:n]])
+
+
+def test_every_click_answered_or_dead_lettered_and_answers_match_offline(broker, stream_data, markov_bundle, tmp_path):
+    run_dir, bundle = markov_bundle
+    settings = worker_settings(broker)
+    sessions = with_unknown_click(stream_data.test, 40)
+    good, flat = interleaved(sessions, stream_data.vocab)
+    messages = list(good)
+    for i, (key, value, _) in enumerate(MALFORMED):  # spread the bad ones through the stream
+        messages.insert(7 * i + 3, (key, value))
+
+    with running_worker(settings, bundle, tmp_path / "worker.log"):
+        send(settings, messages)
+        topics = read(settings, {settings.recommendations_topic: len(good), settings.dlq_topic: len(MALFORMED)})
+        text = wait_for(lambda: (t := metrics_text(settings)) and metric(t, 'streamrec_events_total{outcome="answered"}') == len(good) and t)
+        assert text, "the worker's counters never reached the number of good clicks"
+
+    answers, letters = topics[settings.recommendations_topic], topics[settings.dlq_topic]
+    assert len(answers) == len(good) and len(letters) == len(MALFORMED)  # nothing lost, nothing extra
+    expected_reasons = sorted(reason for _, _, reason in MALFORMED)
+    docs = [orjson.loads(r.value) for r in letters]
+    assert sorted(d["reason"] for d in docs) == expected_reasons
+    assert sorted(base64.b64decode(d["raw"]) for d in docs) == sorted(v for _, v, _ in MALFORMED)
+    assert all(d["topic"] == settings.clicks_topic and d["offset"] >= 0 for d in docs)
+
+    model = load_run(run_dir)
+    popularity = np.bincount(stream_data.train.items, minlength=stream_data.n_items + 1)
+    rows = offline_rows(model, sessions, popularity)
+    by_position = answers_by_position(answers)
+    assert len(by_position) == len(good)
+    for s in range(len(sessions)):
+        sid = str(sessions.session_ids[s])
+        for j, p in enumerate(range(sessions.offsets[s], sessions.offsets[s + 1])):
+            doc = by_position[(sid, j + 1)]
+            assert doc["schema"] == 1 and doc["model"] == "markov" and doc["event_timestamp"] == float(sessions.times[p])
+            if p + 1 < sessions.offsets[s + 1]:
+                assert_answer_matches(doc, rows[p], stream_data.vocab, k=20)
+    # the unknown click got the popularity list and did not move the session's state on
+    first = str(sessions.session_ids[0])
+    top_popular = np.argsort(-popularity[1:], kind="stable")[:20] + 1
+    assert set(by_position[(first, 3)]["items"]) == set(stream_data.vocab.decode(top_popular))
+
+    assert metric(text, 'streamrec_events_total{outcome="dead_lettered"}') == len(MALFORMED)
+    assert metric(text, "streamrec_recommendations_total") == len(good)
+    assert metric(text, "streamrec_unknown_items_total") == 1
+    assert metric(text, 'streamrec_dead_letters_total{reason="key_mismatch"}') == 2
+    assert metric(text, "streamrec_active_sessions") == len(sessions)
+    evaluated = metric(text, "streamrec_online_evaluated_total")
+    assert evaluated == len(good) - len(sessions) - 1  # every click after the first, except the unknown one
+    assert metric(text, 'streamrec_online_hits_total{k="20"}') <= evaluated
+    hit_rate = metric(text, 'streamrec_online_hit_rate{k="20"}')
+    assert hit_rate == pytest.approx(metric(text, 'streamrec_online_hits_total{k="20"}') / evaluated)
+    assert 'streamrec_model_info{model="markov"' in text
+    assert "faust_" in text  # Faust's own consumer metrics on the same endpoint
+
+
+def test_replayed_test_split_scores_online_as_offline(broker, stream_data, gru_bundle, tmp_path):
+    run_dir, bundle = gru_bundle
+    settings = worker_settings(broker)
+    events = replay_events(stream_data, "test")
+    with running_worker(settings, bundle, tmp_path / "worker.log"):
+        asyncio.run(replay(settings, events, progress=False))
+        known = set(stream_data.vocab.item_ids)
+        online = asyncio.run(read_and_score(settings, (5, 10, 20), known, expect_answers=len(events), timeout=90))
+        text = metrics_text(settings)
+
+    model = load_run(run_dir)
+    popularity = np.bincount(stream_data.train.items, minlength=stream_data.n_items + 1)
+    offline = evaluate(model, stream_data.test, ks=(5, 10, 20), popularity=popularity, progress=False)
+    got = online.metrics()
+    assert got["unanswered"] == 0 and got["answered"] == len(events)
+    assert got["n_events"] == offline["n_events"]
+    for name in ("HR@5", "HR@10", "HR@20", "MRR@5", "MRR@10", "MRR@20"):
+        assert abs(got[name] - offline[name]) <= 0.001, (name, got[name], offline[name])
+    assert metric(text, 'streamrec_online_hit_rate{k="20"}') == pytest.approx(got["HR@20"], abs=1e-9)
+    assert metric(text, 'streamrec_online_mrr{k="20"}') == pytest.approx(got["MRR@20"], abs=1e-9)
+
+
+def test_state_survives_a_worker_handover(broker, stream_data, gru_bundle, tmp_path):
+    """Stop a worker mid-sessions; the next one recovers the GRU states from the changelog and answers as offline."""
+    run_dir, bundle = gru_bundle
+    settings = worker_settings(broker)
+    sessions = stream_data.test.select(np.arange(len(stream_data.test)) < 60)
+    messages, flat = interleaved(sessions, stream_data.vocab)
+    position_in_session = np.arange(sessions.n_events) - np.repeat(sessions.offsets[:-1], sessions.lengths)
+    first_half = [m for m, p in zip(messages, flat) if position_in_session[p] < 3]
+    second_half = [m for m, p in zip(messages, flat) if position_in_session[p] >= 3]
+
+    with running_worker(settings, bundle, tmp_path / "worker-a.log"):
+        send(settings, first_half)
+        read(settings, {settings.recommendations_topic: len(first_half)})
+    with running_worker(settings, bundle, tmp_path / "worker-b.log"):
+        send(settings, second_half)
+        topics = read(settings, {settings.recommendations_topic: len(messages)})
+
+    model = load_run(run_dir)
+    popularity = np.bincount(stream_data.train.items, minlength=stream_data.n_items + 1)
+    rows = offline_rows(model, sessions, popularity)
+    by_position = answers_by_position(topics[settings.recommendations_topic])
+    checked = 0
+    for s in range(len(sessions)):
+        sid = str(sessions.session_ids[s])
+        for j, p in enumerate(range(sessions.offsets[s], sessions.offsets[s + 1] - 1)):
+            assert_answer_matches(by_position[(sid, j + 1)], rows[p], stream_data.vocab, k=20)
+            checked += j >= 3
+    assert checked > 50
+
+
+def test_idle_sessions_expire_with_a_tombstone(broker, stream_data, markov_bundle, tmp_path):
+    _, bundle = markov_bundle
+    settings = worker_settings(broker, session_ttl=1.0)
+    sessions = stream_data.test.select(np.arange(len(stream_data.test)) < 5)
+    messages, _ = interleaved(sessions, stream_data.vocab)
+    with running_worker(settings, bundle, tmp_path / "worker.log"):
+        send(settings, messages)
+        read(settings, {settings.recommendations_topic: len(messages)})
+        assert wait_for(lambda: metric(metrics_text(settings), "streamrec_expired_sessions_total") == len(sessions), timeout=30)
+        assert metric(metrics_text(settings), "streamrec_active_sessions") == 0
+        again = messages[0]
+        send(settings, [again])
+        topics = read(settings, {settings.recommendations_topic: len(messages) + 1})
+    docs = [orjson.loads(r.value) for r in topics[settings.recommendations_topic]]
+    sid = again[0].decode()
+    assert [d["position"] for d in docs if d["session_id"] == sid][-1] == 1  # a fresh session after expiry
+    changelog = f"{settings.app_id}-{TABLE}-changelog"
+    records = asyncio.run(_read_all(settings, changelog))
+    tombstones = {r.key.decode() for r in records if r.value is None}
+    assert tombstones == {str(x) for x in sessions.session_ids}
+
+
+async def _read_all(settings, topic):
+    from stream.topics import consume_all
+
+    return (await consume_all(settings, [topic], idle=1.0, timeout=30))[topic]
