@@ -26,6 +26,7 @@ import numpy as np
 from export.scorer import StepInput
 from stream.events import BadEvent, dead_letter, online_rank, parse_click, recommendation
 from stream.state import SessionState
+from stream.swap import model_tag, rebuild_states, vocab_tag
 
 
 class Record(NamedTuple):
@@ -75,6 +76,8 @@ class BatchProcessor:
         self.hidden_size = int(scorer.hidden_size) if scorer.kind == "hidden" else 0
         self.model = str(scorer.manifest["model"])
         self.model_version = str(scorer.manifest["model_version"])
+        self.model_tag, self.vocab_tag = model_tag(scorer), vocab_tag(scorer.vocab.item_ids)
+        self.old_vocabs: dict[int, np.ndarray] = {}  # vocab tag -> item ids of models served before a hot swap (stream.swap)
         self.item_ids = np.array([""] + list(scorer.vocab.item_ids), dtype=object)
         self.index = scorer.vocab.index
         pop_items, pop_scores = scorer.popular()
@@ -83,7 +86,7 @@ class BatchProcessor:
         self.popular_ids = self.item_ids[self.popular_items].tolist()
 
     def new_state(self, partition: int) -> SessionState:
-        return SessionState(partition=partition, hidden=np.zeros(self.hidden_size, dtype=np.float32))
+        return SessionState(partition=partition, hidden=np.zeros(self.hidden_size, dtype=np.float32), model_tag=self.model_tag, vocab_tag=self.vocab_tag)
 
     def process(self, records: list[Record], load_state: Callable[[bytes], SessionState | None]) -> BatchResult:
         """Answer every good record in order; ``load_state(key)`` gives a session's stored state or None."""
@@ -112,6 +115,10 @@ class BatchProcessor:
                 continue
             states[r.key] = state
             pending.append(_Pending(len(pending), r, click.session_id, self.index(click.item_id), click.timestamp))
+
+        stale = [s for s in states.values() if s.model_tag != self.model_tag]
+        if stale:  # made by the model served before a hot swap: rebuilt for this one (stream.swap)
+            rebuild_states(stale, self.scorer, self.model_tag, self.vocab_tag, self.old_vocabs)
 
         rounds: list[list[_Pending]] = []
         count: dict[bytes, int] = {}

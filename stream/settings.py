@@ -52,6 +52,7 @@ class Settings:
     broker_quirks: str = _s("none", "'tansu' when the broker is the embedded one: works around its ListOffsets answer (see docs/stream.md).", BROKER_QUIRKS)
     group_session_timeout: float = _s(10.0, "Consumer group session timeout in seconds: how soon a dead worker's partitions move.", minimum=0.5)
     scorer_threads: int = _s(1, "CPU threads of the scorer (ONNX Runtime / torch intra-op).", minimum=1)
+    bundle_poll_seconds: float = _s(5.0, "How often the worker checks --bundle (a directory or a symlink to one) for a new model_version and swaps it in while serving (0 = never).", minimum=0)
     security_protocol: str = _s("PLAINTEXT", "Kafka security protocol of every client.", SECURITY_PROTOCOLS)
     sasl_mechanism: str = _s("PLAIN", "SASL mechanism (with SASL_* protocols).", SASL_MECHANISMS)
     sasl_username: str = _s("", "SASL user name.")

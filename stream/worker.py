@@ -56,7 +56,7 @@ class StreamWorker:
         self.settings = settings
         self.scorer = scorer
         self.partitions = partitions
-        self.processor = BatchProcessor(scorer, settings.k, exclude_seen=settings.exclude_seen, max_event_bytes=settings.max_event_bytes)
+        self.processor = self.make_processor(scorer)
         self.metrics = metrics or StreamMetrics(online_ks(settings.k))
         self.watchdog = Watchdog(settings.stall_seconds, self.metrics.registry)
         self.outbox: Outbox | None = None  # made when the agent starts (it owns the producer)
@@ -96,6 +96,11 @@ class StreamWorker:
         app.timer(expiry_interval(s.session_ttl), name="streamrec.expire")(self._expire)
         app.timer(BEAT_SECONDS, name="streamrec.watchdog")(self._watch)
         return app
+
+    def make_processor(self, scorer) -> BatchProcessor:
+        """The micro-batch processor of ``scorer`` (a hot swap makes a new one, stream.swap)."""
+        s = self.settings
+        return BatchProcessor(scorer, s.k, exclude_seen=s.exclude_seen, max_event_bytes=s.max_event_bytes)
 
     async def _watch(self) -> None:
         self.watchdog.observe(self.app, self.settings.clicks_topic)
@@ -268,6 +273,10 @@ def serve(settings: Settings, bundle_dir: Path) -> None:
     asyncio.set_event_loop(loop)
     partitions = loop.run_until_complete(ensure_topics(settings))
     worker = StreamWorker(settings, scorer, partitions)
+    if settings.bundle_poll_seconds:
+        from stream.swap import BundleWatcher
+
+        BundleWatcher(worker, bundle_dir).install(worker.app, settings.bundle_poll_seconds)
     worker.watchdog.start()
     if settings.metrics_port:
         try:

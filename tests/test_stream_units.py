@@ -15,7 +15,7 @@ from hypothesis import given, settings as hsettings, strategies as st
 from stream.events import REASONS, BadEvent, Click, click_value, online_rank, parse_click
 from stream.processor import BatchProcessor, Record
 from stream.settings import Settings, env_name, flag_name, markdown_table
-from stream.state import HEADER, SessionState, StateError, last_seen_of
+from stream.state import HEADER, VERSION, SessionState, StateError, last_seen_of
 from training.errors import UserError
 from tests.test_stream_support import assert_answer_matches, markov_bundle, offline_rows, stream_data  # noqa: F401
 
@@ -48,7 +48,7 @@ def test_state_is_compact_and_rejects_foreign_bytes():
     state = SessionState(1.0, 3, 0, np.zeros(100, np.float32), np.arange(1, 51, dtype=np.int32), np.arange(1, 21, dtype=np.int32), np.ones(20, np.float32))
     raw = state.encode()
     assert len(raw) == HEADER.size + 4 * 190  # 100 floats + 50 items + 20 items + 20 scores, no JSON
-    for bad in (b"", raw[:-1], raw + b"\0", b"\x02" + raw[1:], orjson.dumps({"hidden": [0.0] * 100})):
+    for bad in (b"", raw[:-1], raw + b"\0", bytes([VERSION + 1]) + raw[1:], orjson.dumps({"hidden": [0.0] * 100})):
         with pytest.raises(StateError):
             SessionState.decode(bad)
 
