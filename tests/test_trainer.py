@@ -1,0 +1,146 @@
+"""The shared trainer: early stopping keeps the best weights, resume equals an uninterrupted run, logs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from training.errors import UserError
+from training.trainer import AdagradNesterov, TrainerConfig, epoch_rng, fit, lr_factor
+
+
+def regression_task(config: TrainerConfig, fail_at_epoch: int | None = None):
+    """A tiny linear model on noisy linear data; batches drawn from epoch_rng as the contract asks."""
+    torch.manual_seed(0)
+    module = nn.Linear(4, 1)
+    true_w = torch.tensor([[1.0, -2.0, 0.5, 3.0]])
+
+    def batches(epoch: int):
+        if epoch == fail_at_epoch:
+            raise KeyboardInterrupt  # the run is interrupted at the start of this epoch
+        rng = epoch_rng(config, epoch)
+        x = torch.from_numpy(rng.normal(size=(64, 4))).float()
+        y = x @ true_w.t() + 0.1 * torch.from_numpy(rng.normal(size=(64, 1))).float()
+        return [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
+
+    def loss_fn(batch):
+        x, y = batch
+        return nn.functional.mse_loss(nn.functional.dropout(module(x), 0.1, module.training), y)
+
+    return module, batches, loss_fn
+
+
+def test_early_stopping_keeps_the_best_epoch_weights(tmp_path):
+    config = TrainerConfig(epochs=10, lr=0.05, patience=2, threads=1)
+    module, batches, loss_fn = regression_task(config)
+    scores = iter([0.1, 0.3, 0.5, 0.4, 0.45, 0.9, 0.9])
+    snapshots = []
+
+    def validate():
+        snapshots.append({k: v.clone() for k, v in module.state_dict().items()})
+        return next(scores)
+
+    result = fit(module, config, batches, loss_fn, validate=validate, run_dir=tmp_path, progress=False)
+    assert result.stopped_early and result.best_epoch == 2 and result.best_score == 0.5
+    assert len(result.history) == 5  # epochs 3 and 4 did not beat 0.5
+    for key, value in module.state_dict().items():
+        torch.testing.assert_close(value, snapshots[2][key])
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [line["val_mrr20"] for line in log] == [0.1, 0.3, 0.5, 0.4, 0.45]
+    assert all(line["seconds"] >= 0 and math.isfinite(line["loss"]) for line in log)
+    assert (tmp_path / "learning_curve.png").stat().st_size > 1000
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path):
+    config = TrainerConfig(epochs=5, lr=0.05, optimizer="adam", lr_schedule="cosine", threads=1)
+    module, batches, loss_fn = regression_task(config)
+    fit(module, config, batches, loss_fn, run_dir=tmp_path / "straight", progress=False)
+
+    interrupted, batches_i, loss_i = regression_task(config, fail_at_epoch=3)
+    with pytest.raises(KeyboardInterrupt):
+        fit(interrupted, config, batches_i, loss_i, run_dir=tmp_path / "resumed", progress=False)
+    resumed, batches_r, loss_r = regression_task(config)  # a fresh process: new module, same run_dir
+    result = fit(resumed, TrainerConfig(**{**config.__dict__, "resume": True}), batches_r, loss_r, run_dir=tmp_path / "resumed", progress=False)
+
+    assert [h["epoch"] for h in result.history] == [0, 1, 2, 3, 4]
+    for key, value in module.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value)
+    lines = (tmp_path / "resumed" / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1, 2, 3, 4]
+    ckpt = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 4 and "optimizer" in ckpt
+
+
+def test_without_resume_an_old_log_is_replaced(tmp_path):
+    config = TrainerConfig(epochs=2, threads=1)
+    for _ in range(2):
+        module, batches, loss_fn = regression_task(config)
+        fit(module, config, batches, loss_fn, run_dir=tmp_path, progress=False)
+    assert len((tmp_path / "train_log.jsonl").read_text().splitlines()) == 2
+
+
+def test_diverging_loss_is_a_user_error():
+    config = TrainerConfig(epochs=1, threads=1)
+    module = nn.Linear(2, 1)
+    with pytest.raises(UserError, match="diverged"):
+        fit(module, config, lambda epoch: [torch.ones(1)], lambda batch: module.weight.sum() * float("nan"), progress=False)
+
+
+def test_bad_settings_are_user_errors():
+    with pytest.raises(UserError, match="optimizer 'rmsprop' unknown"):
+        TrainerConfig(optimizer="rmsprop").check()
+    with pytest.raises(UserError, match="lr_schedule"):
+        TrainerConfig(lr_schedule="step").check()
+    with pytest.raises(UserError, match="epochs"):
+        TrainerConfig(epochs=0).check()
+
+
+def test_adagrad_nesterov_matches_its_formula_dense_and_sparse():
+    torch.manual_seed(0)
+    lr, momentum, eps = 0.1, 0.5, 1e-6
+    dense = nn.Parameter(torch.randn(5, 3))
+    table = nn.Parameter(torch.randn(6, 3))
+    opt = AdagradNesterov([dense, table], lr=lr, momentum=momentum, eps=eps)
+    ref_p = [dense.detach().clone(), table.detach().clone()]
+    acc = [torch.zeros(5, 3), torch.zeros(6, 3)]
+    vel = [torch.zeros(5, 3), torch.zeros(6, 3)]
+    for step in range(3):
+        rows = torch.tensor([1, 4, 1]) if step != 1 else torch.tensor([2])
+        opt.zero_grad()
+        loss = (dense**2).sum() + (nn.functional.embedding(rows, table, sparse=True) ** 3).sum()
+        loss.backward()
+        grads = [dense.grad.clone(), table.grad.to_dense()]
+        touched = [torch.ones(5, dtype=torch.bool), torch.zeros(6, dtype=torch.bool)]
+        touched[1][rows] = True
+        for i in range(2):
+            t = touched[i]
+            acc[i][t] += grads[i][t] ** 2
+            u = lr * grads[i][t] / torch.sqrt(acc[i][t] + eps)
+            vel[i][t] = momentum * vel[i][t] - u
+            ref_p[i][t] += momentum * vel[i][t] - u
+        opt.step()
+        torch.testing.assert_close(dense.detach(), ref_p[0])
+        torch.testing.assert_close(table.detach(), ref_p[1])
+    assert torch.equal(table.detach()[[0, 3, 5]], ref_p[1][[0, 3, 5]])  # never-touched rows did not move
+
+
+def test_lr_schedules():
+    cosine = TrainerConfig(lr_schedule="cosine")
+    assert lr_factor(cosine, 0, 0.0) == pytest.approx(1.0)
+    assert lr_factor(cosine, 0, 0.5) == pytest.approx(0.5)
+    assert lr_factor(cosine, 0, 1.0) == pytest.approx(0.0)
+    linear = TrainerConfig(lr_schedule="linear", warmup_steps=10)
+    assert lr_factor(linear, 4, 0.5) == pytest.approx(0.25)
+    assert lr_factor(TrainerConfig(), 100, 0.7) == 1.0
+
+
+def test_epoch_rng_depends_on_seed_and_epoch_only():
+    a = epoch_rng(TrainerConfig(seed=1), 3).random(4)
+    assert np.array_equal(a, epoch_rng(TrainerConfig(seed=1), 3).random(4))
+    assert not np.array_equal(a, epoch_rng(TrainerConfig(seed=1), 4).random(4))
+    assert not np.array_equal(a, epoch_rng(TrainerConfig(seed=2), 3).random(4))

@@ -1,0 +1,278 @@
+"""Window models (Caser, SASRec, BERT4Rec, BST, SR-GNN) and the window builders they share.
+
+Each model trains briefly on synthetic walks and must beat most-popular by a
+clear margin; its exported module must rank exactly like ``score_next``, and a
+saved run must load back (``weights_only``) with the same scores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from training.errors import UserError
+from training.evaluate import evaluate
+from training.models import get_model, load_run
+from training.models.base import next_positions
+from training.models.pop import MostPopular
+from training.models.srgnn import SRGNNConfig, SRGNNNet, session_graphs
+from training.models.window import first_column
+from training.sessions import Sessions
+from training.synth import synthesize
+from training.windows import next_item_pairs, prefix_windows, sequence_chunks
+
+# Small sizes and quick learning rates: enough to learn the synthetic graph in seconds.
+SMALL = {
+    "caser": dict(epochs=4, batch_size=64, lr=3e-3),
+    "sasrec": dict(epochs=4, history_len=10, dropout=0.1, lr=5e-3, batch_size=64),
+    "bert4rec": dict(epochs=6, history_len=10, lr=5e-3, batch_size=64),
+    "bst": dict(epochs=4, history_len=10, embedding_size=32, heads=2, mlp=(64,), dropout=0.0, lr=3e-3, batch_size=64),
+    "srgnn": dict(epochs=3, history_len=10, hidden_size=32, lr=5e-3),
+}
+MARGIN = 0.1  # MRR@20 above most-popular
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def with_device_feature(s: Sessions) -> Sessions:
+    """The same sessions with an event feature "device" (0..2, constant per session), for BST."""
+    s.features["device"] = (s.session_index() % 3).astype(np.int64)
+    return s
+
+
+@pytest.fixture(scope="module")
+def data():
+    d = synthesize(n_items=100, n_sessions=2000, seed=0, test_fraction=0.2)
+    for s in (d.train, d.valid, d.test):
+        with_device_feature(s)
+    return d
+
+
+@pytest.fixture(scope="module")
+def pop_mrr(data):
+    return evaluate(MostPopular.train(data), data.test, ks=(20,), progress=False)["MRR@20"]
+
+
+@pytest.fixture(scope="module", params=list(SMALL))
+def trained(request, data):
+    cls = get_model(request.param)
+    torch.set_num_threads(1)
+    return cls.train(data, cls.Config(threads=1, **SMALL[request.param]), progress=False)
+
+
+# ---------------------------------------------------------------- windows
+
+
+def hand_made() -> Sessions:
+    s = Sessions.from_lists([[1, 2, 0, 3, 4, 5], [0], [], [6, 0, 7], [8]])
+    s.features["city"] = np.arange(11, 22, dtype=np.int64)
+    return s
+
+
+def test_prefix_windows_are_left_padded_drop_unknowns_and_stay_in_their_session():
+    s = hand_made()
+    windows, feats = prefix_windows(s, np.arange(s.n_events), 3, ("city",))
+    expected = [
+        [0, 0, 1], [0, 1, 2], [0, 1, 2],  # the unknown at position 2 changes nothing
+        [1, 2, 3], [2, 3, 4], [3, 4, 5],
+        [0, 0, 0],  # a session of one unknown item: empty window
+        [0, 0, 6], [0, 0, 6], [0, 6, 7],  # never reaches back into the previous session
+        [0, 0, 8],
+    ]
+    np.testing.assert_array_equal(windows, expected)
+    # the features travel with their items: city of event p is 11 + p
+    np.testing.assert_array_equal(feats["city"][5], [11 + 3, 11 + 4, 11 + 5])
+    np.testing.assert_array_equal(feats["city"][9], [0, 11 + 7, 11 + 9])
+
+
+def test_next_item_pairs_predict_the_next_known_items():
+    windows, targets, _ = next_item_pairs(hand_made(), 2, targets=2)
+    np.testing.assert_array_equal(windows, [[0, 1], [1, 2], [2, 3], [3, 4], [0, 6]])
+    np.testing.assert_array_equal(targets, [[2, 3], [3, 4], [4, 5], [5, 0], [7, 0]])
+
+
+def test_sequence_chunks_make_every_later_item_a_target_exactly_once():
+    chunks, _ = sequence_chunks(hand_made(), 3)
+    np.testing.assert_array_equal(chunks, [[3, 4, 5], [1, 2, 3], [0, 6, 7]])
+    rng = np.random.default_rng(0)
+    s = Sessions.from_lists([list(rng.integers(1, 50, size=n)) for n in rng.integers(1, 30, size=40)])
+    for length in (2, 4, 7):
+        chunks, _ = sequence_chunks(s, length)
+        targets = chunks[:, 1:][chunks[:, :-1] > 0]  # (input, target) pairs with a real input
+        assert len(targets) == int(np.maximum(s.lengths - 1, 0).sum())
+
+
+def test_first_column_skips_columns_that_are_padding_in_every_row():
+    window = np.array([[0, 0, 0, 4, 5], [0, 0, 2, 3, 6]])
+    assert first_column(window) == 2 and first_column(window, keep=1) == 1
+    assert first_column(torch.from_numpy(window)) == 2
+    assert first_column(np.zeros((2, 5), dtype=np.int64)) == 4  # the last column always stays
+
+
+# ---------------------------------------------------------------- every model
+
+
+def test_beats_most_popular(trained, data, pop_mrr):
+    mrr = evaluate(trained, data.test, ks=(20,), progress=False)["MRR@20"]
+    assert mrr > pop_mrr + MARGIN, (trained.name, mrr, pop_mrr)
+    assert trained.fit_result.best_epoch >= 0
+
+
+def test_export_module_ranks_like_score_next(trained, data):
+    positions, scores = next(trained.score_next(data.test, batch_size=64))
+    windows, feats = prefix_windows(data.test, positions, trained.history_len, trained.event_features)
+    module = trained.export_module()
+    with torch.no_grad():
+        exported = module(torch.from_numpy(windows), *(torch.from_numpy(feats[n]) for n in trained.event_features)).numpy()
+    np.testing.assert_allclose(exported, scores, rtol=1e-5, atol=1e-5)
+    assert scores.shape == (len(positions), data.n_items + 1)
+    assert (scores[:, 0] < scores[:, 1:].min(1)).all()  # column 0 is never recommended
+    assert np.isfinite(scores).all()
+
+
+def test_save_and_load_give_the_same_scores(trained, data, tmp_path):
+    trained.save(tmp_path)
+    assert set(torch.load(tmp_path / "model.pt", weights_only=True)) == set(trained.net.state_dict())
+    loaded = load_run(tmp_path)
+    assert loaded.state_kind == trained.state_kind and loaded.history_len == trained.history_len
+    _, a = next(trained.score_next(data.test, batch_size=128))
+    _, b = next(loaded.score_next(data.test, batch_size=128))
+    np.testing.assert_array_equal(a, b)
+
+
+def test_every_position_is_scored_once(trained):
+    s = with_device_feature(Sessions.from_lists([[3, 0, 5, 7], [9], [0, 0], [4, 4, 4, 2]]))
+    positions = np.concatenate([p for p, _ in trained.score_next(s, batch_size=3)])
+    np.testing.assert_array_equal(positions, next_positions(s))
+
+
+# ---------------------------------------------------------------- model specifics
+
+
+def test_sasrec_padding_gives_finite_scores_in_onnxruntime(tmp_path):
+    """Nearly empty windows are where masked attention used to give NaN (eager and ORT)."""
+    ort = pytest.importorskip("onnxruntime")
+    cls = get_model("sasrec")
+    model = cls(cls.Config(history_len=50, blocks=2, heads=2, hidden_size=16), 30)
+    window = torch.zeros(3, 50, dtype=torch.int64)
+    window[1, -1] = 7
+    window[2, -3:] = torch.tensor([4, 9, 4])
+    module = model.export_module()
+    eager = module(window).detach().numpy()
+    torch.onnx.export(module, (window,), tmp_path / "m.onnx", dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False, verbose=False)
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    served = session.run(None, {session.get_inputs()[0].name: window.numpy()})[0]
+    assert np.isfinite(eager).all() and np.isfinite(served).all()
+    np.testing.assert_allclose(served, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_sasrec_and_caser_paper_losses_train(data):
+    for name in ("sasrec", "caser"):
+        cls = get_model(name)
+        config = cls.Config(threads=1, loss="bce", **{**SMALL[name], "epochs": 2})
+        model = cls.train(data, config, progress=False)
+        losses = [h["loss"] for h in model.fit_result.history]
+        assert len(losses) == 2 and losses[1] < losses[0], (name, losses)
+    with pytest.raises(UserError, match="loss"):
+        get_model("sasrec").train(data, get_model("sasrec").Config(loss="hinge"), progress=False)
+
+
+def test_bst_uses_item_and_event_features_and_works_without(data):
+    cls = get_model("bst")
+    small = {**SMALL["bst"], "epochs": 1}
+    with_features = cls.train(data, cls.Config(threads=1, **small), progress=False)
+    assert with_features.event_features == ("device",)
+    assert with_features.item_features == ("category",)
+    np.testing.assert_array_equal(with_features.net.item_feature_category.numpy(), data.item_features["category"])
+    bare = Sessions(data.test.session_ids, data.test.offsets, data.test.items, data.test.times)
+    with pytest.raises(UserError, match="device"):
+        next(with_features.score_next(bare))
+    # the device feature changes the scores of the same window
+    window = torch.tensor([[0, 0, 0, 0, 0, 0, 0, 5, 9, 12]])
+    net = with_features.export_module()
+    a, b = net(window, torch.zeros_like(window)), net(window, torch.full_like(window, 2))
+    assert not torch.allclose(a, b)
+
+    plain = cls.train(data, cls.Config(threads=1, use_features=False, **small), progress=False)
+    assert plain.event_features == () and plain.item_features == ()
+    positions, scores = next(plain.score_next(bare, batch_size=64))
+    assert np.isfinite(scores).all() and len(positions) == 64
+
+
+def test_bert4rec_predicts_through_a_trailing_mask_token():
+    cls = get_model("bert4rec")
+    model = cls(cls.Config(history_len=6, hidden_size=16, heads=2), 20)
+    net = model.export_module()
+    window = torch.tensor([[0, 0, 3, 4, 5, 6]])
+    expected = net.logits(net.hidden(torch.tensor([[0, 3, 4, 5, 6, 21]]))[:, -1])
+    torch.testing.assert_close(net(window), expected)
+    assert net(window).shape == (1, 21)  # the mask token is never a candidate
+
+
+# ---------------------------------------------------------------- SR-GNN graphs
+
+
+def reference_graph(row: np.ndarray):
+    """One session's graph the obvious way: (sorted node items, slot -> node, edge set)."""
+    items = row[row > 0] if (row > 0).any() else np.array([0])
+    nodes, alias = np.unique(items, return_inverse=True)
+    edges = {(int(alias[t]), int(alias[t + 1])) for t in range(len(items) - 1)}
+    return nodes, alias, edges
+
+
+def test_srgnn_batched_graphs_equal_per_session_construction():
+    window = torch.tensor([
+        [0, 0, 0, 0, 5, 3, 5, 3, 9],  # repeats: 2 x (5 -> 3) is one edge, 3 -> 5 another
+        [0, 0, 0, 0, 0, 0, 0, 0, 4],  # one click: one node, no edge
+        [0, 0, 0, 0, 0, 0, 0, 0, 0],  # empty: a single node of item 0
+        [1, 2, 3, 4, 5, 6, 7, 8, 8],  # full window, a self loop at the end
+        [0, 0, 0, 7, 2, 7, 2, 7, 1],
+    ])
+    g = session_graphs(window, n_items=10)
+    assert (g.node_batch[1:] >= g.node_batch[:-1]).all()
+    for b, row in enumerate(window.numpy()):
+        nodes, alias, edges = reference_graph(row)
+        mine = torch.nonzero(g.node_batch == b).flatten()
+        first = int(mine[0])
+        np.testing.assert_array_equal(g.node_items[mine].numpy(), nodes)
+        used = g.slot_used[b].numpy()
+        np.testing.assert_array_equal(g.slot_node[b].numpy()[used] - first, alias)
+        in_row = (g.edge_index[0] >= first) & (g.edge_index[0] < first + len(nodes))
+        got = {(int(s) - first, int(t) - first) for s, t in g.edge_index[:, in_row].T}
+        assert got == edges
+        assert ((g.edge_index[1, in_row] >= first) & (g.edge_index[1, in_row] < first + len(nodes))).all()
+    in_degree = torch.bincount(g.edge_index[1], minlength=len(g.node_items)).float()
+    torch.testing.assert_close(g.edge_weight, 1.0 / in_degree[g.edge_index[1]])
+
+
+def test_srgnn_forward_has_no_python_loop_over_sessions():
+    """The number of torch calls in a forward pass does not grow with the batch."""
+    from torch.overrides import TorchFunctionMode
+
+    class Count(TorchFunctionMode):
+        calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    net = SRGNNNet(50, dataclasses.replace(SRGNNConfig(), history_len=8, hidden_size=8)).eval()
+    rng = np.random.default_rng(0)
+    counts = []
+    for batch in (4, 200):
+        window = torch.from_numpy(rng.integers(1, 51, size=(batch, 8)))
+        window[: batch // 2, :4] = 0  # left padding on half the rows
+        Count.calls = 0
+        with Count(), torch.no_grad():
+            net(window)
+        counts.append(Count.calls)
+    assert counts[0] == counts[1], counts

@@ -1,0 +1,246 @@
+"""What the window models (Caser, SASRec, BERT4Rec, BST, SR-GNN) share.
+
+Their serving state is the last ``history_len`` known items of a session,
+left-padded with 0. Each model file supplies a network whose
+``forward(window [B, L] int64, *features [B, L] int64) -> scores [B, n_items + 1]``
+(column 0 very low) is used unchanged for offline scoring, for the exported
+module and for ONNX, so all three rank identically. This module holds the
+plumbing around it: scoring every prefix of a ``Sessions``, saving and loading
+(``model.pt`` state dict + ``config.json``), mini-batching and the validation
+hook for the shared trainer. Offline scoring and training skip window columns
+that are padding in every row of a batch when that is exact for the network
+(``padding_columns_needed``): session windows are mostly padding.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from training.data import PreparedData
+from training.errors import UserError
+from training.models.base import SessionModel, next_positions, write_run_config
+from training.sessions import Sessions
+from training.evaluate import evaluation_positions, ranks
+from training.protocols import early_stopping_split
+from training.trainer import epoch_rng
+from training.windows import KnownEvents, prefix_windows
+
+LOW_SCORE = -1e9  # column 0 (padding / unknown) of every score row
+VALIDATION_BATCH = 512
+
+
+def mask_padding_column(logits: torch.Tensor) -> torch.Tensor:
+    """Scores with column 0 set very low (built with arange so it exports to any ONNX runtime)."""
+    column = torch.arange(logits.shape[-1], device=logits.device)
+    return logits.masked_fill(column == 0, LOW_SCORE)
+
+
+def relative_positions(window: torch.Tensor) -> torch.Tensor:
+    """Position of every window slot counted from the first real item (0), padding slots 0.
+
+    Left padding puts a prefix of k items in the last k slots at serving time,
+    while training sequences put it wherever it falls; counting from the first
+    real item makes both see the same position ids.
+    """
+    length = window.shape[1]
+    n_pad = (window == 0).sum(1, keepdim=True)
+    return (torch.arange(length, device=window.device)[None, :] - n_pad).clamp(min=0)
+
+
+def attention_mask(window: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Boolean [B, 1, L, L] mask of allowed (query, key) pairs.
+
+    Keys must be real items (and not in the future when ``causal``); every
+    query may always attend to itself, so rows of padding slots are never all
+    masked and softmax never sees only -inf (the NaN trap of
+    ``nn.TransformerEncoder`` with heavy padding). Built from arange
+    comparisons: ``torch.eye`` exports to EyeLike, which onnxruntime rejects.
+    """
+    length = window.shape[1]
+    pos = torch.arange(length, device=window.device)
+    allowed = (window != 0)[:, None, None, :].expand(-1, 1, length, length)
+    if causal:
+        allowed = allowed & (pos[None, :] <= pos[:, None])[None, None]
+    return allowed | (pos[None, :] == pos[:, None])[None, None]
+
+
+class SelfAttention(nn.Module):
+    """Multi-head scaled dot-product self-attention with an explicit boolean mask."""
+
+    def __init__(self, size: int, heads: int, dropout: float):
+        super().__init__()
+        if size % heads:
+            raise UserError(f"hidden size {size} is not divisible by {heads} heads")
+        self.heads = heads
+        self.qkv = nn.Linear(size, 3 * size)
+        self.out = nn.Linear(size, size)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        b, length, size = x.shape
+        q, k, v = self.qkv(x).view(b, length, 3, self.heads, size // self.heads).permute(2, 0, 3, 1, 4)
+        weights = (q @ k.transpose(-1, -2)) * (size // self.heads) ** -0.5
+        weights = self.dropout(weights.masked_fill(~allowed, float("-inf")).softmax(-1))
+        return self.out((weights @ v).transpose(1, 2).reshape(b, length, size))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer block: x + attention(LN x), then x + FFN(LN x)."""
+
+    def __init__(self, size: int, heads: int, dropout: float, ffn_size: int | None = None, activation: type[nn.Module] = nn.ReLU):
+        super().__init__()
+        ffn_size = ffn_size or size
+        self.norm1 = nn.LayerNorm(size)
+        self.attention = SelfAttention(size, heads, dropout)
+        self.norm2 = nn.LayerNorm(size)
+        self.ffn = nn.Sequential(nn.Linear(size, ffn_size), activation(), nn.Dropout(dropout), nn.Linear(ffn_size, size))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.attention(self.norm1(x), allowed))
+        return x + self.dropout(self.ffn(self.norm2(x)))
+
+
+def first_column(window: np.ndarray | torch.Tensor, keep: int = 0) -> int:
+    """First window column worth computing: leading columns that are padding in every row are skipped,
+    except the last ``keep`` of them (and the last column is always kept).
+
+    Session windows are mostly padding, so trimming a batch to its longest row saves most of the
+    work; it is exact for networks whose output ignores padding slots (masked attention with
+    positions counted from the first item, or graphs of the real items).
+    """
+    used = (window != 0).any(0)
+    first = int(used.nonzero()[0][0]) if bool(used.any()) else window.shape[1] - 1
+    return max(first - keep, 0)
+
+
+class EpochBatches:
+    """The mini-batches of one epoch: a shuffled order cut into batches, tensors built lazily."""
+
+    def __init__(self, order: np.ndarray, batch_size: int, make: Callable[[np.ndarray], Any]):
+        self.order, self.batch_size, self.make = order, batch_size, make
+
+    def __len__(self) -> int:
+        return -(-len(self.order) // self.batch_size)
+
+    def __iter__(self):
+        for start in range(0, len(self.order), self.batch_size):
+            yield self.make(self.order[start : start + self.batch_size])
+
+
+def shuffled(config, epoch: int, n: int, make: Callable[[np.ndarray, np.random.Generator], Any]) -> EpochBatches:
+    """Epoch ``epoch``'s batches over ``n`` examples; ``make(indices, rng)`` may draw more randomness from the epoch's rng."""
+    rng = epoch_rng(config, epoch)
+    return EpochBatches(rng.permutation(n), config.batch_size, lambda idx: make(idx, rng))
+
+
+def training_split(model: "WindowModel", data: PreparedData) -> tuple[Sessions, Callable[[], float] | None]:
+    """(sessions to train on, validation callback) for the shared trainer.
+
+    With a validation split, training uses ``early_stopping_split`` (train
+    without the validation sessions / targets, so early stopping is not fooled
+    by leakage) and the callback returns MRR@20 at the dataset's evaluation
+    positions ("next": every position, "last": each sequence's last target),
+    full ranking with conservative ties. Without one: all of train, no callback.
+    """
+    if data.valid is None or len(data.valid) == 0:
+        return data.train, None
+    fit_sessions, valid = early_stopping_split(data)
+    positions = evaluation_positions(valid, data.stats.get("eval_mode", "next"))
+    targets = valid.items[positions + 1]
+    windows, feats = prefix_windows(valid, positions, model.history_len, model.event_features)
+    inputs = [torch.from_numpy(windows)] + [torch.from_numpy(feats[name]) for name in model.event_features]
+
+    def validate() -> float:
+        reciprocal = 0.0
+        for start in range(0, len(targets), VALIDATION_BATCH):
+            rows = slice(start, start + VALIDATION_BATCH)
+            rank, _ = ranks(model.scores(*(x[rows] for x in inputs)), np.maximum(targets[rows], 1))
+            reciprocal += float(np.where((targets[rows] > 0) & (rank <= 20), 1.0 / rank, 0.0).sum())
+        return reciprocal / max(len(targets), 1)
+
+    return fit_sessions, validate
+
+
+class WindowModel(SessionModel):
+    """Base of the window models; a subclass sets name, Config and ``build_net``."""
+
+    state_kind = "window"
+    # Leading all-padding window columns the network must still see, or None when its output
+    # depends on the full width (flattened or convolved windows); see ``first_column``.
+    padding_columns_needed: ClassVar[int | None] = None
+
+    def __init__(self, config, n_items: int, net_args: dict | None = None):
+        self.config = config
+        self.n_items = n_items
+        self.net_args = net_args or {}
+        self.net = self.build_net(n_items, config, **self.net_args)
+
+    @classmethod
+    def build_net(cls, n_items: int, config, **net_args) -> nn.Module:
+        raise NotImplementedError
+
+    @property
+    def history_len(self) -> int:
+        return self.config.history_len
+
+    @property
+    def event_features(self) -> tuple[str, ...]:
+        """Names of the per-event features the network's forward takes after the window, in order."""
+        return tuple(self.net_args.get("event_features", {}))
+
+    def score_next(self, sessions: Sessions, batch_size: int = 512) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        missing = [name for name in self.event_features if name not in sessions.features]
+        if missing:
+            raise UserError(f"{self.name} was trained with event features {', '.join(self.event_features)}; these sessions lack {', '.join(missing)}")
+        positions = next_positions(sessions)
+        known = KnownEvents.of(sessions)
+        self.net.eval()
+        with torch.no_grad():
+            for start in range(0, len(positions), batch_size):
+                chunk = positions[start : start + batch_size]
+                windows, feats = prefix_windows(sessions, chunk, self.history_len, self.event_features, known=known)
+                scores = self.scores(torch.from_numpy(windows), *(torch.from_numpy(feats[name]) for name in self.event_features))
+                yield chunk, scores.numpy()
+
+    def scores(self, window: torch.Tensor, *features: torch.Tensor) -> torch.Tensor:
+        """The network's scores for a batch of windows, skipping all-padding columns where that is exact."""
+        if self.padding_columns_needed is not None:
+            start = first_column(window, self.padding_columns_needed)
+            window, features = window[:, start:], tuple(f[:, start:] for f in features)
+        return self.net(window, *features)
+
+    def export_module(self) -> nn.Module:
+        """A copy of the network in eval mode: ``forward(window, *features) -> scores [B, n_items + 1]``."""
+        return copy.deepcopy(self.net).eval()
+
+    def save(self, run_dir: Path) -> None:
+        run_dir = Path(run_dir)
+        write_run_config(run_dir, self, {"history_len": self.history_len, "event_features": list(self.event_features), "net_args": self.net_args})
+        torch.save(self.net.state_dict(), run_dir / "model.pt")
+
+    @classmethod
+    def load(cls, run_dir: Path) -> "WindowModel":
+        run_dir = Path(run_dir)
+        try:
+            doc = json.loads((run_dir / "config.json").read_text())
+            config = cls.Config(**doc["config"])
+            model = cls(config, int(doc["n_items"]), doc.get("net_args") or {})
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{run_dir / 'config.json'}: not a {cls.name} run config ({e})") from None
+        weights = run_dir / "model.pt"
+        if not weights.is_file():
+            raise UserError(f"{run_dir}: model.pt missing")
+        try:
+            model.net.load_state_dict(torch.load(weights, weights_only=True))
+        except (RuntimeError, OSError, ValueError) as e:
+            raise UserError(f"{weights}: does not fit a {cls.name} with this config ({str(e).splitlines()[0]})") from None
+        model.net.eval()
+        return model

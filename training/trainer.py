@@ -1,0 +1,385 @@
+"""The one training loop every neural model uses: optimizer, schedule, early stopping, checkpoints, logs.
+
+How a model uses it (the whole API)::
+
+    from training.trainer import TrainerConfig, fit, mrr_at_k
+
+    @dataclass
+    class Config(TrainerConfig):          # the model's Config *inherits* the common settings,
+        epochs: int = 20                  # overriding their defaults where the model wants others
+        hidden_size: int = 64             # ... and adds its own
+
+    result = fit(
+        module,                           # the nn.Module being trained (its parameters are optimized)
+        config,                           # a TrainerConfig (usually the model's Config)
+        batches=lambda epoch: ...,        # epoch -> iterable of mini-batches (anything loss_fn takes)
+        loss_fn=lambda batch: ...,        # mini-batch -> scalar loss tensor (closes over the module)
+        validate=lambda: mrr_at_k(model, data.valid),   # optional: -> MRR@20 on held-out sessions
+        run_dir=run_dir, progress=True,
+    )
+    result.best_epoch, result.best_score, result.history, result.stopped_early
+
+What ``fit`` does, in order:
+  - ``seed_everything(config.seed)``, ``torch.set_num_threads(config.threads)`` and
+    ``keep_freed_memory()`` (no page faults for re-allocated tensors) before anything else;
+  - each epoch: ``module.train()``, iterate ``batches(epoch)`` with a tqdm bar showing the running loss,
+    for each batch ``zero_grad -> loss_fn(batch).backward() -> clip -> step``; a NaN/inf loss stops with
+    a UserError (lower the learning rate);
+  - after each epoch, if ``validate`` is given: ``module.eval()`` + ``torch.no_grad()``, call it, keep the
+    best epoch's weights; stop when ``config.patience`` (> 0) epochs pass without improvement. The best
+    weights are loaded back into ``module`` before ``fit`` returns;
+  - with ``run_dir``: ``train_log.jsonl`` (one JSON line per epoch: epoch, loss, val_mrr20, seconds, lr),
+    ``checkpoint.pt`` (weights, optimizer state, epoch, best weights, history; loadable with
+    ``torch.load(..., weights_only=True)``) and ``learning_curve.png`` after every epoch.
+    ``config.resume`` (``streamrec train --resume``) continues from ``checkpoint.pt`` when it exists
+    (a finished run returns at once); without it an existing log is started afresh.
+
+Contracts for the callbacks:
+  - ``batches(epoch)`` must be deterministic given ``(config.seed, epoch)`` (draw from
+    ``epoch_rng(config, epoch)``), so a resumed run sees the same batches as an uninterrupted one.
+    If the iterable has ``__len__`` the bar shows a total and the lr schedule moves per step;
+    otherwise the schedule moves per epoch.
+  - Any state carried between mini-batches (GRU4Rec's hidden state) lives in the model-side closures:
+    ``batches`` says what to carry, ``loss_fn`` carries it (detached).
+  - ``validate()`` returns a float, higher is better (MRR@20 by convention; ``mrr_at_k`` computes it
+    from any model's ``score_next``).
+
+Optimizers (``config.optimizer``): ``adam``, ``adamw``, ``sgd`` (with ``momentum``) and ``adagrad``
+(Adagrad with optional Nesterov momentum, GRU4Rec's default; ``momentum`` 0 = plain Adagrad).
+Learning-rate schedules (``config.lr_schedule``): ``constant``, ``linear`` (to 0 at the end),
+``cosine`` (to 0 at the end); all after ``warmup_steps`` steps of linear warm-up.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from training.errors import UserError
+from training.sessions import Sessions
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "adagrad")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass
+class TrainerConfig:
+    """Settings common to every neural model (a model's Config inherits and may re-default them)."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.0  # sgd momentum / adagrad Nesterov momentum
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0  # max global gradient norm, 0 = off
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    seed: int = 42
+    threads: int = 2  # torch intra-op threads
+    patience: int = 0  # epochs without validation gain before stopping, 0 = run all epochs
+    resume: bool = False  # continue from run_dir/checkpoint.pt
+
+    def check(self) -> None:
+        """One-line errors for impossible settings (called by fit; models may call it early)."""
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"optimizer '{self.optimizer}' unknown (known: {', '.join(OPTIMIZERS)})")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise UserError(f"lr_schedule '{self.lr_schedule}' unknown (known: {', '.join(LR_SCHEDULES)})")
+        for name in ("epochs", "batch_size", "threads"):
+            if getattr(self, name) < 1:
+                raise UserError(f"setting '{name}' must be at least 1, got {getattr(self, name)}")
+        for name in ("lr", "momentum", "weight_decay", "grad_clip", "warmup_steps", "patience"):
+            if getattr(self, name) < 0:
+                raise UserError(f"setting '{name}' must not be negative, got {getattr(self, name)}")
+
+
+@dataclass
+class FitResult:
+    """What training did: per-epoch log lines, the epoch whose weights were kept and its score."""
+
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = -1
+    best_score: float = float("nan")
+    stopped_early: bool = False
+
+
+class AdagradNesterov(torch.optim.Optimizer):
+    """Adagrad whose step goes through a Nesterov momentum term (GRU4Rec's optimizer).
+
+    acc += g^2;  u = lr * g / sqrt(acc + eps);  v' = momentum * v - u;  p += momentum * v' - u.
+    With momentum 0 it is plain Adagrad. Sparse gradients (embeddings looked up with
+    ``sparse=True``) update only the rows they touch: accumulator, velocity and weights of other rows
+    stay as they are, which makes a step's cost independent of the catalogue size.
+    """
+
+    def __init__(self, params, lr: float = 0.05, momentum: float = 0.0, eps: float = 1e-6, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, momentum=momentum, eps=eps, weight_decay=weight_decay))
+
+    def _state(self, p: torch.Tensor, momentum: float) -> dict:
+        state = self.state[p]
+        if not state:
+            state["acc"] = torch.zeros_like(p)
+        if momentum and "velocity" not in state:
+            state["velocity"] = torch.zeros_like(p)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, momentum, eps, wd = group["lr"], group["momentum"], group["eps"], group["weight_decay"]
+            dense_p, dense_g = [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    self._sparse_step(p, self._state(p, momentum), lr, momentum, eps, wd)
+                else:
+                    dense_p.append(p)
+                    dense_g.append(p.grad)
+            if not dense_p:
+                continue
+            states = [self._state(p, momentum) for p in dense_p]
+            if wd:
+                dense_g = torch._foreach_add(dense_g, dense_p, alpha=wd)
+            accs = [st["acc"] for st in states]
+            torch._foreach_addcmul_(accs, dense_g, dense_g)
+            denom = torch._foreach_add(accs, eps)
+            torch._foreach_sqrt_(denom)
+            if not momentum:
+                torch._foreach_addcdiv_(dense_p, dense_g, denom, value=-lr)
+                continue
+            update = torch._foreach_div(dense_g, denom)
+            torch._foreach_mul_(update, lr)
+            velocity = [st["velocity"] for st in states]
+            torch._foreach_mul_(velocity, momentum)
+            torch._foreach_sub_(velocity, update)
+            torch._foreach_add_(dense_p, velocity, alpha=momentum)
+            torch._foreach_sub_(dense_p, update)
+
+    @staticmethod
+    def _sparse_step(p, state, lr, momentum, eps, wd) -> None:
+        grad = p.grad.coalesce()
+        rows, g = grad.indices()[0], grad.values()
+        if wd:
+            g = g + wd * p[rows]
+        acc = state["acc"][rows] + g * g
+        state["acc"][rows] = acc
+        update = lr * g / (acc + eps).sqrt_()
+        if momentum:
+            v = momentum * state["velocity"][rows] - update
+            state["velocity"][rows] = v
+            update = update - momentum * v
+        p.index_add_(0, rows, -update)
+
+
+def make_optimizer(params, config: TrainerConfig) -> torch.optim.Optimizer:
+    """The optimizer named by ``config.optimizer``."""
+    name = config.optimizer
+    if name == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    if name == "adagrad":
+        return AdagradNesterov(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    raise UserError(f"optimizer '{name}' unknown (known: {', '.join(OPTIMIZERS)})")
+
+
+def lr_factor(config: TrainerConfig, step: int, progress: float) -> float:
+    """Multiplier of the base lr after ``step`` optimizer steps, ``progress`` in [0, 1] of training done."""
+    factor = 1.0
+    if config.lr_schedule == "linear":
+        factor = max(0.0, 1.0 - progress)
+    elif config.lr_schedule == "cosine":
+        factor = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    if config.warmup_steps:
+        factor *= min(1.0, (step + 1) / config.warmup_steps)
+    return factor
+
+
+def keep_freed_memory() -> None:
+    """Ask glibc to keep freed memory instead of returning it to the OS.
+
+    A training step frees and re-allocates the same large tensors every step; by default glibc
+    unmaps them and each new tensor then pays a page fault per 4 KiB page, which is slow (very slow in
+    VMs). Keeping freed blocks in the heap removes that cost. No-op where glibc is absent.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 * 1024 * 1024)  # M_MMAP_THRESHOLD: largest allowed, so tensors come from the heap
+        libc.mallopt(-1, 1024 * 1024 * 1024)  # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap
+    except (OSError, AttributeError):
+        pass
+
+
+def seed_everything(seed: int) -> None:
+    """Fix Python, numpy's global and torch's RNGs."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_rng(config: TrainerConfig, epoch: int) -> np.random.Generator:
+    """The numpy generator a batches(epoch) function should draw from (same seed + epoch -> same batches)."""
+    return np.random.default_rng([config.seed, epoch])
+
+
+def mrr_at_k(model, sessions: Sessions, k: int = 20, batch_size: int = 512) -> float:
+    """MRR@k of ``model`` (anything with ``score_next``) over every next-item position of ``sessions``.
+
+    Full ranking with conservative ties, by ``training.evaluate.evaluate``.
+    """
+    from training.evaluate import evaluate
+
+    return evaluate(model, sessions, ks=(k,), batch_size=batch_size, progress=False)[f"MRR@{k}"]
+
+
+def _save_curve(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] + 1 for h in history]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(epochs, [h["loss"] for h in history], "o-", color="tab:blue", label="train loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("train loss", color="tab:blue")
+    vals = [h["val_mrr20"] for h in history]
+    if any(v is not None for v in vals):
+        ax2 = ax.twinx()
+        ax2.plot(epochs, [np.nan if v is None else v for v in vals], "s-", color="tab:orange", label="val MRR@20")
+        ax2.set_ylabel("validation MRR@20", color="tab:orange")
+    ax.set_title("learning curve")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def fit(
+    module: nn.Module,
+    config: TrainerConfig,
+    batches: Callable[[int], Iterable[Any]],
+    loss_fn: Callable[[Any], torch.Tensor],
+    *,
+    validate: Callable[[], float] | None = None,
+    run_dir: Path | None = None,
+    progress: bool = True,
+) -> FitResult:
+    """Train ``module`` for ``config.epochs`` epochs (see the module docstring for the contract)."""
+    from tqdm.auto import tqdm
+
+    config.check()
+    seed_everything(config.seed)
+    torch.set_num_threads(config.threads)
+    keep_freed_memory()
+    optimizer = make_optimizer(module.parameters(), config)
+    result = FitResult()
+    best_state: dict | None = None
+    start_epoch, step, since_best = 0, 0, 0
+    ckpt_path = Path(run_dir) / "checkpoint.pt" if run_dir is not None else None
+    log_path = Path(run_dir) / "train_log.jsonl" if run_dir is not None else None
+    if run_dir is not None:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+
+    if config.resume and ckpt_path is not None and ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, weights_only=True)
+        module.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        start_epoch, step, since_best = ckpt["epoch"] + 1, ckpt["step"], ckpt["since_best"]
+        result = FitResult(ckpt["history"], ckpt["best_epoch"], ckpt["best_score"], ckpt["stopped_early"])
+        best_state = ckpt["best_model"]
+        if result.stopped_early:
+            start_epoch = config.epochs
+    elif log_path is not None and log_path.exists():
+        log_path.unlink()
+
+    for epoch in range(start_epoch, config.epochs):
+        module.train()
+        epoch_batches = batches(epoch)
+        n_steps = len(epoch_batches) if hasattr(epoch_batches, "__len__") else None
+        bar = tqdm(epoch_batches, total=n_steps, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False, mininterval=0.5)
+        started = time.perf_counter()
+        loss_sum, n_batches, lr = 0.0, 0, config.lr
+        for i, batch in enumerate(bar):
+            frac = (epoch + (i / n_steps if n_steps else 0.0)) / config.epochs
+            lr = config.lr * lr_factor(config, step, frac)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(batch)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise UserError(f"training diverged at epoch {epoch + 1}, step {i + 1} (loss {value}); lower 'lr'")
+            loss.backward()
+            if config.grad_clip:
+                nn.utils.clip_grad_norm_(module.parameters(), config.grad_clip)
+            optimizer.step()
+            step += 1
+            loss_sum += value
+            n_batches += 1
+            if progress and n_batches % 20 == 0:
+                bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}", refresh=False)
+        bar.close()
+        seconds = time.perf_counter() - started
+
+        score = None
+        if validate is not None:
+            module.eval()
+            with torch.no_grad():
+                score = float(validate())
+            if best_state is None or score > result.best_score:
+                result.best_epoch, result.best_score, since_best = epoch, score, 0
+                best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+            else:
+                since_best += 1
+        else:
+            result.best_epoch = epoch
+        line = {"epoch": epoch, "loss": loss_sum / max(n_batches, 1), "val_mrr20": score, "seconds": round(seconds, 3), "lr": lr}
+        result.history.append(line)
+        if progress:
+            val = f", val MRR@20 {score:.4f}" if score is not None else ""
+            tqdm.write(f"epoch {epoch + 1}/{config.epochs}: loss {line['loss']:.4f}{val} ({seconds:.1f} s)")
+        stop = validate is not None and config.patience > 0 and since_best >= config.patience
+        result.stopped_early = stop and epoch + 1 < config.epochs
+
+        if run_dir is not None:
+            with log_path.open("a") as f:
+                f.write(json.dumps(line) + "\n")
+            ckpt = {
+                "model": module.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "epoch": epoch,
+                "step": step,
+                "since_best": since_best,
+                "history": result.history,
+                "best_epoch": result.best_epoch,
+                "best_score": result.best_score,
+                "stopped_early": result.stopped_early,
+                "best_model": best_state,
+                "config": asdict(config),
+            }
+            torch.save(ckpt, ckpt_path.with_suffix(".tmp"))
+            ckpt_path.with_suffix(".tmp").replace(ckpt_path)
+            _save_curve(result.history, Path(run_dir) / "learning_curve.png")
+        if stop:
+            break
+
+    if best_state is not None:
+        module.load_state_dict(best_state)
+    module.eval()
+    return result
