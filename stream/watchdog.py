@@ -51,12 +51,14 @@ class Watchdog:
         self.clock = clock
         self.stalled = Gauge("streamrec_stalled", "1 while the worker makes no progress although clicks wait (or its event loop is blocked), else 0.", registry=registry)
         self.lag = Gauge("streamrec_consumer_lag", "Clicks on this worker's partitions not yet handled, as far as the worker knows.", registry=registry)
+        self.assigned = Gauge("streamrec_assigned_partitions", "Partitions of the clicks topic assigned to this worker.", registry=registry)
         self._next: dict[int, int] = {}  # partition -> next offset the agent will handle
         self._beat: float | None = None
         self._progress = clock()
         self._busy = float("-inf")
         self._waiting_since: float | None = None
         self._lag = 0
+        self._assigned = 0
         self.health = Health(True, "starting", "waiting for the first table recovery")
         self._stop = threading.Event()
 
@@ -65,11 +67,12 @@ class Watchdog:
         self._next.update((r.partition, r.offset + 1) for r in records)
         self._progress = self.clock()
 
-    def beat(self, lag: int, busy: bool) -> None:
-        """The event loop's tick: the known lag, and whether a rebalance or recovery is under way."""
+    def beat(self, lag: int, busy: bool, assigned: int = 0) -> None:
+        """The event loop's tick: the known lag, whether a rebalance or recovery is under way, the partitions owned."""
         now = self.clock()
         self._beat = now
         self._lag = lag
+        self._assigned = assigned
         if busy:
             self._busy = now
         if lag <= 0:
@@ -80,14 +83,15 @@ class Watchdog:
     def observe(self, app, topic: str) -> None:
         """``beat`` from a Faust app's consumer: high watermark minus next offset, per owned partition."""
         consumer = app.consumer
-        lag = 0
+        lag = assigned = 0
         for tp in consumer.assignment():
             if tp.topic != topic:
                 continue
+            assigned += 1
             high, handled = consumer.highwater(tp), self._next.get(tp.partition)
             if high is not None and handled is not None:
                 lag += max(0, high - handled)
-        self.beat(lag, bool(app.rebalancing or app.in_recovery))
+        self.beat(lag, bool(app.rebalancing or app.in_recovery), assigned)
 
     def check(self) -> Health:
         now = self.clock()
@@ -100,13 +104,14 @@ class Watchdog:
             since = max(self._progress, self._busy, self._waiting_since or now)
             if now - since > self.stall_seconds:
                 return Health(False, "stalled", f"no micro-batch finished for {now - since:.1f} s while {self._lag} clicks wait")
-        return Health(True, "serving", f"{self._lag} clicks waiting")
+        return Health(True, "serving", f"{self._lag} clicks waiting on {self._assigned} partitions")
 
     def update(self) -> Health:
         """Re-evaluate, set the gauges, log when the verdict changes."""
         health = self.check()
         self.stalled.set(0 if health.ok else 1)
         self.lag.set(self._lag)
+        self.assigned.set(self._assigned)
         if health.ok != self.health.ok:
             if health.ok:
                 log.warning("worker progressing again (%s)", health.detail)

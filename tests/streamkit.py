@@ -1,0 +1,182 @@
+"""Helpers of the reliability tests: synthetic click streams, a paced sender thread, killing
+workers, offline reference answers from a bundle's own scorer, and a process's listening sockets.
+
+Everything is real: clicks go through aiokafka to the broker, workers are `streamrec serve`
+processes, reference answers come from ``export.scorer.load_scorer``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+from stream.events import click_value
+from stream.settings import Settings
+from stream.topics import ensure_topics, producer
+
+
+def click_stream(item_ids: list[str], n_sessions: int, clicks: int, seed: int, prefix: str = "s") -> tuple[list[tuple[bytes, bytes]], dict[str, list[str]]]:
+    """``n_sessions`` sessions of ``clicks`` random known items each, interleaved at random
+    (a session's clicks keep their order); returns the (key, value) messages and each session's items."""
+    rng = np.random.default_rng(seed)
+    items = rng.choice(np.array(item_ids, dtype=object), size=(n_sessions, clicks))
+    order = rng.permutation(np.repeat(np.arange(n_sessions), clicks))  # which session clicks next
+    taken = np.zeros(n_sessions, dtype=np.int64)
+    sessions = {f"{prefix}{s}": [str(x) for x in items[s]] for s in range(n_sessions)}
+    messages = []
+    for step, s in enumerate(order):
+        sid = f"{prefix}{s}"
+        messages.append((sid.encode(), click_value(sid, sessions[sid][taken[s]], 1.7e9 + step)))
+        taken[s] += 1
+    return messages, sessions
+
+
+def send_all(settings: Settings, messages: list[tuple[bytes | None, bytes | None]], **producer_kwargs) -> list[tuple[int, int]]:
+    """Produce (key, value) messages to the clicks topic flat out, in order; their (partition, offset)."""
+
+    async def run() -> list[tuple[int, int]]:
+        await ensure_topics(settings)
+        p = producer(settings, **producer_kwargs)
+        await p.start()
+        try:
+            futures = [await p.send(settings.clicks_topic, value, key=key) for key, value in messages]
+            return [(m.partition, m.offset) for m in await asyncio.gather(*futures)]
+        finally:
+            await p.stop()
+
+    return asyncio.run(run())
+
+
+class PacedSender(threading.Thread):
+    """Produces ``messages`` to the clicks topic at ``rate`` per second from a thread of its own.
+
+    ``sent`` counts messages the broker has acknowledged; ``error`` holds what stopped it, if anything.
+    """
+
+    def __init__(self, settings: Settings, messages: list[tuple[bytes | None, bytes]], rate: float, **producer_kwargs):
+        super().__init__(daemon=True)
+        self.settings, self.messages, self.rate, self.producer_kwargs = settings, messages, rate, producer_kwargs
+        self.sent = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            asyncio.run(self._send())
+        except BaseException as e:  # reported to the test through .error
+            self.error = e
+
+    async def _send(self) -> None:
+        await ensure_topics(self.settings)
+        p = producer(self.settings, acks="all", **self.producer_kwargs)
+        await p.start()
+        started = time.perf_counter()
+        try:
+            pending = []
+            for i, (key, value) in enumerate(self.messages):
+                wait = i / self.rate - (time.perf_counter() - started)
+                if wait > 0.001:
+                    await asyncio.sleep(wait)
+                pending.append(await p.send(self.settings.clicks_topic, value, key=key))
+                if len(pending) >= 200:
+                    await asyncio.gather(*pending)
+                    self.sent += len(pending)
+                    pending = []
+            await asyncio.gather(*pending)
+            self.sent += len(pending)
+        finally:
+            await p.stop()
+
+    def finish(self, timeout: float) -> None:
+        self.join(timeout)
+        if self.is_alive():
+            raise AssertionError(f"the sender did not finish within {timeout:.0f}s ({self.sent}/{len(self.messages)} sent)")
+        if self.error is not None:
+            raise self.error
+
+
+def kill_worker(process) -> None:
+    """SIGKILL the worker's process group: no commit, no LeaveGroup, no flush."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=10)
+
+
+def offline_answers(bundle_dir: Path, sessions: dict[str, list[str]], k: int) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]:
+    """(session id, position) -> (top item ids, top scores) of the bundle's own scorer after the first
+    ``position`` clicks, computed session by session with nothing but the scorer: what an
+    uninterrupted worker publishes. Sessions must hold known items only."""
+    from export.scorer import StepInput, load_scorer
+
+    scorer = load_scorer(bundle_dir)
+    ids = np.array([""] + list(scorer.vocab.item_ids), dtype=object)
+    names = list(sessions)
+    items = np.array([scorer.vocab.encode(sessions[s]) for s in names], dtype=np.int64)  # [S, clicks]
+    assert (items > 0).all(), "offline_answers wants known items only"
+    hidden = np.zeros((len(names), scorer.hidden_size), dtype=np.float32) if scorer.kind == "hidden" else None
+    out = {}
+    for j in range(items.shape[1]):
+        history = [row[max(0, j - scorer.history_len) : j + 1] for row in items]  # what the worker keeps, plus the click
+        result = scorer.step(StepInput(items=items[:, j], hidden=hidden, history=history))
+        hidden = result.hidden
+        for s, name in enumerate(names):
+            out[(name, j + 1)] = (ids[result.top_items[s, :k]], result.top_scores[s, :k])
+    return out
+
+
+def assert_same_answer(doc: dict, expected: tuple[np.ndarray, np.ndarray]) -> None:
+    """A published list equals the reference: same scores, same items except the order within ties."""
+    items, scores = expected
+    got = np.asarray(doc["scores"], dtype=np.float32)
+    np.testing.assert_allclose(got, scores, rtol=1e-4, atol=1e-5, err_msg=f"{doc['session_id']} position {doc['position']}")
+    strict = scores > scores[-1] + 1e-5  # above the last score: no tie at the cut-off can swap them
+    assert set(np.asarray(doc["items"], dtype=object)[strict]) == set(items[strict]), (doc["session_id"], doc["position"])
+
+
+def answers_by_key(records) -> tuple[dict[tuple[str, int], list[dict]], int]:
+    """Recommendation records grouped by (session id, position), and how many records there were."""
+    out: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    for r in records:
+        doc = orjson.loads(r.value)
+        out[(doc["session_id"], doc["position"])].append(doc)
+    return out, len(records)
+
+
+def listening_sockets(pid: int) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket the process ``pid`` listens on, read from /proc (no psutil)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    out = set()
+    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        path = Path(f"/proc/{pid}/net/{table}")
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state != "0A" or inode not in inodes:  # 0A = LISTEN
+                continue
+            address, port = local.split(":")
+            raw = bytes.fromhex(address)
+            if family == socket.AF_INET:
+                raw = raw[::-1]
+            else:  # four little-endian 32-bit words
+                raw = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
+            out.add((socket.inet_ntop(family, raw), int(port, 16)))
+    return out
