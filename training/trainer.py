@@ -251,11 +251,13 @@ def _save_curve(history: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     epochs = [h["epoch"] + 1 for h in history]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(epochs, [h["loss"] for h in history], "o-", color="tab:blue", label="train loss")
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel("train loss", color="tab:blue")
     vals = [h["val_mrr20"] for h in history]
     if any(v is not None for v in vals):

@@ -20,10 +20,11 @@ one draw shared by the whole mini-batch [2]; draws are made in large chunks.
 
 Losses (``loss``):
   - ``cross-entropy``: softmax over the candidates, the row's own target is the positive. With
-    ``logq`` > 0 each candidate's score is lowered by ``logq * log q`` before the softmax, where q is
-    the (unnormalised) probability of the process that put the candidate there: support for the
-    mini-batch targets (they are drawn as the data is), support^sample_alpha for the extra samples
-    (logQ correction: popular items are over-represented among the negatives).
+    ``logq`` > 0 each candidate's score is lowered by ``logq * log q`` before the softmax, where q
+    follows the process that put the candidate there: q = P(item) = support / events for the
+    mini-batch targets (drawn as the data is), q = P(item)^sample_alpha for the extra samples
+    (logQ correction: popular items are over-represented among the negatives). Of the variants we
+    tried on RSC15 (raw counts for both; properly normalised expected counts), this one was best.
   - ``bpr-max`` [2]: -log sum_j softmax_j(s_neg) * sigmoid(s_pos - s_j) + bpreg * sum_j softmax_j(s_neg) s_j^2,
     where the softmax runs over the negatives of the row (all candidates but its own target).
   The output scores go through ``final_act`` first: ``elu`` uses ELU with alpha = ``elu_param`` and,
@@ -42,10 +43,13 @@ Dropout ``dropout_p_embed`` applies to the input vector, ``dropout_p_hidden`` to
 output. The GRU follows [1]: z = sig(Wz x + Uz h), r = sig(Wr x + Ur h),
 h~ = tanh(W x + U (r * h)), h' = (1 - z) h + z h~. Weights are drawn uniformly from
 +-sqrt(6 / (fan_in + fan_out)) per gate matrix; biases start at 0.
-The optimizer is Adagrad with Nesterov momentum (``training.trainer.AdagradNesterov``).
+The loss is the mean over the mini-batch's rows. The optimizer is Adagrad with Nesterov momentum
+(``training.trainer.AdagradNesterov``); the item tables get sparse gradients (only the rows a step
+touches are updated), so ``optimizer`` must be ``adagrad`` (or ``sgd``) and ``grad_clip`` 0.
 
 Defaults are the RSC15 (yoochoose) cross-entropy parameter file of [3]
-(``paramfiles/yoochoose_xe_shared_best.py`` in the official PyTorch repository): loss=cross-entropy,
+(``paramfiles/yoochoose_xe_shared_best.py`` of the official PyTorch repository, values checked
+against the published file): loss=cross-entropy,
 constrained_embedding=True, embedding=0, elu_param=0, layers=[480], n_epochs=10 (``epochs``),
 batch_size=48, dropout_p_embed=0.0, dropout_p_hidden=0.2, learning_rate=0.07 (``lr``), momentum=0.0,
 n_sample=2048, sample_alpha=0.2, bpreg=0.0, logq=1.0. For other datasets, pass the matching file's
@@ -55,7 +59,6 @@ values with ``--set`` (e.g. their BPR-max files use loss=bpr-max, elu_param=0.5,
 from __future__ import annotations
 
 import json
-import os
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,7 +213,7 @@ class GRU4RecNet(nn.Module):
                 gates_x = gru.project(out)
             h_new = torch.where(known, gru(gates_x, h), h)
             out = self.drop_hidden(h_new)
-            new_hidden.append(out if os.environ.get("G4R_CARRY_DROP") else h_new)
+            new_hidden.append(h_new)
         return new_hidden, out
 
     def score_all(self, out: torch.Tensor) -> torch.Tensor:
@@ -401,7 +404,7 @@ class GRU4Rec(SessionModel):
         between calls and resets it where ``carry`` is -1.
         """
         config, net = self.config, self.net
-        log_support = torch.from_numpy(np.log(np.maximum(support, 1.0))).float()
+        log_p = torch.from_numpy(np.log(np.maximum(support, 1.0) / support.sum())).float()  # log P(item) in the data
         use_logq = config.loss == "cross-entropy" and config.logq > 0
 
         def batches(epoch: int):
@@ -428,8 +431,8 @@ class GRU4Rec(SessionModel):
             state["hidden"] = [h.detach() for h in new_hidden]
             weight = (targets > 0).float()
             log_q = None
-            if use_logq:  # each column's own proposal: targets ~ support, extra samples ~ support^alpha
-                log_q = log_support[targets] if samples is None else torch.cat([log_support[targets], config.sample_alpha * log_support[samples]])
+            if use_logq:  # each column's own proposal: targets ~ P, extra samples ~ P^alpha
+                log_q = log_p[targets] if samples is None else torch.cat([log_p[targets], config.sample_alpha * log_p[samples]])
             return sampled_loss(scores, config, log_q, weight)
 
         return batches, loss_fn
