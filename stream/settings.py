@@ -24,8 +24,8 @@ SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 BROKER_QUIRKS = ("none", "tansu")
 
 
-def _s(default, help: str, choices: tuple[str, ...] | None = None, minimum: float | None = None):
-    return field(default=default, metadata={"help": help, "choices": choices, "min": minimum})
+def _s(default, help: str, choices: tuple[str, ...] | None = None, minimum: float | None = None, secret: bool = False):
+    return field(default=default, repr=not secret, metadata={"help": help, "choices": choices, "min": minimum})
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class Settings:
     security_protocol: str = _s("PLAINTEXT", "Kafka security protocol of every client.", SECURITY_PROTOCOLS)
     sasl_mechanism: str = _s("PLAIN", "SASL mechanism (with SASL_* protocols).", SASL_MECHANISMS)
     sasl_username: str = _s("", "SASL user name.")
-    sasl_password: str = _s("", "SASL password.")
+    sasl_password: str = _s("", "SASL password.", secret=True)
     ssl_cafile: str = _s("", "CA bundle to verify the brokers (SSL, SASL_SSL).")
     ssl_certfile: str = _s("", "Client certificate (mutual TLS).")
     ssl_keyfile: str = _s("", "Client certificate's private key (mutual TLS).")

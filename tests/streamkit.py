@@ -57,16 +57,20 @@ def send_all(settings: Settings, messages: list[tuple[bytes | None, bytes | None
 
 
 class PacedSender(threading.Thread):
-    """Produces ``messages`` to the clicks topic at ``rate`` per second from a thread of its own.
+    """Produces ``messages`` to the clicks topic at ``rate`` per second from a thread of its own,
+    until they run out or ``stop`` is set.
 
-    ``sent`` counts messages the broker has acknowledged; ``error`` holds what stopped it, if anything.
+    ``produced`` counts messages handed to the producer (all of them acknowledged once the thread
+    ends), ``sent`` those the broker has acknowledged so far; ``error`` holds what stopped it, if anything.
     """
 
     def __init__(self, settings: Settings, messages: list[tuple[bytes | None, bytes]], rate: float, **producer_kwargs):
         super().__init__(daemon=True)
         self.settings, self.messages, self.rate, self.producer_kwargs = settings, messages, rate, producer_kwargs
+        self.produced = 0
         self.sent = 0
         self.error: BaseException | None = None
+        self.stop = threading.Event()
 
     def run(self) -> None:
         try:
@@ -85,7 +89,10 @@ class PacedSender(threading.Thread):
                 wait = i / self.rate - (time.perf_counter() - started)
                 if wait > 0.001:
                     await asyncio.sleep(wait)
+                if self.stop.is_set():
+                    break
                 pending.append(await p.send(self.settings.clicks_topic, value, key=key))
+                self.produced += 1
                 if len(pending) >= 200:
                     await asyncio.gather(*pending)
                     self.sent += len(pending)
@@ -95,12 +102,32 @@ class PacedSender(threading.Thread):
         finally:
             await p.stop()
 
-    def finish(self, timeout: float) -> None:
+    def finish(self, timeout: float, stop: bool = False) -> list[tuple[bytes | None, bytes]]:
+        """Wait for the thread (stopping it first with ``stop``); the messages it produced."""
+        if stop:
+            self.stop.set()
         self.join(timeout)
         if self.is_alive():
             raise AssertionError(f"the sender did not finish within {timeout:.0f}s ({self.sent}/{len(self.messages)} sent)")
         if self.error is not None:
             raise self.error
+        return self.messages[: self.produced]
+
+
+def answered(settings: Settings) -> float:
+    """The worker's ``streamrec_events_total{outcome="answered"}``, 0 while its endpoint is not up."""
+    import urllib.request
+
+    url = f"http://{settings.metrics_host}:{settings.metrics_port}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return 0.0
+    for line in text.splitlines():
+        if line.startswith('streamrec_events_total{outcome="answered"} '):
+            return float(line.split()[-1])
+    return 0.0
 
 
 def kill_worker(process) -> None:
@@ -112,25 +139,37 @@ def kill_worker(process) -> None:
     process.wait(timeout=10)
 
 
+def sessions_of(messages: list[tuple[bytes | None, bytes]]) -> dict[str, list[str]]:
+    """Each session's items, in order, from click messages."""
+    out: dict[str, list[str]] = defaultdict(list)
+    for _, value in messages:
+        doc = orjson.loads(value)
+        out[doc["session_id"]].append(str(doc["item_id"]))
+    return dict(out)
+
+
 def offline_answers(bundle_dir: Path, sessions: dict[str, list[str]], k: int) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]:
     """(session id, position) -> (top item ids, top scores) of the bundle's own scorer after the first
-    ``position`` clicks, computed session by session with nothing but the scorer: what an
-    uninterrupted worker publishes. Sessions must hold known items only."""
+    ``position`` clicks, computed with nothing but the scorer, all sessions' j-th clicks in one
+    step: what an uninterrupted worker publishes. Sessions must hold known items only."""
     from export.scorer import StepInput, load_scorer
 
     scorer = load_scorer(bundle_dir)
     ids = np.array([""] + list(scorer.vocab.item_ids), dtype=object)
     names = list(sessions)
-    items = np.array([scorer.vocab.encode(sessions[s]) for s in names], dtype=np.int64)  # [S, clicks]
-    assert (items > 0).all(), "offline_answers wants known items only"
+    items = [np.asarray(scorer.vocab.encode(sessions[s]), dtype=np.int64) for s in names]
+    assert all((row > 0).all() for row in items), "offline_answers wants known items only"
+    lengths = np.array([len(row) for row in items])
     hidden = np.zeros((len(names), scorer.hidden_size), dtype=np.float32) if scorer.kind == "hidden" else None
     out = {}
-    for j in range(items.shape[1]):
-        history = [row[max(0, j - scorer.history_len) : j + 1] for row in items]  # what the worker keeps, plus the click
-        result = scorer.step(StepInput(items=items[:, j], hidden=hidden, history=history))
-        hidden = result.hidden
-        for s, name in enumerate(names):
-            out[(name, j + 1)] = (ids[result.top_items[s, :k]], result.top_scores[s, :k])
+    for j in range(int(lengths.max(initial=0))):
+        rows = np.flatnonzero(lengths > j)
+        history = [items[r][max(0, j - scorer.history_len) : j + 1] for r in rows]  # what the worker keeps, plus the click
+        result = scorer.step(StepInput(items=np.array([items[r][j] for r in rows]), hidden=hidden[rows] if hidden is not None else None, history=history))
+        if hidden is not None:
+            hidden[rows] = result.hidden
+        for i, r in enumerate(rows):
+            out[(names[r], j + 1)] = (ids[result.top_items[i, :k]], result.top_scores[i, :k])
     return out
 
 

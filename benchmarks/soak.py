@@ -1,0 +1,339 @@
+"""Soak: one `streamrec serve` worker for N minutes at a steady click rate with session expiry on.
+
+Sessions never end on their own: each click goes to one of ``--live-sessions`` open sessions,
+and a session that has had its clicks (geometric, mean ``--mean-length``) is replaced by a new
+id, so the worker only stays bounded if idle sessions expire (``--session-ttl``). Every
+``--sample-seconds`` the benchmark records the worker's resident memory (/proc), its active
+sessions, expired sessions, clicks answered, /healthz, and the embedded broker's memory (which
+grows by design: its memory storage keeps every record). At the end every click sent must have
+been answered, and the worker must still be healthy.
+
+The model is an untrained GRU4Rec (100 units, the serving cost and state size do not depend on
+the weights) over a synthetic catalogue, exported to a bundle, as in benchmarks/stream.py.
+
+    python benchmarks/soak.py --minutes 30          # writes "## Soak" in docs/reliability.md and docs/img/soak.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import platform
+import re
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DOC = ROOT / "docs" / "reliability.md"
+PLOT = ROOT / "docs" / "img" / "soak.png"
+SECTION = "## Soak"
+
+
+def build_bundle(work: Path, items: int, hidden: int) -> tuple[Path, list[str]]:
+    import torch
+
+    from export.exporter import export_run
+    from training.models import get_model
+    from training.synth import synthesize
+
+    data = synthesize(items, items * 3, seed=0, test_fraction=0.05)
+    data.save(work / "data")
+    cls = get_model("gru4rec")
+    torch.manual_seed(0)
+    model = cls(data.n_items, cls.Config(layers=(hidden,)))  # untrained: serving cost does not depend on the weights
+    run_dir, bundle_dir = work / "run", work / "bundle"
+    model.save(run_dir)
+    (run_dir / "vocab.json").write_text((work / "data" / "vocab.json").read_text())
+    export_run(run_dir, bundle_dir, data_dir=work / "data", k=20, parity_sessions=20, log=lambda _: None)
+    return bundle_dir, data.vocab.item_ids
+
+
+class ClickSource(threading.Thread):
+    """Clicks at ``rate``/s over ever-renewed sessions, from a thread with its own event loop."""
+
+    def __init__(self, settings, item_ids: list[str], rate: float, live: int, mean_length: float, seed: int):
+        super().__init__(daemon=True)
+        self.settings, self.rate = settings, rate
+        self.items = np.array(item_ids, dtype=object)
+        self.rng = np.random.default_rng(seed)
+        self.mean_length = mean_length
+        self.live = [self._new_session(i) for i in range(live)]
+        self.next_session = live
+        self.sent = 0
+        self.sessions_started = live
+        self.error: BaseException | None = None
+        self.stop = threading.Event()
+
+    def _new_session(self, n: int) -> list:
+        return [f"soak-{n}", int(self.rng.geometric(1.0 / self.mean_length))]
+
+    def run(self) -> None:
+        try:
+            asyncio.run(self._send())
+        except BaseException as e:
+            self.error = e
+
+    async def _send(self) -> None:
+        from stream.events import click_value
+        from stream.topics import producer
+
+        p = producer(self.settings, linger_ms=5)
+        await p.start()
+        topic = self.settings.clicks_topic
+        started = time.perf_counter()
+        pending = []
+        try:
+            while not self.stop.is_set():
+                due = self.sent / self.rate - (time.perf_counter() - started)
+                if due > 0.001:
+                    await asyncio.sleep(due)
+                slot = int(self.rng.integers(len(self.live)))
+                session = self.live[slot]
+                session[1] -= 1
+                item = self.items[int(self.rng.integers(len(self.items)))]
+                pending.append(await p.send(topic, click_value(session[0], item, time.time()), key=session[0].encode()))
+                if session[1] <= 0:
+                    self.live[slot] = self._new_session(self.next_session)
+                    self.next_session += 1
+                    self.sessions_started += 1
+                self.sent += 1
+                if len(pending) >= 500:
+                    await asyncio.gather(*pending)
+                    pending = []
+            await asyncio.gather(*pending)
+        finally:
+            await p.stop()
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def scrape(settings) -> dict[str, float]:
+    base = f"http://{settings.metrics_host}:{settings.metrics_port}"
+    with urllib.request.urlopen(f"{base}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    wanted = {
+        "answered": 'streamrec_events_total{outcome="answered"}',
+        "dead_lettered": 'streamrec_events_total{outcome="dead_lettered"}',
+        "active_sessions": "streamrec_active_sessions",
+        "expired": "streamrec_expired_sessions_total",
+        "stalled": "streamrec_stalled",
+    }
+    values = {line.split(" ")[0]: float(line.split(" ")[-1]) for line in text.splitlines() if line and not line.startswith("#")}
+    out = {name: values.get(key, float("nan")) for name, key in wanted.items()}
+    buckets = sorted((float(re.search(r'le="([^"]+)"', k).group(1)), v) for k, v in values.items() if k.startswith("streamrec_end_to_end_seconds_bucket"))
+    out["latency_buckets"] = buckets
+    try:
+        with urllib.request.urlopen(f"{base}/healthz", timeout=5) as r:
+            out["healthy"] = r.status == 200
+    except urllib.error.HTTPError:
+        out["healthy"] = False
+    return out
+
+
+def quantile(buckets: list[tuple[float, float]], q: float) -> float:
+    """Upper bucket bound holding the q-quantile of a cumulative Prometheus histogram."""
+    total = buckets[-1][1] if buckets else 0
+    for bound, count in buckets:
+        if total and count >= q * total:
+            return bound
+    return float("nan")
+
+
+def plot(samples: list[dict], args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    minutes = [s["t"] / 60 for s in samples]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    top.plot(minutes, [s["worker_mb"] for s in samples], label="worker RSS (MB)", color="tab:blue")
+    if not args.broker:
+        top.plot(minutes, [s["broker_mb"] for s in samples], label="embedded broker RSS (MB, keeps every record)", color="tab:gray", linestyle="--")
+    top.set_ylabel("MB")
+    top.legend(loc="upper left", fontsize=8)
+    top.set_title(f"streamrec soak: {args.rate:,.0f} clicks/s, session TTL {args.session_ttl:.0f} s")
+    bottom.plot(minutes, [s["active_sessions"] for s in samples], label="active sessions", color="tab:green")
+    bottom.plot(minutes, [max(0.0, s["sent"] - s["answered"]) for s in samples], label="clicks sent but not yet answered", color="tab:red", linewidth=0.8)
+    bottom.set_ylabel("count")
+    bottom.set_xlabel("minutes")
+    bottom.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    PLOT.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(PLOT, dpi=110)
+
+
+def render(samples: list[dict], summary: dict, args) -> str:
+    warm = [s for s in samples if s["t"] >= summary["warmup_s"]]
+    rows = ["| minute | worker RSS MB | active sessions | expired (total) | answered (total) | not yet answered | healthy |", "|---:|---:|---:|---:|---:|---:|:---:|"]
+    step = max(1, len(samples) // 12)
+    for s in samples[::step] + ([samples[-1]] if (len(samples) - 1) % step else []):
+        rows.append(f"| {s['t'] / 60:.1f} | {s['worker_mb']:.0f} | {s['active_sessions']:,.0f} | {s['expired']:,.0f} | {s['answered']:,.0f} | {max(0.0, s['sent'] - s['answered']):,.0f} | {'yes' if s['healthy'] else 'NO'} |")
+    lines = [
+        SECTION,
+        "",
+        f"Measured {date.today():%Y-%m-%d} on {platform.machine()} ({summary['cpus']} cores shared with other work), "
+        f"{summary['minutes']:.1f} minutes at {args.rate:,.0f} clicks/s, `--session-ttl {args.session_ttl:g}`, "
+        f"{args.live_sessions:,} open sessions renewed after a mean of {args.mean_length:g} clicks, untrained GRU4Rec "
+        f"({args.hidden} units, {summary['n_items']:,} items), one worker on {'the embedded broker' if not args.broker else args.broker}:",
+        "",
+        "```",
+        summary["command"],
+        "```",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| clicks sent / answered (within 2 minutes of the end) | {summary['sent']:,} / {summary['answered']:,.0f}{'' if summary['answered'] == summary['sent'] else ' — **not all answered**'} |",
+        f"| sessions started / expired | {summary['sessions_started']:,} / {summary['expired']:,.0f} |",
+        f"| active sessions after warm-up (min – max) | {min(s['active_sessions'] for s in warm):,.0f} – {max(s['active_sessions'] for s in warm):,.0f} |",
+        f"| worker RSS at warm-up end → end | {summary['rss_warm']:.0f} MB → {summary['rss_end']:.0f} MB |",
+        f"| worker RSS trend after warm-up / over the last half (least squares) | {summary['slope_mb_per_hour']:+.1f} / {summary['late_slope_mb_per_hour']:+.1f} MB/hour |",
+        f"| most clicks sent but not yet answered in a sample | {max(max(0.0, s['sent'] - s['answered']) for s in samples):,.0f} |",
+        *([f"| embedded broker RSS start → end | {samples[0]['broker_mb']:.0f} MB → {samples[-1]['broker_mb']:.0f} MB |"] if not args.broker else []),
+        f"| end-to-end latency p50 / p99 (histogram bucket bounds) | {_bound(summary['p50'])} / {_bound(summary['p99'])} |",
+        f"| /healthz not 200 in a sample | {summary['unhealthy_samples']} of {len(samples)} |",
+        "",
+        f"Warm-up = the first {summary['warmup_s'] / 60:.1f} minutes (session TTL plus the time for the first sessions to age out). "
+        "The broker's memory grows by design (memory storage, no retention); the worker's is what must stay flat.",
+        "",
+        *rows,
+        "",
+        "![soak](img/soak.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _bound(seconds: float) -> str:
+    return f"≤ {seconds * 1000:,.0f} ms" if np.isfinite(seconds) else "> 10 s (beyond the last bucket)"
+
+
+def write_section(section: str) -> None:
+    """Replace (or append) the "## Soak" section of docs/reliability.md, leaving the rest alone."""
+    text = DOC.read_text() if DOC.is_file() else "# Reliability\n\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section + "\n", text)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    DOC.write_text(text)
+
+
+def main() -> None:
+    import os
+
+    from tqdm.auto import tqdm
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=30.0, help="length of the run")
+    parser.add_argument("--rate", type=float, default=200.0, help="clicks per second")
+    parser.add_argument("--session-ttl", type=float, default=60.0, help="the worker's --session-ttl (seconds)")
+    parser.add_argument("--live-sessions", type=int, default=500, help="sessions open at any time")
+    parser.add_argument("--mean-length", type=float, default=8.0, help="mean clicks of a session before it is replaced")
+    parser.add_argument("--items", type=int, default=20_000, help="catalogue size asked of the generator")
+    parser.add_argument("--hidden", type=int, default=100, help="GRU4Rec hidden units")
+    parser.add_argument("--sample-seconds", type=float, default=10.0, help="time between samples")
+    parser.add_argument("--broker", default=None, help="kafka://HOST:PORT of a running Apache Kafka (default: start the embedded broker, which slows down as its memory store fills)")
+    parser.add_argument("--no-write", action="store_true", help="print the figures only")
+    args = parser.parse_args()
+    if min(args.minutes, args.rate, args.session_ttl, args.sample_seconds, args.mean_length) <= 0 or args.live_sessions < 1:
+        parser.error("--minutes, --rate, --session-ttl, --sample-seconds, --mean-length and --live-sessions must be positive")
+
+    from stream.broker import QUIRKS, EmbeddedBroker, free_port
+    from stream.settings import Settings
+    from stream.worker import start_worker, stop_worker, wait_until_serving
+
+    command = "python benchmarks/soak.py " + " ".join(sys.argv[1:])
+    with tempfile.TemporaryDirectory(prefix="streamrec-soak-") as tmp:
+        work = Path(tmp)
+        print("building the bundle ...", file=sys.stderr)
+        bundle, item_ids = build_bundle(work, args.items, args.hidden)
+        with EmbeddedBroker(log_path=work / "broker.log") if args.broker is None else contextlib.nullcontext() as broker:
+            url, quirks = (broker.url, QUIRKS) if broker is not None else (args.broker, "none")
+            settings = Settings(broker=url, broker_quirks=quirks, metrics_port=free_port(), session_ttl=args.session_ttl)
+            worker = start_worker(settings, bundle, work / "worker.log")
+            try:
+                wait_until_serving(settings, worker, timeout=180)
+                source = ClickSource(settings, item_ids, args.rate, args.live_sessions, args.mean_length, seed=0)
+                source.start()
+                samples: list[dict] = []
+                started = time.monotonic()
+                total = args.minutes * 60
+                with tqdm(total=round(total), unit="s", desc="soak", mininterval=5) as bar:
+                    while (elapsed := time.monotonic() - started) < total:
+                        time.sleep(min(args.sample_seconds, total - elapsed))
+                        if worker.poll() is not None:
+                            raise SystemExit(f"the worker exited (status {worker.returncode}); log: {work / 'worker.log'}")
+                        if source.error is not None:
+                            raise source.error
+                        s = scrape(settings)
+                        s.update(t=time.monotonic() - started, worker_mb=rss_mb(worker.pid), broker_mb=rss_mb(broker.process.pid) if broker is not None else float("nan"), sent=source.sent)
+                        samples.append(s)
+                        bar.update(round(s["t"]) - bar.n)
+                        bar.set_postfix_str(f"rss {s['worker_mb']:.0f} MB, sessions {s['active_sessions']:,.0f}, answered {s['answered']:,.0f}/{source.sent:,}")
+                source.stop.set()
+                source.join(60)
+                deadline = time.monotonic() + 120
+                while (final := scrape(settings))["answered"] + final["dead_lettered"] < source.sent + 1 and time.monotonic() < deadline:  # +1: the readiness probe
+                    time.sleep(1)
+                final_rss = rss_mb(worker.pid)
+            finally:
+                status = stop_worker(worker)
+        if status != 0:
+            raise SystemExit(f"the worker exited with status {status}")
+
+    warmup = min(args.session_ttl + 2 * args.live_sessions * args.mean_length / args.rate, 0.5 * total)
+    warm = [s for s in samples if s["t"] >= warmup] or samples[-2:]
+    t = np.array([s["t"] for s in warm])
+    mb = np.array([s["worker_mb"] for s in warm])
+    slope = float(np.polyfit(t, mb, 1)[0]) * 3600 if len(warm) >= 2 else float("nan")
+    late = samples[len(samples) // 2 :]
+    late_slope = float(np.polyfit([s["t"] for s in late], [s["worker_mb"] for s in late], 1)[0]) * 3600 if len(late) >= 2 else float("nan")
+    summary = {
+        "command": command,
+        "cpus": os.cpu_count(),
+        "minutes": samples[-1]["t"] / 60,
+        "n_items": len(item_ids),
+        "sent": source.sent,
+        "answered": final["answered"] - 1,
+        "expired": final["expired"],
+        "sessions_started": source.sessions_started,
+        "warmup_s": warmup,
+        "rss_warm": float(mb[0]),
+        "rss_end": final_rss,
+        "slope_mb_per_hour": slope,
+        "late_slope_mb_per_hour": late_slope,
+        "p50": quantile(final["latency_buckets"], 0.5),
+        "p99": quantile(final["latency_buckets"], 0.99),
+        "unhealthy_samples": sum(not s["healthy"] for s in samples),
+    }
+    section = render(samples, summary, args)
+    print(section)
+    print(json.dumps({k: v for k, v in summary.items() if k != "command"}, indent=1), file=sys.stderr)
+    if not args.no_write:
+        plot(samples, args)
+        write_section(section)
+        print(f"wrote {DOC.relative_to(ROOT)} ({SECTION}) and {PLOT.relative_to(ROOT)}", file=sys.stderr)
+    if summary["answered"] != summary["sent"]:
+        raise SystemExit(f"{summary['sent'] - summary['answered']:,.0f} clicks were not answered within 2 minutes of the end")
+
+
+if __name__ == "__main__":
+    main()
