@@ -21,8 +21,6 @@ time: the box is shared, and wall-clock figures swing with other people's jobs. 
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -34,6 +32,8 @@ from training.data import PreparedData
 from training.evaluate import evaluate, evaluation_positions
 from training.models import get_model
 from training.models.items import HistoryIndex, item_counts
+
+from _report import command_line, grouped, load_average, pyplot, save_figure, table, write_section  # benchmarks/ is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -162,14 +162,13 @@ def markdown(rows: list[dict], scale: tuple[str, list[dict]] | None, command: st
         f"Reproduce: `{command}`",
         "",
     ]
-    for key in dict.fromkeys(r["dataset"] for r in rows):
-        part = [r for r in rows if r["dataset"] == key]
+    for key, part in grouped(rows, "dataset").items():
         lines += [f"**{DATASETS[key][0]}**, {part[0]['events']:,} evaluated events", ""]
-        lines += ["| model | HR@20 | MRR@20 | NDCG@20 | coverage@20 | HR@20 (optimistic ties) | train CPU s | CPU ms/event batched | CPU ms/event single |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for r in part:
-            lines.append(f"| {r['model']} | {r['HR@20']:.4f} | {r['MRR@20']:.4f} | {r['NDCG@20']:.4f} | {r['coverage@20']:.4f} | {r['HR@20_opt']:.4f} | "
-                         f"{r['train_s']:.2f} | {r['batch_ms']:.3f} | {r['single_ms']:.3f} |")
+        lines += table(
+            ["model", "HR@20", "MRR@20", "NDCG@20", "coverage@20", "HR@20 (optimistic ties)", "train CPU s", "CPU ms/event batched", "CPU ms/event single"],
+            [[r["model"], f"{r['HR@20']:.4f}", f"{r['MRR@20']:.4f}", f"{r['NDCG@20']:.4f}", f"{r['coverage@20']:.4f}", f"{r['HR@20_opt']:.4f}",
+              f"{r['train_s']:.2f}", f"{r['batch_ms']:.3f}", f"{r['single_ms']:.3f}"] for r in part],
+        )
         lines.append("")
     if any(r["dataset"] == "yoochoose" for r in rows):
         lines += [
@@ -179,37 +178,18 @@ def markdown(rows: list[dict], scale: tuple[str, list[dict]] | None, command: st
         ]
     if scale:
         what, scale_rows = scale
-        lines += [f"**Serving cost at scale** (synthetic log from `training.synth`: {what}; one history scored alone):", "",
-                  "| model | CPU ms/event |", "|---|---|"]
-        lines += [f"| {r['model']} | {r['single_ms']:.3f} |" for r in scale_rows]
+        lines += [f"**Serving cost at scale** (synthetic log from `training.synth`: {what}; one history scored alone):", ""]
+        lines += table(["model", "CPU ms/event"], [[r["model"], f"{r['single_ms']:.3f}"] for r in scale_rows])
         lines.append("")
     if CHART.exists():
         lines += [f"![baselines](img/{CHART.name})", ""]
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    """Replace (or add) the "## Baselines" section of docs/results.md, leaving other sections alone."""
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    doc = RESULTS.read_text() if RESULTS.exists() else "# Results\n\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(doc):
-        doc = pattern.sub(lambda _: text.rstrip() + "\n\n", doc, count=1)
-    else:
-        doc = doc.rstrip() + "\n\n" + text.rstrip() + "\n"
-    RESULTS.write_text(doc.rstrip() + "\n")
-
-
 def chart(rows: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = list(dict.fromkeys(r["dataset"] for r in rows))
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        part = [r for r in rows if r["dataset"] == key]
+    groups = grouped(rows, "dataset")
+    fig, axes = pyplot().subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
+    for ax, (key, part) in zip(axes[0], groups.items()):
         x = np.arange(len(part))
         ax.bar(x - 0.2, [r["HR@20"] for r in part], 0.4, label="HR@20")
         ax.bar(x + 0.2, [r["MRR@20"] for r in part], 0.4, label="MRR@20")
@@ -219,10 +199,7 @@ def chart(rows: list[dict]) -> None:
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(loc="upper left")
     fig.suptitle("Non-neural baselines, full ranking, conservative ties")
-    fig.tight_layout()
-    CHART.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(CHART, dpi=110)
-    plt.close(fig)
+    save_figure(fig, CHART)
 
 
 def main() -> None:
@@ -247,8 +224,7 @@ def main() -> None:
     scale = None if args.no_scale else run_scale([m for m in models if m in ("markov", "sr", "sknn", "vsknn", "stan", "vstan")])
     if not args.no_docs:
         chart(rows)
-        command = "python benchmarks/baselines.py" + "".join(f" {a}" for a in sys.argv[1:])
-        write_section(markdown(rows, scale, command, args.threads, os.getloadavg()[0]))
+        write_section(RESULTS, markdown(rows, scale, command_line(), args.threads, load_average()))
         print(f"\nwrote {RESULTS.relative_to(REPO)} ({SECTION}) and {CHART.relative_to(REPO)}")
 
 

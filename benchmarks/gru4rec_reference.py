@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -32,6 +30,8 @@ sys.path.insert(0, str(REPO))
 from training.data import PreparedData, sessions_from_frame, vocab_from_train  # noqa: E402
 from training.evaluate import evaluate  # noqa: E402
 from training.models.gru4rec import GRU4Rec, Config  # noqa: E402
+
+from _report import load_average, table, write_section  # noqa: E402  (benchmarks/ is on sys.path)
 
 DATA = REPO.parent / "shared" / "data" / "yoochoose-rsc15-100k"
 RESULTS = REPO / "docs" / "results.md"
@@ -55,11 +55,11 @@ def prepare(data_dir: Path) -> PreparedData:
 
 def run_seed(data: PreparedData, seed: int, threads: int, overrides: dict) -> dict:
     config = Config(seed=seed, threads=threads, **overrides)
-    load_before = os.getloadavg()[0]
+    load_before = load_average()
     wall, cpu = time.perf_counter(), time.process_time()
     model = GRU4Rec.train(data, config, progress=True)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    load_after = os.getloadavg()[0]
+    load_after = load_average()
     metrics = evaluate(model, data.test, ks=(20,), progress=False)
     epochs = [h["seconds"] for h in model.fit_result.history]
     return {
@@ -75,39 +75,27 @@ def run_seed(data: PreparedData, seed: int, threads: int, overrides: dict) -> di
     }
 
 
-def table(rows: list[dict], threads: int) -> str:
+def comparison(rows: list[dict], threads: int) -> str:
+    """The official runs and ours, one table."""
     ref = REFERENCE
     lines = [
-        "| implementation | seed | Recall@20 | MRR@20 | train s | median s/epoch | fastest s/epoch | CPU s | load avg |",
-        "|---|---|---|---|---|---|---|---|---|",
+        ["official GRU4Rec PyTorch", f"run {i + 1}", f"{r:.4f}", f"{m:.4f}", f"~{ref['train_seconds']:.0f}", f"~{ref['epoch_seconds']:.0f}", "", "", ""]
+        for i, (r, m) in enumerate(zip(ref["recall"], ref["mrr"]))
     ]
-    for i, (r, m) in enumerate(zip(ref["recall"], ref["mrr"])):
-        lines.append(f"| official GRU4Rec PyTorch | run {i + 1} | {r:.4f} | {m:.4f} | ~{ref['train_seconds']:.0f} | ~{ref['epoch_seconds']:.0f} | | | |")
-    lines.append(f"| **official, mean** | | **{np.mean(ref['recall']):.4f}** | **{np.mean(ref['mrr']):.4f}** | ~{ref['train_seconds']:.0f} | ~{ref['epoch_seconds']:.0f} | | | |")
+    lines.append(["**official, mean**", "", f"**{np.mean(ref['recall']):.4f}**", f"**{np.mean(ref['mrr']):.4f}**", f"~{ref['train_seconds']:.0f}", f"~{ref['epoch_seconds']:.0f}", "", "", ""])
     for row in rows:
         lines.append(
-            f"| streamrec gru4rec ({threads} threads) | {row['seed']} | {row['recall']:.4f} | {row['mrr']:.4f} | {row['train_seconds']:.0f} | "
-            f"{row['epoch_seconds']:.1f} | {row['fastest_epoch']:.1f} | {row['cpu_seconds']:.0f} | {row['load']:.1f} |"
+            [f"streamrec gru4rec ({threads} threads)", row["seed"], f"{row['recall']:.4f}", f"{row['mrr']:.4f}", f"{row['train_seconds']:.0f}",
+             f"{row['epoch_seconds']:.1f}", f"{row['fastest_epoch']:.1f}", f"{row['cpu_seconds']:.0f}", f"{row['load']:.1f}"]
         )
     if rows:
         lines.append(
-            f"| **streamrec gru4rec, mean** | | **{np.mean([r['recall'] for r in rows]):.4f}** | **{np.mean([r['mrr'] for r in rows]):.4f}** | "
-            f"{np.mean([r['train_seconds'] for r in rows]):.0f} | {np.mean([r['epoch_seconds'] for r in rows]):.1f} | "
-            f"{np.min([r['fastest_epoch'] for r in rows]):.1f} | {np.mean([r['cpu_seconds'] for r in rows]):.0f} | |"
+            ["**streamrec gru4rec, mean**", "", f"**{np.mean([r['recall'] for r in rows]):.4f}**", f"**{np.mean([r['mrr'] for r in rows]):.4f}**",
+             f"{np.mean([r['train_seconds'] for r in rows]):.0f}", f"{np.mean([r['epoch_seconds'] for r in rows]):.1f}",
+             f"{np.min([r['fastest_epoch'] for r in rows]):.1f}", f"{np.mean([r['cpu_seconds'] for r in rows]):.0f}", ""]
         )
-    return "\n".join(lines)
-
-
-def write_section(text: str) -> None:
-    """Replace (or append) this script's section of docs/results.md, leaving the others alone."""
-    doc = RESULTS.read_text() if RESULTS.is_file() else "# Results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(doc):
-        doc = pattern.sub(lambda _: text.rstrip() + "\n\n", doc)
-    else:
-        doc = doc.rstrip() + "\n\n" + text.rstrip() + "\n"
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(doc)
+    header = ["implementation", "seed", "Recall@20", "MRR@20", "train s", "median s/epoch", "fastest s/epoch", "CPU s", "load avg"]
+    return "\n".join(table(header, lines))
 
 
 # Per-epoch test MRR@20 of variants tried while chasing the gap (3 epochs unless noted, 1 thread,
@@ -174,7 +162,7 @@ Command: `{command}`
 
 {status(rows)}
 
-{table(rows, threads)}
+{comparison(rows, threads)}
 
 Speed figures are wall-clock on a 2-core machine shared with other engineers' jobs while this ran
 ("load avg" = the 1-minute load average around each run; 2.0 means the machine was fully busy
@@ -204,10 +192,10 @@ def main() -> None:
         rows.append(row)
         print(f"seed {seed}: Recall@20 {row['recall']:.4f}  MRR@20 {row['mrr']:.4f}  train {row['train_seconds']:.0f} s "
               f"(median {row['epoch_seconds']:.1f} s/epoch, fastest {row['fastest_epoch']:.1f}, CPU {row['cpu_seconds']:.0f} s, load {row['load']:.1f})", flush=True)
-    print(table(rows, args.threads))
+    print(comparison(rows, args.threads))
     if not args.no_docs and not overrides:
         command = f"python benchmarks/gru4rec_reference.py --seeds {args.seeds} --threads {args.threads}"
-        write_section(section(rows, args.threads, command, data))
+        write_section(RESULTS, section(rows, args.threads, command, data))
         print(f"wrote {RESULTS.relative_to(REPO)}")
 
 

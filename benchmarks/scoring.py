@@ -17,13 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import re
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +31,8 @@ from export.scorer import StepInput, load_scorer
 from training.models import available_models, get_model, load_run
 from training.models.items import HistoryIndex
 from training.synth import synthesize
+
+from _report import command_line, environment, table, write_section  # benchmarks/ is on sys.path
 
 BATCH_SIZES = (1, 32, 256)
 DOC = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
@@ -125,10 +123,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="streamrec-scoring-") as tmp:
         rows, seed, n_items, prefix = measure(Path(tmp), names, args, rng)
-    table = render(rows, seed, n_items, prefix, args)
-    print(table)
+    section = render(rows, seed, n_items, prefix, args)
+    print(section)
     if not args.no_write:
-        write_section(table)
+        write_section(DOC, section)
         print(f"wrote {DOC} ({SECTION})", file=sys.stderr)
 
 
@@ -172,30 +170,27 @@ def measure(work: Path, names: list[str], args, rng: np.random.Generator):
 
 
 def render(rows, seed: float | None, n_items: int, mean_prefix: float, args) -> str:
-    import onnxruntime
-
     def cell(row, b):
         return f"{row['ms'][b]:.3f}" if b in row["ms"] else ""
 
     def ratio(row, b):
         return f"{seed / row['ms'][b]:.0f}x" if seed and b in row["ms"] else ""
 
-    head = "| model | kind | served as | model MB | " + " | ".join(f"ms/event @{b}" for b in BATCH_SIZES) + " | " + " | ".join(f"vs seed @{b}" for b in BATCH_SIZES) + " | note |"
-    sep = "|---|---|---|" + "---:|" * (1 + 2 * len(BATCH_SIZES)) + "---|"
-    lines = [head, sep]
-    for r in rows:
-        mb = f"{r['mb']:.1f}" if r["mb"] is not None else ""
-        lines.append(f"| {r['model']} | {r['kind']} | {r['way']} | {mb} | " + " | ".join(cell(r, b) for b in BATCH_SIZES) + " | " + " | ".join(ratio(r, b) for b in BATCH_SIZES) + f" | {r['note']} |")
-    command = "python benchmarks/scoring.py " + " ".join(sys.argv[1:])
+    lines = table(
+        ["model", "kind", "served as", "model MB", *(f"ms/event @{b}" for b in BATCH_SIZES), *(f"vs seed @{b}" for b in BATCH_SIZES), "note"],
+        [
+            [r["model"], r["kind"], r["way"], f"{r['mb']:.1f}" if r["mb"] is not None else "", *(cell(r, b) for b in BATCH_SIZES), *(ratio(r, b) for b in BATCH_SIZES), r["note"]]
+            for r in rows
+        ],
+        align="---" + "r" * (1 + 2 * len(BATCH_SIZES)) + "-",
+    )
     return "\n".join(
         [
             SECTION,
             "",
             f"Per-event cost of `Scorer.step` (top-20 answers) on a synthetic catalogue of {n_items:,} items, "
-            f"{args.threads} thread(s), best of 5 runs, on {os.cpu_count()} shared cores (load average {os.getloadavg()[0]:.1f} at the end: "
-            "other jobs ran alongside, so repeated runs differ by up to 2x, most at batch 1; read the ratios as orders of magnitude; "
-            f"{platform.machine()}, "
-            f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}), {datetime.now(timezone.utc):%Y-%m-%d}. "
+            f"{args.threads} thread(s), best of 5 runs ({environment('torch', 'onnxruntime')}; the load average is taken at the end: "
+            "other jobs ran alongside, so repeated runs differ by up to 2x, most at batch 1; read the ratios as orders of magnitude). "
             f"\"vs seed\" = how many times cheaper per event than the seed's serving: GRU4Rec `predict_next` in torch eager mode, "
             f"batch 1, the whole session re-run for every click (test prefixes average {mean_prefix:.1f} items here; the seed's cost grows with them). "
             "Rows \"seed: eager, recompute, batch 1\" time that same way of serving for each neural model. "
@@ -206,23 +201,12 @@ def render(rows, seed: float | None, n_items: int, mean_prefix: float, args) -> 
             "",
             "Produced by:",
             "",
-            f"    {command.strip()}",
+            f"    {command_line()}",
             "",
             *lines,
             "",
         ]
     )
-
-
-def write_section(section: str) -> None:
-    """Replace (or append) the "## Scoring" section of docs/performance.md, leaving other sections alone."""
-    text = DOC.read_text() if DOC.is_file() else "# Performance\n\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    DOC.write_text(text)
 
 
 if __name__ == "__main__":

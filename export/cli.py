@@ -6,35 +6,25 @@ from pathlib import Path
 
 import click
 
+from export import defaults
+
 
 @click.command()
 @click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path), help="Run directory from `streamrec train`.")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None, help="Prepared DATA_DIR (default: the one the run was trained on).")
-@click.option("--k", type=click.IntRange(min=1), default=20, show_default=True, help="Recommendations per answer.")
-@click.option("--history-len", type=int, default=None, help="Items kept per session for exclude_seen (hidden/items kinds; default 50). Window models use their own window.")
+@click.option("--k", type=click.IntRange(min=1), default=defaults.K, show_default=True, help="Recommendations per answer.")
+@click.option("--history-len", type=int, default=None, help=f"Items kept per session for exclude_seen (hidden/items kinds; default {defaults.SEEN_HISTORY}). Window models use their own window.")
 @click.option("--int8", is_flag=True, help="Quantize the ONNX model to int8 (dynamic) after measuring its top-K overlap with fp32.")
-@click.option("--min-overlap", type=click.FloatRange(0, 1), default=0.9, show_default=True, help="Refuse an int8 model whose top-K overlap with fp32 is lower.")
-@click.option("--parity-sessions", type=click.IntRange(min=1), default=200, show_default=True, help="Test sessions replayed for the parity check.")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="CPU threads for export checks.")
+@click.option("--min-overlap", type=click.FloatRange(0, 1), default=defaults.MIN_OVERLAP, show_default=True, help="Refuse an int8 model whose top-K overlap with fp32 is lower.")
+@click.option("--parity-sessions", type=click.IntRange(min=1), default=defaults.PARITY_SESSIONS, show_default=True, help="Test sessions replayed for the parity check.")
+@click.option("--threads", type=click.IntRange(min=1), default=defaults.THREADS, show_default=True, help="CPU threads for export checks.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
-def export(run_dir: Path, out: Path, data_dir, k: int, history_len, int8: bool, min_overlap: float, parity_sessions: int, threads: int, force: bool) -> None:
+def export(run_dir: Path, out: Path, **options) -> None:
     """Export a trained run as a verified bundle (parity-checked against the trained model)."""
     from export.exporter import export_run
 
-    export_run(
-        run_dir,
-        out,
-        data_dir=data_dir,
-        k=k,
-        history_len=history_len,
-        int8=int8,
-        min_overlap=min_overlap,
-        parity_sessions=parity_sessions,
-        threads=threads,
-        force=force,
-        log=lambda line: click.echo(line, err=True),
-    )
+    export_run(run_dir, out, log=lambda line: click.echo(line, err=True), **options)
 
 
 @click.group()

@@ -17,13 +17,10 @@ from typing import Callable
 
 import numpy as np
 
+from export import defaults
 from export.bundle import BundleWriter
 from training.data import PreparedData, Vocab
 from training.errors import UserError
-
-DEFAULT_K = 20
-DEFAULT_SEEN_HISTORY = 50  # hidden / items kinds: recent items kept per session for exclude_seen
-DEFAULT_PARITY_SESSIONS = 200
 
 
 def export_run(
@@ -31,12 +28,12 @@ def export_run(
     out: Path,
     *,
     data_dir: Path | None = None,
-    k: int = DEFAULT_K,
+    k: int = defaults.K,
     history_len: int | None = None,
     int8: bool = False,
-    min_overlap: float = 0.9,
-    parity_sessions: int = DEFAULT_PARITY_SESSIONS,
-    threads: int = 1,
+    min_overlap: float = defaults.MIN_OVERLAP,
+    parity_sessions: int = defaults.PARITY_SESSIONS,
+    threads: int = defaults.THREADS,
     force: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
@@ -133,7 +130,7 @@ def _history_len(model, kind: str, requested: int | None) -> int:
         if requested is not None and requested != length:
             raise UserError(f"--history-len {requested}: {model.name} was trained on windows of {length} items and is served with exactly that")
         return length
-    length = DEFAULT_SEEN_HISTORY if requested is None else requested
+    length = defaults.SEEN_HISTORY if requested is None else requested
     if length < 1:
         raise UserError(f"--history-len must be at least 1, got {length}")
     return length

@@ -42,32 +42,32 @@ STEP_OUTPUTS = ("next_hidden", "top_items", "top_scores", "candidate_items", "ca
 WINDOW_OUTPUTS = ("top_items", "top_scores", "candidate_items", "candidate_scores")
 
 
-class StepTopK(nn.Module):
-    """hidden kind: (item_idx, hidden) -> (next_hidden, top K, top C candidates)."""
+class TopK(nn.Module):
+    """Wraps a scoring module; ``select`` turns score rows into (top K, top C candidates), padding column cut off."""
 
     def __init__(self, module: nn.Module, k: int, candidates: int):
         super().__init__()
         self.module, self.k, self.candidates = module, k, candidates
 
-    def forward(self, item_idx: torch.Tensor, hidden: torch.Tensor):
-        next_hidden, scores = self.module(item_idx, hidden)
-        values, indices = torch.topk(scores[:, 1:], self.candidates, dim=1)
-        indices = indices + 1
-        return next_hidden, indices[:, : self.k], values[:, : self.k], indices, values
-
-
-class WindowTopK(nn.Module):
-    """window kind: (window, *features) -> (top K, top C candidates)."""
-
-    def __init__(self, module: nn.Module, k: int, candidates: int):
-        super().__init__()
-        self.module, self.k, self.candidates = module, k, candidates
-
-    def forward(self, window: torch.Tensor, *features: torch.Tensor):
-        scores = self.module(window, *features)
+    def select(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         values, indices = torch.topk(scores[:, 1:], self.candidates, dim=1)
         indices = indices + 1
         return indices[:, : self.k], values[:, : self.k], indices, values
+
+
+class StepTopK(TopK):
+    """hidden kind: (item_idx, hidden) -> (next_hidden, top K, top C candidates)."""
+
+    def forward(self, item_idx: torch.Tensor, hidden: torch.Tensor):
+        next_hidden, scores = self.module(item_idx, hidden)
+        return next_hidden, *self.select(scores)
+
+
+class WindowTopK(TopK):
+    """window kind: (window, *features) -> (top K, top C candidates)."""
+
+    def forward(self, window: torch.Tensor, *features: torch.Tensor):
+        return self.select(self.module(window, *features))
 
 
 def parameter_bytes(module: nn.Module) -> int:

@@ -73,8 +73,7 @@ def config_from_options(config_cls: type, options: dict[str, str]) -> Any:
     for key, raw in options.items():
         if key not in fields:
             raise UserError(f"unknown setting '{key}' for {config_cls.__qualname__} (known: {', '.join(sorted(fields))})")
-        default = fields[key].default
-        kind = type(default) if default is not dataclasses.MISSING else str
+        kind = type(field_default(fields[key]))
         try:
             if kind is bool:
                 if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
@@ -82,11 +81,28 @@ def config_from_options(config_cls: type, options: dict[str, str]) -> Any:
                 kwargs[key] = raw.lower() in ("1", "true", "yes")
             elif kind in (int, float, str):
                 kwargs[key] = kind(raw)
+            elif kind in (list, tuple):  # a JSON list; a lone JSON value is a list of one
+                value = json.loads(raw)
+                kwargs[key] = kind(value if isinstance(value, list) else [value])
+            elif kind is dict:
+                value = json.loads(raw)
+                if not isinstance(value, dict):
+                    raise ValueError(raw)
+                kwargs[key] = value
             else:
                 kwargs[key] = json.loads(raw)
         except ValueError:
             raise UserError(f"setting '{key}' wants a {kind.__name__}, got '{raw}'") from None
     return config_cls(**kwargs)
+
+
+def field_default(field: dataclasses.Field) -> Any:
+    """A dataclass field's default value, made by its ``default_factory`` if it has one; "" when it has neither (read as a string)."""
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return ""
 
 
 def write_run_config(run_dir: Path, model: SessionModel, extra: dict | None = None) -> None:

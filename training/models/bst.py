@@ -98,9 +98,26 @@ class BSTNet(nn.Module):
             x = x + self.item_feature_embeddings[name](_feature_index(values, card, present))
         return x
 
+    _catalogue_cache: tuple[tuple, torch.Tensor] | None = None  # (versions of the weights it was made from, catalogue)
+
     def catalogue(self) -> torch.Tensor:
-        """Representation [n_items + 1, d] of every item, what the sequence vector is scored against."""
-        return self.item_side(torch.arange(self.item_embedding.num_embeddings))
+        """Representation [n_items + 1, d] of every item, what the sequence vector is scored against.
+
+        Scoring (eval mode, no gradients) reuses it until a weight it depends on changes: an optimizer step or
+        ``load_state_dict`` bumps the tensors' versions, ``train()``/``eval()`` drop it. Training and export
+        tracing always compute it, so gradients flow and the exported graph keeps the computation.
+        """
+        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return self.item_side(torch.arange(self.item_embedding.num_embeddings))
+        weights = [self.item_embedding.weight, *self.item_feature_embeddings.parameters(), *(getattr(self, f"item_feature_{name}") for name in self.item_cards)]
+        versions = tuple((t.data_ptr(), t._version) for t in weights)
+        if self._catalogue_cache is None or self._catalogue_cache[0] != versions:
+            self._catalogue_cache = (versions, self.item_side(torch.arange(self.item_embedding.num_embeddings)))
+        return self._catalogue_cache[1]
+
+    def train(self, mode: bool = True) -> "BSTNet":
+        self._catalogue_cache = None
+        return super().train(mode)
 
     def features(self, window: torch.Tensor, *event_features: torch.Tensor) -> torch.Tensor:
         """Sequence vector [B, d] of a window and its event features (in ``event_cards`` order)."""

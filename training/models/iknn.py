@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from training.data import PreparedData
-from training.models.items import ItemsModel, csr_from_pairs, csr_gather, fill_unscored, item_counts, keep_top_per_row, popularity_fallback
+from training.models.items import LastItemModel, csr_from_pairs, csr_gather, item_counts, keep_top_per_row
 
 
 @dataclass
@@ -25,20 +25,13 @@ class IKNNConfig:
     alpha: float = 0.5  # 0.5 = cosine, 1.0 = confidence
 
 
-class ItemKNN(ItemsModel):
+class ItemKNN(LastItemModel):
     name = "iknn"
     Config = IKNNConfig
-
-    def __init__(self, config: IKNNConfig, n_items: int, counts: np.ndarray, indptr: np.ndarray, neighbors: np.ndarray, similarity: np.ndarray):
-        self.config = config
-        self.n_items = n_items
-        self.counts = np.asarray(counts, dtype=np.float64)
-        self.indptr, self.neighbors, self.similarity = indptr, neighbors, similarity  # CSR, row = item
-        self.fallback = popularity_fallback(self.counts)
+    columns = ("neighbors", "similarity")  # most similar items of each item, their similarity
 
     @classmethod
-    def train(cls, data: PreparedData, config: IKNNConfig | None = None, *, progress: bool = True, run_dir=None) -> "ItemKNN":
-        config = config or IKNNConfig()
+    def item_table(cls, data: PreparedData, config: IKNNConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         n = data.n_items
         train = data.train
         known = train.items > 0
@@ -55,19 +48,4 @@ class ItemKNN(ItemsModel):
         supp = item_counts(train, n)
         row = np.repeat(np.arange(n + 1), np.diff(indptr))
         sim = cooc / ((supp[row] + config.lmbd) ** config.alpha * (supp[nb] + config.lmbd) ** (1.0 - config.alpha))
-        indptr, nb, sim = keep_top_per_row(indptr, nb, sim, config.n_sims)
-        return cls(config, n, supp, indptr, nb, sim)
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {"counts": self.counts, "indptr": self.indptr, "neighbors": self.neighbors, "similarity": self.similarity}
-
-    @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], config: IKNNConfig, n_items: int) -> "ItemKNN":
-        return cls(config, n_items, arrays["counts"], arrays["indptr"], arrays["neighbors"], arrays["similarity"])
-
-    def score_histories(self, histories: list[np.ndarray]) -> np.ndarray:
-        last = np.fromiter((h[-1] if len(h) else 0 for h in histories), dtype=np.int64, count=len(histories))
-        scores = np.zeros((len(histories), self.n_items + 1), dtype=np.float32)
-        owner, flat = csr_gather(self.indptr, last)
-        scores[owner, self.neighbors[flat]] = self.similarity[flat]
-        return fill_unscored(scores, self.fallback)
+        return keep_top_per_row(indptr, nb, sim, config.n_sims)

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import ClassVar, Iterator
 
 import numpy as np
 import torch
 
 from training.errors import UserError
+from training.data import PreparedData
 from training.models.base import SessionModel, next_positions, write_run_config
 from training.sessions import Sessions
 
@@ -72,6 +73,70 @@ class ItemsModel(SessionModel):
         return cls.from_arrays(arrays, config, n_items)
 
 
+class CountsModel(ItemsModel):
+    """Base for baselines whose only weights are the training click counts (pop, spop); subclasses score."""
+
+    def __init__(self, config, n_items: int, counts: np.ndarray):
+        self.config = config
+        self.n_items = n_items
+        self.counts = np.asarray(counts, dtype=np.float64)
+
+    @classmethod
+    def train(cls, data: PreparedData, config=None, *, progress: bool = True, run_dir=None) -> "CountsModel":
+        return cls(config or cls.Config(), data.n_items, item_counts(data.train, data.n_items))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"counts": self.counts}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], config, n_items: int) -> "CountsModel":
+        return cls(config, n_items, arrays["counts"])
+
+
+class LastItemModel(ItemsModel):
+    """Base for baselines that score the next item from the row of the session's last item in an item-to-item table.
+
+    The table is CSR over items (row = last item, columns = the items it points to, with a weight);
+    items outside the row follow in popularity order. Subclasses build the table in ``item_table``
+    and name its two arrays in ``columns`` (the names ``arrays()`` and model.npz use).
+    """
+
+    columns: ClassVar[tuple[str, str]]  # names of the (target items, weights) arrays
+
+    def __init__(self, config, n_items: int, counts: np.ndarray, indptr: np.ndarray, targets: np.ndarray, weights: np.ndarray):
+        self.config = config
+        self.n_items = n_items
+        self.counts = np.asarray(counts, dtype=np.float64)
+        self.indptr, self.targets, self.weights = indptr, targets, weights
+        self.fallback = popularity_fallback(self.counts)
+
+    @classmethod
+    def item_table(cls, data: PreparedData, config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The CSR table (indptr [n_items + 2], target items, weights) learnt from ``data.train``."""
+        raise NotImplementedError
+
+    @classmethod
+    def train(cls, data: PreparedData, config=None, *, progress: bool = True, run_dir=None) -> "LastItemModel":
+        config = config or cls.Config()
+        return cls(config, data.n_items, item_counts(data.train, data.n_items), *cls.item_table(data, config))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        targets, weights = self.columns
+        return {"counts": self.counts, "indptr": self.indptr, targets: self.targets, weights: self.weights}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], config, n_items: int) -> "LastItemModel":
+        targets, weights = cls.columns
+        return cls(config, n_items, arrays["counts"], arrays["indptr"], arrays[targets], arrays[weights])
+
+    def score_histories(self, histories: list[np.ndarray]) -> np.ndarray:
+        last = np.fromiter((h[-1] if len(h) else 0 for h in histories), dtype=np.int64, count=len(histories))
+        scores = np.zeros((len(histories), self.n_items + 1), dtype=np.float32)
+        owner, flat = csr_gather(self.indptr, last)
+        scores[owner, self.targets[flat]] = self.weights[flat]
+        return fill_unscored(scores, self.fallback)
+
+
 class HistoryIndex:
     """Known-item histories at any flat position of a Sessions, without copying per event.
 
@@ -90,6 +155,22 @@ class HistoryIndex:
     def at(self, positions: np.ndarray) -> list[np.ndarray]:
         ends = self.known_upto[positions]
         return [self.known_items[a:b] for a, b in zip(self.start[positions], ends)]
+
+
+def flatten_histories(histories: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A batch of histories as flat int64 arrays: (lengths [B], row [N] = history of each click, items [N])."""
+    lengths = np.fromiter((len(h) for h in histories), dtype=np.int64, count=len(histories))
+    items = np.concatenate([np.asarray(h, dtype=np.int64) for h in histories]) if lengths.sum() else np.zeros(0, dtype=np.int64)
+    return lengths, np.repeat(np.arange(len(histories), dtype=np.int64), lengths), items
+
+
+DISTANCE_DECAYS = {  # weight of something d >= 1 clicks away (session-rec's decay functions)
+    "same": lambda d: np.ones_like(d, dtype=np.float64),
+    "div": lambda d: 1.0 / d,
+    "linear": lambda d: np.where(d <= 100, 1.0 - 0.1 * d, 0.0),
+    "log": lambda d: 1.0 / np.log10(d + 1.7),
+    "quadratic": lambda d: 1.0 / (d * d),
+}
 
 
 def item_counts(sessions: Sessions, n_items: int) -> np.ndarray:

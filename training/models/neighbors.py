@@ -24,7 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from training.models.items import csr_gather
+from training.data import PreparedData
+from training.errors import UserError
+from training.models.items import ItemsModel, csr_gather, flatten_histories, item_counts, popularity_fallback
 from training.sessions import Sessions
 
 
@@ -91,6 +93,33 @@ class SessionIndex:
         return out
 
 
+class SessionKNNModel(ItemsModel):
+    """Base of the session-kNN models: their weights are the training session index and the click counts.
+
+    A subclass's config has at least ``k`` (neighbours that vote) and ``sample_size``; it scores.
+    """
+
+    def __init__(self, config, n_items: int, index: SessionIndex, counts: np.ndarray):
+        if config.k < 1 or config.sample_size < 0:
+            raise UserError(f"{self.name}: k must be >= 1 and sample_size >= 0, got {config.k}, {config.sample_size}")
+        self.config = config
+        self.n_items = n_items
+        self.index = index
+        self.counts = np.asarray(counts, dtype=np.float64)
+        self.fallback = popularity_fallback(self.counts)
+
+    @classmethod
+    def train(cls, data: PreparedData, config=None, *, progress: bool = True, run_dir=None) -> "SessionKNNModel":
+        return cls(config or cls.Config(), data.n_items, SessionIndex.from_sessions(data.train, data.n_items), item_counts(data.train, data.n_items))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {**self.index.arrays(), "counts": self.counts}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], config, n_items: int) -> "SessionKNNModel":
+        return cls(config, n_items, SessionIndex.from_arrays(arrays, n_items), arrays["counts"])
+
+
 @dataclass
 class Queries:
     """A batch of histories as flat distinct (query, item) entries."""
@@ -105,9 +134,7 @@ class Queries:
 
     @classmethod
     def build(cls, histories: list[np.ndarray], n_items: int) -> "Queries":
-        length = np.fromiter((len(h) for h in histories), dtype=np.int64, count=len(histories))
-        flat = np.concatenate([np.asarray(h, dtype=np.int64) for h in histories]) if length.sum() else np.zeros(0, dtype=np.int64)
-        query = np.repeat(np.arange(len(histories), dtype=np.int64), length)
+        length, query, flat = flatten_histories(histories)
         pos = np.arange(len(flat), dtype=np.int64) - np.repeat(np.cumsum(length) - length, length) + 1
         keys = query * (n_items + 1) + flat
         order = np.lexsort((pos, keys))

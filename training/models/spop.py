@@ -8,11 +8,11 @@ popularity orders everything else.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
-from training.data import PreparedData
-from training.models.items import ItemsModel, item_counts
+from training.models.items import CountsModel, flatten_histories
 
 
 @dataclass
@@ -20,31 +20,17 @@ class SPopConfig:
     """No settings: session click counts plus training click counts."""
 
 
-class SessionPopular(ItemsModel):
+class SessionPopular(CountsModel):
     name = "spop"
     Config = SPopConfig
 
-    def __init__(self, config: SPopConfig, n_items: int, counts: np.ndarray):
-        self.config = config
-        self.n_items = n_items
-        self.counts = np.asarray(counts, dtype=np.float64)
-        self.base = (self.counts / (1.0 + self.counts)).astype(np.float32)
-
-    @classmethod
-    def train(cls, data: PreparedData, config: SPopConfig | None = None, *, progress: bool = True, run_dir=None) -> "SessionPopular":
-        return cls(config or SPopConfig(), data.n_items, item_counts(data.train, data.n_items))
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {"counts": self.counts}
-
-    @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], config: SPopConfig, n_items: int) -> "SessionPopular":
-        return cls(config, n_items, arrays["counts"])
+    @cached_property
+    def base(self) -> np.ndarray:
+        """supp_i / (1 + supp_i), [n_items + 1] float32: below one session click, ordered by popularity."""
+        return (self.counts / (1.0 + self.counts)).astype(np.float32)
 
     def score_histories(self, histories: list[np.ndarray]) -> np.ndarray:
-        lengths = np.fromiter((len(h) for h in histories), dtype=np.int64, count=len(histories))
-        flat = np.concatenate([np.asarray(h, dtype=np.int64) for h in histories]) if lengths.sum() else np.zeros(0, dtype=np.int64)
-        rows = np.repeat(np.arange(len(histories), dtype=np.int64), lengths)
+        _, rows, items = flatten_histories(histories)
         width = self.n_items + 1
-        session_counts = np.bincount(rows * width + flat, minlength=len(histories) * width).reshape(len(histories), width)
+        session_counts = np.bincount(rows * width + items, minlength=len(histories) * width).reshape(len(histories), width)
         return session_counts.astype(np.float32) + self.base

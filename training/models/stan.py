@@ -24,10 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from training.data import PreparedData
-from training.errors import UserError
-from training.models.items import ItemsModel, fill_unscored, item_counts, popularity_fallback
-from training.models.neighbors import Candidates, Queries, SessionIndex, candidates, dense_scores, neighbor_items, per_candidate_sum, top_neighbors
+from training.models.items import fill_unscored
+from training.models.neighbors import Candidates, Queries, SessionKNNModel, candidates, dense_scores, neighbor_items, per_candidate_sum, top_neighbors
 
 DAY = 24 * 3600.0
 
@@ -41,29 +39,9 @@ class STANConfig:
     lambda_inh: float = 2.05  # position decay inside the neighbour (0 = off)
 
 
-class STAN(ItemsModel):
+class STAN(SessionKNNModel):
     name = "stan"
     Config = STANConfig
-
-    def __init__(self, config, n_items: int, index: SessionIndex, counts: np.ndarray):
-        if config.k < 1 or config.sample_size < 0:
-            raise UserError(f"{self.name}: k must be >= 1 and sample_size >= 0, got {config.k}, {config.sample_size}")
-        self.config = config
-        self.n_items = n_items
-        self.index = index
-        self.counts = np.asarray(counts, dtype=np.float64)
-        self.fallback = popularity_fallback(self.counts)
-
-    @classmethod
-    def train(cls, data: PreparedData, config=None, *, progress: bool = True, run_dir=None):
-        return cls(config or cls.Config(), data.n_items, SessionIndex.from_sessions(data.train, data.n_items), item_counts(data.train, data.n_items))
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {**self.index.arrays(), "counts": self.counts}
-
-    @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], config, n_items: int):
-        return cls(config, n_items, SessionIndex.from_arrays(arrays, n_items), arrays["counts"])
 
     def neighbor_weight(self, q: Queries, c: Candidates, nb: np.ndarray) -> np.ndarray:
         """Extra factor on each neighbour's vote (V-STAN adds one); 1 for STAN."""

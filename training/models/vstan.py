@@ -13,16 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from training.models.neighbors import Candidates, Queries, SessionIndex, per_candidate_max
-from training.models.stan import STAN
+from training.models.stan import STAN, STANConfig
 
 
 @dataclass
-class VSTANConfig:
+class VSTANConfig(STANConfig):
     k: int = 500  # neighbours that vote
-    sample_size: int = 5000  # most recent candidate sessions considered (0 = all)
-    lambda_spw: float = 1.02  # position decay inside the current session (0 = off)
-    lambda_snh: float = 5.0  # neighbour age decay, days (0 = off)
-    lambda_inh: float = 2.05  # position decay inside the neighbour (0 = off)
     lambda_ipw: float = 1.02  # decay by the position of the most recent shared click (0 = off)
     lambda_idf: float = 5.0  # idf boost of voted items (0 = off)
 
