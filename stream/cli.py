@@ -23,6 +23,7 @@ COMMANDS = [
     ("stream.commands", "broker"),
     ("stream.commands", "replay"),
     ("stream.commands", "score_online"),
+    ("stream.commands", "publish_model"),
     ("stream.commands", "demo"),
 ]
 

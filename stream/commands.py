@@ -1,4 +1,4 @@
-"""`streamrec serve`, `broker`, `replay`, `score-online` and `demo` (mounted by stream/cli.py)."""
+"""`streamrec serve`, `broker`, `replay`, `score-online`, `publish-model` and `demo` (mounted by stream/cli.py)."""
 
 from __future__ import annotations
 
@@ -106,6 +106,35 @@ def score_online(bundle_dir, ks: str, expect, idle: float, **options) -> None:
     score = asyncio.run(read_and_score(settings, cutoffs, known, expect_answers=expect, idle=idle))
     metrics = score.metrics()
     click.echo(json.dumps(metrics, indent=2))
+
+
+@click.command("publish-model")
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.option("--worker-path", default=None, help="The bundle's path as the workers see it (default: BUNDLE_DIR resolved here, symlinks included).")
+@settings_options(CONNECTION + ("model_updates_topic", "replication_factor"))
+def publish_model(bundle_dir: Path, worker_path, **options) -> None:
+    """Tell every running worker to serve BUNDLE_DIR: one message on the model-updates topic.
+
+    The bundle is checked here first (manifest and every file's sha256); each worker checks it
+    again before swapping it in, and keeps its model if the check fails.
+
+    \b
+    Example:
+      streamrec publish-model /srv/bundles/gru4rec-20261128 --broker kafka://127.0.0.1:9092
+    """
+    import asyncio
+    import os
+
+    from export.bundle import open_bundle
+    from stream.topics import publish_model_update
+
+    settings, _ = settings_from(options)
+    if not bundle_dir.is_dir():
+        raise UserError(f"{bundle_dir}: no such bundle directory (make one with `streamrec export`)")
+    version = str(open_bundle(bundle_dir).manifest["model_version"])
+    path = worker_path or os.path.realpath(bundle_dir)
+    partition, offset = asyncio.run(publish_model_update(settings, path, version))
+    click.echo(f"published {version} ({path}) to '{settings.model_updates_topic}' partition {partition} offset {offset}")
 
 
 @click.command()

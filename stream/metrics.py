@@ -7,13 +7,14 @@ declared without it. Each worker has its own registry, served on
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from stream.events import REASONS
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 ONLINE_KS = (1, 5, 10, 20, 50, 100)
+MODEL_UPDATE_OUTCOMES = ("swapped", "unchanged", "refused", "invalid")  # see stream.swap.ModelUpdates
 
 
 class StreamMetrics:
@@ -21,7 +22,8 @@ class StreamMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.ks = tuple(sorted(set(ks)))
-        self.events = Counter("streamrec_events", "Click events consumed, by outcome.", ["outcome"], registry=r)
+        self.events = Counter("streamrec_events", "Click events processed, by outcome: each published exactly one answer or one dead letter. Redeliveries skipped are not counted here.", ["outcome"], registry=r)
+        self.redelivered = Counter("streamrec_redelivered_events", "Click events consumed again (after a crash or rebalance) that their session's state already holds: skipped, nothing published.", registry=r)
         self.unknown_items = Counter("streamrec_unknown_items", "Clicks on items the model does not know (answered by popularity).", registry=r)
         self.dead_letters = Counter("streamrec_dead_letters", "Events sent to the dead-letter topic, by reason.", ["reason"], registry=r)
         self.recommendations = Counter("streamrec_recommendations", "Recommendations published.", registry=r)
@@ -37,10 +39,15 @@ class StreamMetrics:
         self.online_hit_rate = Gauge("streamrec_online_hit_rate", "Online HR@k so far.", ["k"], registry=r)
         self.online_mrr = Gauge("streamrec_online_mrr", "Online MRR@k so far.", ["k"], registry=r)
         self.last_progress = Gauge("streamrec_last_progress_timestamp_seconds", "When the worker last finished a micro-batch.", registry=r)
-        for outcome in ("answered", "dead_lettered", "redelivered"):
+        self.model_swaps = Counter("streamrec_model_swaps", "Bundles swapped in while serving.", registry=r)
+        self.model_swap_failures = Counter("streamrec_model_swap_failures", "New bundles refused (checksum mismatch, unreadable, wrong k, ...); the old model kept serving.", registry=r)
+        self.model_updates = Counter("streamrec_model_updates", "Messages read from --model-updates-topic, by outcome.", ["outcome"], registry=r)
+        for outcome in ("answered", "dead_lettered"):
             self.events.labels(outcome)
         for reason in REASONS:
             self.dead_letters.labels(reason)
+        for outcome in MODEL_UPDATE_OUTCOMES:
+            self.model_updates.labels(outcome)
         self._hits = {k: 0 for k in self.ks}
         self._rr = {k: 0.0 for k in self.ks}
         self._evaluated = 0
@@ -66,11 +73,6 @@ class StreamMetrics:
             self.online_rr.labels(label).inc(rr)
             self.online_hit_rate.labels(label).set(self._hits[k] / self._evaluated)
             self.online_mrr.labels(label).set(self._rr[k] / self._evaluated)
-
-    def serve(self, host: str, port: int):
-        """Start the HTTP endpoint (a daemon thread); returns the server."""
-        server, _ = start_http_server(port, addr=host, registry=self.registry)
-        return server
 
 
 def online_ks(k: int) -> tuple[int, ...]:

@@ -50,9 +50,11 @@ class Settings:
     metrics_port: int = _s(9108, "Port of the Prometheus metrics endpoint (0 = no endpoint).", minimum=0)
     faust_metrics: bool = _s(True, "Also export Faust's own consumer/stream metrics (faust PrometheusMonitor) on the same endpoint.")
     broker_quirks: str = _s("none", "'tansu' when the broker is the embedded one: works around its ListOffsets answer (see docs/stream.md).", BROKER_QUIRKS)
-    group_session_timeout: float = _s(10.0, "Consumer group session timeout in seconds: how soon a dead worker's partitions move.", minimum=0.5)
+    group_session_timeout: float = _s(10.0, "Consumer group session timeout in seconds: how soon a dead worker's partitions move. Apache Kafka accepts it between the broker's group.min.session.timeout.ms and group.max.session.timeout.ms (6 s and 30 min by default).", minimum=0.5)
+    standby_replicas: int = _s(1, "Faust table_standby_replicas: how many other workers also read each changelog partition. With the in-memory table store this does not shorten a takeover (see docs/stream.md, 'Scale-out and sizing'); 0 saves those reads.", minimum=0)
     scorer_threads: int = _s(1, "CPU threads of the scorer (ONNX Runtime / torch intra-op).", minimum=1)
     bundle_poll_seconds: float = _s(5.0, "How often the worker checks --bundle (a directory or a symlink to one) for a new model_version and swaps it in while serving (0 = never).", minimum=0)
+    model_updates_topic: str = _s("model-updates", "Topic of model-update messages (`streamrec publish-model`): every worker reads every message, outside the consumer group, and swaps the bundle it names in while serving (empty = not read).")
     security_protocol: str = _s("PLAINTEXT", "Kafka security protocol of every client.", SECURITY_PROTOCOLS)
     sasl_mechanism: str = _s("PLAIN", "SASL mechanism (with SASL_* protocols).", SASL_MECHANISMS)
     sasl_username: str = _s("", "SASL user name.")
@@ -74,6 +76,8 @@ class Settings:
         for topic in ("clicks_topic", "recommendations_topic", "dlq_topic", "app_id"):
             if not getattr(self, topic):
                 raise UserError(f"--{flag_name(topic)} must not be empty")
+        if self.model_updates_topic in (self.clicks_topic, self.recommendations_topic, self.dlq_topic):
+            raise UserError(f"--model-updates-topic must be a topic of its own, not '{self.model_updates_topic}'")
         self.bootstrap_servers()
         if self.security_protocol.startswith("SASL") and not self.sasl_username:
             raise UserError(f"--security-protocol {self.security_protocol} needs --sasl-username (and --sasl-password)")
@@ -131,6 +135,23 @@ class Settings:
         if self.security_protocol.startswith("SASL"):
             out.update(sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.sasl_username, sasl_plain_password=self.sasl_password)
         return out
+
+    def faust_group_settings(self) -> dict[str, Any]:
+        """faust.App settings of the consumer group: timeouts derived from --group-session-timeout, standbys.
+
+        Faust refuses a session timeout above its request timeout (90 s by default), and a JoinGroup
+        request waits on the broker up to the rebalance timeout, so the request timeout follows
+        both (as the Java client does for JoinGroup: rebalance timeout + 5 s).
+        """
+        session = self.group_session_timeout
+        rebalance = max(session, 10.0)
+        return {
+            "broker_session_timeout": session,
+            "broker_heartbeat_interval": min(3.0, session / 4),
+            "broker_rebalance_timeout": rebalance,
+            "broker_request_timeout": max(90.0, rebalance + 5.0),
+            "table_standby_replicas": self.standby_replicas,
+        }
 
     def faust_credentials(self) -> dict[str, Any]:
         """``broker_credentials`` for faust.App (SASL/TLS reach its consumer and producer)."""

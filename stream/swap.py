@@ -1,12 +1,19 @@
 """Hot model swap: a new bundle takes over a running worker without stopping the consumer.
 
-``BundleWatcher`` polls ``--bundle`` every ``--bundle-poll-seconds`` (a Faust timer): the path with
-symlinks resolved (deploy/build-bundle.sh switches a ``current`` symlink) and the manifest's
-``model_version``. When either changes, the new bundle is loaded and verified (checksums by
+Two triggers, one path (``ModelSwapper.swap_to``): the bundle is loaded and verified (checksums by
 ``load_scorer``, k, one probe step) in a thread, off the event loop, and then swapped in on the
 loop, between two micro-batches. A bundle that fails is refused with one log line, counted in
-``streamrec_model_swap_failures_total``, not retried until it changes, and the old model keeps
-serving.
+``streamrec_model_swap_failures_total``, and the old model keeps serving.
+
+- ``BundleWatcher`` polls ``--bundle`` every ``--bundle-poll-seconds`` (a Faust timer): the path
+  with symlinks resolved (deploy/build-bundle.sh switches a ``current`` symlink) and the manifest's
+  ``model_version``. When either changes it swaps; a refused bundle is not retried until it changes.
+- ``ModelUpdates`` reads ``--model-updates-topic`` (`streamrec publish-model`). Every worker must
+  hear every update, so it reads with a consumer of its own outside the consumer group (no group
+  id, all partitions assigned, nothing committed): a group would hand the topic's partition to one
+  worker only. The topic is compacted, so its newest message is the model the fleet should serve: a
+  starting worker reads the topic to its end and swaps to the newest valid message before Faust
+  starts, then applies each new message as it comes.
 
 Live sessions carry on. Every session state records the model and vocabulary it was made with
 (``SessionState.model_tag`` / ``vocab_tag``); on a session's first click after a swap
@@ -23,11 +30,11 @@ import asyncio
 import json
 import logging
 import os
+import time
 import zlib
 from pathlib import Path
 
 import numpy as np
-from prometheus_client import Counter
 
 from export.scorer import StepInput
 from training.errors import UserError
@@ -115,47 +122,31 @@ def load_verified(path: str, threads: int, k: int):
     return scorer
 
 
-class BundleWatcher:
-    """Watches a worker's ``--bundle`` and swaps a new one in between micro-batches."""
+class ModelSwapper:
+    """Loads, verifies and swaps bundles into a running worker: the one path of both triggers."""
 
     def __init__(self, worker, bundle: Path):
-        registry = worker.metrics.registry
         self.worker = worker
-        self.bundle = Path(bundle)
-        self.swaps = Counter("streamrec_model_swaps", "Bundles swapped in while serving.", registry=registry)
-        self.failures = Counter("streamrec_model_swap_failures", "New bundles refused (checksum mismatch, unreadable, wrong k, ...); the old model kept serving.", registry=registry)
-        self.serving = bundle_identity(self.bundle)
-        self.refused: tuple[str, str] | None = None
+        self.serving = bundle_identity(Path(bundle))  # (resolved path, model_version) of what serves now
+        self._lock = asyncio.Lock()  # one swap at a time, whoever asks
 
-    def install(self, app, seconds: float) -> None:
-        """Poll every ``seconds`` (a Faust timer, so it runs on the worker's loop between batches)."""
-        app.timer(seconds, name="streamrec.bundle-watch")(self.poll)
+    async def swap_to(self, path: str) -> bool:
+        """Load, verify and serve the bundle at ``path``; False (logged, counted) when it is refused."""
+        async with self._lock:
+            settings, metrics = self.worker.settings, self.worker.metrics
+            old = self.worker.scorer
+            try:
+                scorer = await asyncio.get_running_loop().run_in_executor(None, load_verified, path, settings.scorer_threads, settings.k)
+            except Exception as e:  # anything wrong with the new bundle: refuse it, keep serving
+                first_line = (str(e).splitlines() or [type(e).__name__])[0]
+                log.error("model swap refused: %s (still serving %s)", first_line, old.manifest["model_version"])
+                metrics.model_swap_failures.inc()
+                return False
+            self.use(scorer, path)
+            log.warning("model swapped: %s -> %s (%s)", old.manifest["model_version"], scorer.manifest["model_version"], path)
+            return True
 
-    async def poll(self) -> bool:
-        """Swap when the bundle changed; True if a new model now serves."""
-        seen = bundle_identity(self.bundle)
-        if seen == self.serving or seen == self.refused:
-            return False
-        return await self.swap_to(seen)
-
-    async def swap_to(self, seen: tuple[str, str]) -> bool:
-        path, _ = seen
-        settings = self.worker.settings
-        old = self.worker.scorer
-        try:
-            scorer = await asyncio.get_running_loop().run_in_executor(None, load_verified, path, settings.scorer_threads, settings.k)
-        except Exception as e:  # anything wrong with the new bundle: refuse it, keep serving
-            first_line = (str(e).splitlines() or [type(e).__name__])[0]
-            log.error("model swap refused: %s (still serving %s)", first_line, old.manifest["model_version"])
-            self.failures.inc()
-            self.refused = seen
-            return False
-        self.use(scorer)
-        self.serving = seen
-        log.warning("model swapped: %s -> %s (%s)", old.manifest["model_version"], scorer.manifest["model_version"], path)
-        return True
-
-    def use(self, scorer) -> None:
+    def use(self, scorer, path: str) -> None:
         """Serve ``scorer`` from the next micro-batch on (call on the worker's event loop)."""
         worker = self.worker
         old_processor, old = worker.processor, worker.scorer
@@ -166,4 +157,169 @@ class BundleWatcher:
         info = worker.metrics.model_info
         info.remove(str(old.manifest["model"]), str(old.manifest["model_version"]), old.kind)
         info.labels(str(scorer.manifest["model"]), str(scorer.manifest["model_version"]), scorer.kind).set(1)
-        self.swaps.inc()
+        worker.metrics.model_swaps.inc()
+        self.serving = (os.path.realpath(path), str(scorer.manifest["model_version"]))
+
+
+class BundleWatcher:
+    """Watches a worker's ``--bundle`` and swaps a new one in between micro-batches."""
+
+    def __init__(self, swapper: ModelSwapper, bundle: Path):
+        self.swapper = swapper
+        self.bundle = Path(bundle)
+        self.watched = bundle_identity(self.bundle)  # what the path showed last time: acted on already
+
+    def install(self, app, seconds: float) -> None:
+        """Poll every ``seconds`` (a Faust timer, so it runs on the worker's loop between batches)."""
+        app.timer(seconds, name="streamrec.bundle-watch")(self.poll)
+
+    async def poll(self) -> bool:
+        """Swap when the bundle changed; True if a new model now serves."""
+        seen = bundle_identity(self.bundle)
+        if seen == self.watched:
+            return False
+        self.watched = seen  # a refused bundle is not retried until the path or version changes again
+        if seen == self.swapper.serving:
+            return False
+        return await self.swapper.swap_to(seen[0])
+
+
+class UpdateError(ValueError):
+    """A model-updates message that is not one."""
+
+
+def update_message(bundle: str, model_version: str) -> bytes:
+    """A model-updates message: serve the bundle at ``bundle`` (a path as the workers see it)."""
+    return json.dumps({"bundle": bundle, "model_version": model_version, "published_at": time.time()}).encode()
+
+
+def parse_update(value: bytes | None) -> tuple[str, str | None]:
+    """(bundle path, model_version or None) of a model-updates message; UpdateError says what is wrong."""
+    if not value:
+        raise UpdateError("empty message")
+    try:
+        doc = json.loads(value)
+    except (ValueError, UnicodeDecodeError):
+        raise UpdateError("not JSON") from None
+    if not isinstance(doc, dict):
+        raise UpdateError("not a JSON object")
+    bundle, version = doc.get("bundle"), doc.get("model_version")
+    if not isinstance(bundle, str) or not bundle:
+        raise UpdateError("'bundle' must be a non-empty path")
+    if version is not None and not isinstance(version, str):
+        raise UpdateError("'model_version' must be a string")
+    return bundle, version
+
+
+UPDATES_KEY = b"bundle"  # every message has this key, so compaction keeps the newest one
+CATCH_UP_SECONDS = 30.0  # longest a starting worker reads the model-updates topic before serving
+
+
+class ModelUpdates:
+    """Reads ``--model-updates-topic`` and swaps to the bundle each message names (see the module docstring).
+
+    Outcomes, counted in ``streamrec_model_updates_total{outcome}``: ``swapped``; ``unchanged``
+    (that bundle and version serve already); ``refused`` (the bundle is missing, fails its checks, or
+    is not the version the message names: also a swap failure); ``invalid`` (not a model-updates message).
+    """
+
+    def __init__(self, swapper: ModelSwapper, settings):
+        self.swapper = swapper
+        self.settings = settings
+        self.topic = settings.model_updates_topic
+        self.consumer = None
+
+    async def start(self) -> None:
+        """Read the topic to its end and apply the newest valid message (before the worker starts serving)."""
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        self.consumer = consumer = AIOKafkaConsumer(**self.settings.kafka_kwargs(), group_id=None, enable_auto_commit=False, auto_offset_reset="earliest", fetch_max_wait_ms=500)
+        await consumer.start()
+        await consumer.topics()  # refreshes the cluster metadata
+        partitions = sorted(consumer.partitions_for_topic(self.topic) or ())
+        if not partitions:
+            raise UserError(f"topic '{self.topic}' (--model-updates-topic) does not exist on {self.settings.broker}")
+        tps = [TopicPartition(self.topic, p) for p in partitions]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        newest: dict = {}  # partition -> (record timestamp, bundle, version) of its last valid message
+        deadline = time.monotonic() + CATCH_UP_SECONDS
+        while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
+            if time.monotonic() > deadline:  # what is left is applied by listen(), message by message
+                log.warning("'%s' not read to its end within %.0f s; going on", self.topic, CATCH_UP_SECONDS)
+                break
+            for records in (await consumer.getmany(timeout_ms=1000)).values():
+                for record in records:
+                    try:
+                        bundle, version = parse_update(record.value)
+                    except UpdateError:
+                        continue  # history: counted by the workers that were running when it came
+                    newest[record.partition] = (record.timestamp, bundle, version)  # offset order within a partition
+        if newest:
+            _, bundle, version = max(newest.values(), key=lambda m: m[0])  # the topic has one partition unless made otherwise
+            await self.apply(bundle, version)
+
+    async def listen(self) -> None:
+        """Apply every new message until cancelled (a Faust task); never raises for a bad message."""
+        try:
+            while True:
+                try:
+                    fetched = await self.consumer.getmany(timeout_ms=1000)
+                except Exception as e:  # the consumer retries on its own; keep listening
+                    log.warning("reading '%s' failed (%r); retrying", self.topic, e)
+                    await asyncio.sleep(1.0)
+                    continue
+                for records in fetched.values():
+                    for record in records:
+                        try:
+                            await self.handle(record.value)
+                        except Exception:  # a bug here must not stop the updates, nor the worker
+                            log.exception("model update at offset %d failed", record.offset)
+        finally:
+            await self.consumer.stop()
+
+    async def handle(self, value: bytes | None) -> str:
+        """Act on one message; its outcome."""
+        try:
+            bundle, version = parse_update(value)
+        except UpdateError as e:
+            log.error("model update ignored: %s (%r...)", e, (value or b"")[:200])
+            self.swapper.worker.metrics.model_updates.labels("invalid").inc()
+            return "invalid"
+        return await self.apply(bundle, version)
+
+    async def apply(self, bundle: str, version: str | None) -> str:
+        metrics = self.swapper.worker.metrics
+        seen = bundle_identity(Path(bundle))
+        if seen == self.swapper.serving and version in (None, seen[1]):
+            outcome = "unchanged"
+        elif not os.path.isdir(seen[0]):
+            log.error("model swap refused: %s is not a bundle directory (still serving %s)", bundle, self.swapper.serving[1])
+            metrics.model_swap_failures.inc()
+            outcome = "refused"
+        elif version is not None and version != seen[1]:
+            log.error("model swap refused: %s holds model_version %s, the update names %s (still serving %s)", bundle, seen[1], version, self.swapper.serving[1])
+            metrics.model_swap_failures.inc()
+            outcome = "refused"
+        else:
+            outcome = "swapped" if await self.swapper.swap_to(seen[0]) else "refused"
+        metrics.model_updates.labels(outcome).inc()
+        return outcome
+
+
+def install(worker, bundle: Path, loop: asyncio.AbstractEventLoop) -> ModelSwapper:
+    """Wire both swap triggers into a worker whose Faust app has not started yet (stream.worker.serve).
+
+    Reads the model-updates topic to its end first, on ``loop``, so that a starting worker serves the
+    fleet's current model from its first click.
+    """
+    settings = worker.settings
+    swapper = ModelSwapper(worker, bundle)
+    if settings.bundle_poll_seconds:
+        BundleWatcher(swapper, bundle).install(worker.app, settings.bundle_poll_seconds)
+    if settings.model_updates_topic:
+        updates = ModelUpdates(swapper, settings)
+        loop.run_until_complete(updates.start())
+        worker.app.task(updates.listen)
+    return swapper

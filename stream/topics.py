@@ -9,8 +9,13 @@ from stream.settings import Settings
 from training.errors import UserError
 
 
+# The model-updates topic: one partition (updates in one order for every worker), compacted (its
+# newest message, the model to serve, is kept however old it is; see stream.swap).
+MODEL_UPDATES_CONFIG = {"cleanup.policy": "compact"}
+
+
 async def ensure_topics(settings: Settings, timeout: float = 30.0) -> int:
-    """Create the clicks, recommendations and dead-letter topics if missing; return the clicks partitions.
+    """Create the clicks, recommendations, dead-letter and model-updates topics if missing; return the clicks partitions.
 
     Existing topics are left as they are; the session table always gets as many
     partitions as the clicks topic really has.
@@ -24,6 +29,8 @@ async def ensure_topics(settings: Settings, timeout: float = 30.0) -> int:
         names = [settings.clicks_topic, settings.recommendations_topic, settings.dlq_topic]
         existing = set(await admin.list_topics())
         missing = [NewTopic(n, settings.partitions, settings.replication_factor) for n in dict.fromkeys(names) if n not in existing]
+        if settings.model_updates_topic and settings.model_updates_topic not in existing:
+            missing.append(NewTopic(settings.model_updates_topic, 1, settings.replication_factor, topic_configs=MODEL_UPDATES_CONFIG))
         if missing:
             try:
                 await admin.create_topics(missing)
@@ -36,6 +43,22 @@ async def ensure_topics(settings: Settings, timeout: float = 30.0) -> int:
         return partitions
     finally:
         await admin.close()
+
+
+async def publish_model_update(settings: Settings, bundle: str, model_version: str) -> tuple[int, int]:
+    """Send one model-updates message naming ``bundle`` (creating the topic if missing); its (partition, offset)."""
+    from stream.swap import UPDATES_KEY, update_message
+
+    if not settings.model_updates_topic:
+        raise UserError("--model-updates-topic is empty: there is no topic to publish to")
+    await ensure_topics(settings)
+    p = producer(settings, acks="all")
+    await p.start()
+    try:
+        sent = await p.send_and_wait(settings.model_updates_topic, update_message(bundle, model_version), key=UPDATES_KEY)
+    finally:
+        await p.stop()
+    return sent.partition, sent.offset
 
 
 def producer(settings: Settings, **kwargs):
