@@ -9,12 +9,25 @@ Each system gets a fresh embedded broker and runs as its own process. For each:
 - max sustained events/s: a backlog of clicks is produced flat out, and the rate is
   answers / (last answer received - first click sent);
 - latency: clicks offered at a fixed rate (1,000/s) for a while; end-to-end = the time the
-  answer reaches a consumer minus the time the click was handed to the producer (same clock).
+  answer reaches a consumer minus the time the click was handed to the producer (same clock);
+- CPU per event in the saturation run: of the system under test, of the broker and of the load
+  generator (this process), which share the box's cores.
+
+How the load generator's clicks reach the broker: flat out, its producer fills ~16 KB record
+batches on its own (``send`` does not yield to the sender between clicks), as a shop's
+batching producer would; paced at 1,000/s every click is its own produce request unless
+``--producer-linger-ms`` is set. A linger counts in the measured latency (it starts when the
+click is handed to the producer), and at 1,000/s it did not lower the broker's CPU per click
+measurably, so it is 0 by default.
+
+``--profile`` samples the worker with py-spy (``pip install py-spy``; not a project dependency)
+during its saturation run and writes where its time goes into "## Stream: where the time goes".
 
 The model is an untrained GRU4Rec (its cost does not depend on the weights) over a synthetic
 catalogue of ~40k items, exported to a bundle with K=20.
 
     python benchmarks/stream.py            # writes "## Stream" in docs/performance.md and docs/img/stream_latency.png
+    python benchmarks/stream.py --systems c --profile --no-write   # prints the profile table only
 """
 
 from __future__ import annotations
@@ -25,6 +38,8 @@ import json
 import os
 import platform
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -41,6 +56,7 @@ sys.path.insert(0, str(ROOT))
 DOC = ROOT / "docs" / "performance.md"
 PLOT = ROOT / "docs" / "img" / "stream_latency.png"
 SECTION = "## Stream"
+PROFILE_SECTION = "## Stream: where the time goes"
 IN, OUT = "clicks", "recommendations"
 
 
@@ -119,7 +135,7 @@ def schedule(n: int, sessions: int, items: list[str], rng: np.random.Generator, 
     return out
 
 
-async def drive(bootstrap: str, clicks: list[tuple[str, str, int]], rate: float | None, timeout: float) -> tuple[np.ndarray, np.ndarray]:
+async def drive(bootstrap: str, clicks: list[tuple[str, str, int]], rate: float | None, timeout: float, linger_ms: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Send ``clicks`` (flat out, or at ``rate``/s) and wait for their answers; (send times, receive times), NaN = no answer."""
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
@@ -153,7 +169,7 @@ async def drive(bootstrap: str, clicks: list[tuple[str, str, int]], rate: float 
                 done.set()
 
     task = asyncio.create_task(receive())
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=linger_ms)
     await producer.start()
     started = time.perf_counter()
     for j, (sid, item, pos) in enumerate(clicks):
@@ -189,12 +205,29 @@ def wait_ready(bootstrap: str, items: list[str], process, timeout: float = 120.0
     raise SystemExit("the benchmarked process never answered")
 
 
-def measure(name: str, start, items: list[str], args, rng: np.random.Generator) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process (all its threads) has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def start_profiler(pid: int, path: Path):
+    """py-spy sampling ``pid`` into ``path`` (raw collapsed stacks) until it gets SIGINT."""
+    return subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--output", str(path), "--format", "raw", "--rate", "200", "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def measure(name: str, start, items: list[str], args, rng: np.random.Generator, profile_path: Path | None = None) -> dict:
     """Start a system on a fresh broker, measure its max sustained rate and its latency at the offered rate."""
     from stream.broker import EmbeddedBroker
     from stream.settings import Settings
     from stream.topics import ensure_topics
 
+    linger = args.producer_linger_ms
     with EmbeddedBroker() as broker:
         asyncio.run(ensure_topics(Settings(broker=broker.url, partitions=4)))
         process = start(broker)
@@ -202,17 +235,24 @@ def measure(name: str, start, items: list[str], args, rng: np.random.Generator) 
             wait_ready(broker.bootstrap, items, process)
             n_sat = args.naive_events if name.startswith("(b)") else args.events
             print(f"{name}: saturation, {n_sat:,} clicks flat out ...", file=sys.stderr)
-            sent, received = asyncio.run(drive(broker.bootstrap, schedule(n_sat, args.sessions, items, rng, "sat"), None, timeout=args.timeout))
+            profiler = start_profiler(process.pid, profile_path) if profile_path else None
+            cpu_before = (cpu_seconds(process.pid), cpu_seconds(broker.process.pid), own_cpu_seconds())
+            sent, received = asyncio.run(drive(broker.bootstrap, schedule(n_sat, args.sessions, items, rng, "sat"), None, args.timeout, linger))
+            cpu_after = (cpu_seconds(process.pid), cpu_seconds(broker.process.pid), own_cpu_seconds())
+            if profiler:
+                profiler.send_signal(signal.SIGINT)
+                profiler.wait(timeout=60)
             answered = ~np.isnan(received)
             throughput = answered.sum() / (np.nanmax(received) - sent[0]) if answered.any() else 0.0
+            cpu_ms = [1000.0 * (b - a) / n_sat for a, b in zip(cpu_before, cpu_after)]
             n_lat = int(args.rate * (args.naive_seconds if name.startswith("(b)") else args.seconds))
-            print(f"{name}: {throughput:,.0f} events/s; latency at {args.rate:,.0f}/s, {n_lat:,} clicks ...", file=sys.stderr)
-            sent_l, received_l = asyncio.run(drive(broker.bootstrap, schedule(n_lat, args.sessions, items, rng, "lat"), args.rate, timeout=args.timeout))
+            print(f"{name}: {throughput:,.0f} events/s, CPU ms/event {cpu_ms[0]:.3f} system, {cpu_ms[1]:.3f} broker, {cpu_ms[2]:.3f} load generator; latency at {args.rate:,.0f}/s, {n_lat:,} clicks ...", file=sys.stderr)
+            sent_l, received_l = asyncio.run(drive(broker.bootstrap, schedule(n_lat, args.sessions, items, rng, "lat"), args.rate, args.timeout, linger))
             low = None
             if not name.startswith("(b)"):
                 n_low = int(args.low_rate * args.low_seconds)
                 print(f"{name}: latency at {args.low_rate:,.0f}/s, {n_low:,} clicks ...", file=sys.stderr)
-                sent_q, received_q = asyncio.run(drive(broker.bootstrap, schedule(n_low, args.sessions, items, rng, "low"), args.low_rate, timeout=args.timeout))
+                sent_q, received_q = asyncio.run(drive(broker.bootstrap, schedule(n_low, args.sessions, items, rng, "low"), args.low_rate, args.timeout, linger))
                 low = (received_q - sent_q) * 1000.0
         finally:
             process.terminate()
@@ -226,11 +266,65 @@ def measure(name: str, start, items: list[str], args, rng: np.random.Generator) 
         "name": name,
         "throughput": float(throughput),
         "answered_saturation": f"{int(answered.sum())}/{len(sent)}",
+        "cpu_ms": cpu_ms,
         "latency_ms": latency[ok],
         "answered_latency": f"{int(ok.sum())}/{len(latency)}",
         "saturated": throughput < args.rate,
         "low_latency_ms": low[~np.isnan(low)] if low is not None else None,
     }
+
+
+#: Where a sampled worker stack belongs: the first category with a frame matching one of its patterns.
+PROFILE_CATEGORIES = [
+    ("scoring: ONNX Runtime", ["Session.run"]),
+    ("scoring: rest of `Scorer.step`", ["HiddenScorer.step", "WindowScorer.step", "GraphScorer.step", "ItemsScorer.step"]),
+    ("click JSON decode", ["parse_click"]),
+    ("answer JSON encode", ["recommendation (stream/events.py"]),
+    ("session state decode (table read)", ["SessionState.decode", "_load_state"]),
+    ("session state encode + table write", ["SessionState.encode"]),
+    ("rounds, histories, online ranks", ["BatchProcessor._round", "online_rank"]),
+    ("rest of the batch processor", ["BatchProcessor.process"]),
+    ("produce: outbox, aiokafka producer", ["Outbox.", "AIOKafkaProducer", "Sender.", "SendProduceReqHandler", "_ack_when_delivered"]),
+    ("streamrec metrics", ["StreamMetrics", "observe_online"]),
+    ("Faust dispatch: conductor, message tracking, Faust's Prometheus sensor", ["on_message", "track_message", "SensorDelegate", "PrometheusMonitor", "Conductor", "_drain_messages"]),
+    ("fetch: aiokafka fetcher, record batch parsing", ["Fetcher."]),
+    ("rest of the agent (`_handle`, acks)", ["StreamWorker."]),
+    ("logging", ["Logger."]),
+    ("sockets and event loop", ["AIOKafkaConnection", "AIOKafkaClient", "selector_events", "StreamWriter", "_run_once"]),
+]
+
+
+def profile_table(path: Path, result: dict, load: str) -> str:
+    """The py-spy samples of the worker's saturation run, by category (idle waits in epoll left out)."""
+    counts = dict.fromkeys([name for name, _ in PROFILE_CATEGORIES] + ["other"], 0)
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if stack.split(";")[-1].startswith("EpollSelector.select"):
+            continue  # a thread waiting for the network: idle, not work
+        name = next((name for name, patterns in PROFILE_CATEGORIES if any(p in stack for p in patterns)), "other")
+        counts[name] += int(n)
+    total = sum(counts.values()) or 1
+    cpu = result["cpu_ms"][0]
+    rows = [f"| {name} | {100 * n / total:.1f}% | {cpu * n / total * 1000:,.0f} |" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]) if n]
+    return "\n".join(
+        [
+            PROFILE_SECTION,
+            "",
+            f"py-spy samples (200/s, all threads, waits in epoll left out) of `streamrec serve` during a saturation run like the one of the table above (a run of its own: the profiler takes CPU too) "
+            f"({result['throughput']:,.0f} events/s, {cpu:.3f} CPU ms per event in the worker; load average {load}, {date.today().isoformat()}). "
+            "The µs column shares the worker's measured CPU time per event out in proportion to the samples; read it as a split, not as exact costs "
+            "(on a loaded box a thread that waits for a core is sampled too).",
+            "",
+            "Produced by:",
+            "",
+            "    python benchmarks/stream.py --systems c --profile",
+            "",
+            "| where | share of samples | µs per event |",
+            "|---|---:|---:|",
+            *rows,
+            "",
+        ]
+    )
 
 
 # ----------------------------------------------------------------------------- set-up and report
@@ -260,8 +354,11 @@ def build_bundle(work: Path, args) -> tuple[Path, Path, list[str]]:
     return run_dir, bundle_dir, data.vocab.item_ids
 
 
-def scorer_ceiling(bundle_dir: Path, batch: int = 256, seconds: float = 3.0) -> float:
-    """Events/s of ``Scorer.step`` alone at ``batch`` rows (1 thread): the worker cannot beat it."""
+def scorer_ceiling(bundle_dir: Path, batch: int = 256, seconds: float = 3.0) -> tuple[float, float]:
+    """``Scorer.step`` alone at ``batch`` rows (1 thread): (events/s, events per CPU second). The worker cannot beat it.
+
+    On a shared box the first depends on what else runs; the second much less.
+    """
     from export.scorer import StepInput, load_scorer
 
     scorer = load_scorer(bundle_dir)
@@ -269,18 +366,18 @@ def scorer_ceiling(bundle_dir: Path, batch: int = 256, seconds: float = 3.0) -> 
     items = rng.integers(1, scorer.n_items + 1, batch)
     step = StepInput(items, np.zeros((batch, scorer.hidden_size), np.float32), [np.array([i]) for i in items])
     scorer.step(step)
-    n, started = 0, time.perf_counter()
+    n, started, cpu = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - started < seconds:
         scorer.step(step)
         n += batch
-    return n / (time.perf_counter() - started)
+    return n / (time.perf_counter() - started), n / (time.process_time() - cpu)
 
 
-def render(results: list[dict], args, n_items: int, load: str, ceilings: dict[str, float]) -> str:
+def render(results: list[dict], args, n_items: int, load: str, ceilings: dict[str, tuple[float, float]]) -> str:
     rate, low_rate = f"{args.rate:,.0f}/s", f"{args.low_rate:,.0f}/s"
     rows = [
-        f"| system | max sustained events/s | p50 ms @{rate} | p90 ms @{rate} | p99 ms @{rate} | answered @{rate} | p50 ms @{low_rate} | p99 ms @{low_rate} | note |",
-        "|---|---:|---:|---:|---:|---|---:|---:|---|",
+        f"| system | max sustained events/s | CPU ms/event: system / broker / load generator | p50 ms @{rate} | p90 ms @{rate} | p99 ms @{rate} | answered @{rate} | p50 ms @{low_rate} | p99 ms @{low_rate} | note |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|---|",
     ]
     for r in results:
         lat = r["latency_ms"]
@@ -289,7 +386,8 @@ def render(results: list[dict], args, n_items: int, load: str, ceilings: dict[st
         q = np.percentile(low, [50, 99]) if low is not None and len(low) else None
         lows = f"{q[0]:,.1f} | {q[1]:,.1f}" if q is not None else " | "
         note = "saturated below the offered rate: latency grows with the queue" if r["saturated"] else ""
-        rows.append(f"| {r['name']} | {r['throughput']:,.0f} | {p[0]:,.1f} | {p[1]:,.1f} | {p[2]:,.1f} | {r['answered_latency']} | {lows} | {note} |")
+        cpu = " / ".join(f"{c:.3f}" for c in r["cpu_ms"])
+        rows.append(f"| {r['name']} | {r['throughput']:,.0f} | {cpu} | {p[0]:,.1f} | {p[1]:,.1f} | {p[2]:,.1f} | {r['answered_latency']} | {lows} | {note} |")
     c = next((r for r in results if r["name"] == "(c) streamrec worker"), None)
     b = next((r for r in results if r["name"].startswith("(b)")), None)
     a = next((r for r in results if r["name"].startswith("(a)")), None)
@@ -322,9 +420,14 @@ def render(results: list[dict], args, n_items: int, load: str, ceilings: dict[st
             f"(a) is a stock per-event Faust agent that forwards each click; (b) the naive path: a per-event Faust agent re-running GRU4Rec in torch eager mode "
             "over the whole session for every click, batch 1; (c) `streamrec serve` with its defaults on the embedded broker "
             f"(`--broker-quirks {args.quirks}`, fetch wait {args.fetch_wait_ms} ms, batch up to 256). "
-            f"All use the same {args.fetch_wait_ms} ms fetch wait (stock Faust holds fetches up to 1.5 s). Ratios: {', '.join(ratios)}. "
-            f"For scale, `Scorer.step` alone (no Kafka, 1 thread, batch 256) ran at {ceilings['bundle']:,.0f} events/s for this bundle "
-            f"and {ceilings['bundle-int8']:,.0f} events/s for its int8 version in the same run: no worker can exceed its scorer.",
+            f"All use the same {args.fetch_wait_ms} ms fetch wait (stock Faust holds fetches up to 1.5 s). "
+            f"The load generator's producer lingers {args.producer_linger_ms} ms: flat out it still sends ~16 KB record batches "
+            "(as a shop's batching producer would); paced, each click is its own produce request. "
+            "CPU ms/event: CPU time of the system under test, of the broker and of the load generator (which also reads the answers) during the saturation run, "
+            f"per click: the three share 2 cores, so no system can go beyond about 2,000 / (their sum) events/s. Ratios: {', '.join(ratios)}. "
+            f"For scale, `Scorer.step` alone (no Kafka, 1 thread, batch 256) ran at {ceilings['bundle'][0]:,.0f} events/s "
+            f"({ceilings['bundle'][1]:,.0f} per CPU second) for this bundle and {ceilings['bundle-int8'][0]:,.0f} events/s "
+            f"({ceilings['bundle-int8'][1]:,.0f} per CPU second) for its int8 version in the same run: no worker can exceed its scorer.",
             "",
             "Produced by:",
             "",
@@ -361,10 +464,10 @@ def plot(results: list[dict], rate: float) -> None:
     fig.savefig(PLOT, dpi=120)
 
 
-def write_section(section: str) -> None:
-    """Replace (or append) the "## Stream" section of docs/performance.md, leaving other sections alone."""
+def write_section(section: str, title: str) -> None:
+    """Replace (or append) the section ``title`` of docs/performance.md, leaving other sections alone."""
     text = DOC.read_text() if DOC.is_file() else "# Performance\n\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    pattern = re.compile(rf"^{re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
     if pattern.search(text):
         text = pattern.sub(lambda _: section + "\n", text)
     else:
@@ -392,13 +495,18 @@ def main() -> None:
     parser.add_argument("--systems", default="a,b,c,c8")
     parser.add_argument("--fetch-wait-ms", type=int, default=10, help="consumer fetch wait of every system (the worker's default)")
     parser.add_argument("--quirks", default="tansu", choices=["tansu", "none"], help="--broker-quirks of (c)")
+    parser.add_argument("--producer-linger-ms", type=int, default=0, help="linger of the load generator's producer (0: paced clicks go one per produce request)")
+    parser.add_argument("--profile", action="store_true", help="only profile (c) with py-spy during saturation and write its section")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     args = parser.parse_args()
     if args.role:
         run_role(args)
         return
 
+    if args.profile and shutil.which("py-spy") is None:
+        raise SystemExit("--profile needs py-spy on PATH (pip install py-spy)")
     rng = np.random.default_rng(0)
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="streamrec-stream-bench-") as tmp:
         work = Path(tmp)
         run_dir, bundle_dir, items = build_bundle(work, args)
@@ -424,15 +532,23 @@ def main() -> None:
             "c": ("(c) streamrec worker", start_streamrec(bundle_dir)),
             "c8": ("(c) streamrec worker, int8 bundle", start_streamrec(work / "bundle-int8")),
         }
+        if args.profile:
+            result = measure(systems["c"][0], systems["c"][1], items, args, rng, profile_path=work / "profile.txt")
+            table = profile_table(work / "profile.txt", result, f"{load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
+            print(table)
+            if not args.no_write:
+                write_section(table, PROFILE_SECTION)
+                print(f"wrote {DOC} ({PROFILE_SECTION})", file=sys.stderr)
+            return
         ceilings = {name: scorer_ceiling(work / name) for name in ("bundle", "bundle-int8")}
-        print(f"Scorer.step alone at batch 256: {ceilings}", file=sys.stderr)
+        print(f"Scorer.step alone at batch 256 (events/s, events per CPU second): {ceilings}", file=sys.stderr)
         results = [measure(systems[s][0], systems[s][1], items, args, rng) for s in args.systems.split(",")]
-    load = f"{os.getloadavg()[0]:.1f}"
+    load = f"{load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
     table = render(results, args, len(items), load, ceilings)
     print(table)
     if not args.no_write:
         plot(results, args.rate)
-        write_section(table)
+        write_section(table, SECTION)
         print(f"wrote {DOC} ({SECTION}) and {PLOT}", file=sys.stderr)
 
 
