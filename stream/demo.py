@@ -72,7 +72,7 @@ def train_model(data: PreparedData, config: DemoConfig, run_dir: Path):
 
     cls = get_model("gru4rec")
     torch.set_num_threads(2)
-    model = cls.train(data, cls.Config(layers=(config.hidden,), epochs=config.epochs, batch_size=config.batch_size, n_sample=256, seed=config.seed, threads=2), progress=True, run_dir=run_dir)
+    model = cls.train(data, cls.Config(layers=(config.hidden,), epochs=config.epochs, batch_size=config.batch_size, n_sample=256, seed=config.seed), progress=True, run_dir=run_dir)
     model.save(run_dir)
     shutil.copyfile(data.path / "vocab.json", run_dir / "vocab.json")
     return model

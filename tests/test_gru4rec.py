@@ -119,8 +119,8 @@ def test_negatives_are_shared_and_logq_is_applied():
     _, out = model.net.step(inputs, hidden)
     candidates = torch.cat([targets, samples])
     logits = out @ model.net.item_out[candidates].t() + model.net.item_bias[candidates, 0]
-    log_p = torch.log(torch.from_numpy(np.maximum(support, 1) / support.sum()).float())
-    log_q = torch.cat([log_p[targets], model.config.sample_alpha * log_p[samples]])  # each column's proposal
+    log_support = torch.log(torch.from_numpy(np.maximum(support, 1)).float())
+    log_q = torch.cat([log_support[targets], model.config.sample_alpha * log_support[samples]])  # each column's proposal, unnormalised
     expected = F.cross_entropy(logits - log_q, torch.arange(len(inputs)))
     without_logq = F.cross_entropy(logits, torch.arange(len(inputs)))
     got = loss_fn((inputs, targets, carry, samples))

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from training.errors import UserError
-from training.trainer import AdagradNesterov, TrainerConfig, epoch_rng, fit, lr_factor
+from training.trainer import AdagradMomentum, TrainerConfig, epoch_rng, fit, lr_factor
 
 
 def regression_task(config: TrainerConfig, fail_at_epoch: int | None = None):
@@ -100,12 +100,13 @@ def test_bad_settings_are_user_errors():
         TrainerConfig(epochs=0).check()
 
 
-def test_adagrad_nesterov_matches_its_formula_dense_and_sparse():
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_adagrad_momentum_matches_its_formula_dense_and_sparse(nesterov):
     torch.manual_seed(0)
     lr, momentum, eps = 0.1, 0.5, 1e-6
     dense = nn.Parameter(torch.randn(5, 3))
     table = nn.Parameter(torch.randn(6, 3))
-    opt = AdagradNesterov([dense, table], lr=lr, momentum=momentum, eps=eps)
+    opt = AdagradMomentum([dense, table], lr=lr, momentum=momentum, eps=eps, nesterov=nesterov)
     ref_p = [dense.detach().clone(), table.detach().clone()]
     acc = [torch.zeros(5, 3), torch.zeros(6, 3)]
     vel = [torch.zeros(5, 3), torch.zeros(6, 3)]
@@ -122,7 +123,7 @@ def test_adagrad_nesterov_matches_its_formula_dense_and_sparse():
             acc[i][t] += grads[i][t] ** 2
             u = lr * grads[i][t] / torch.sqrt(acc[i][t] + eps)
             vel[i][t] = momentum * vel[i][t] - u
-            ref_p[i][t] += momentum * vel[i][t] - u
+            ref_p[i][t] += momentum * vel[i][t] - u if nesterov else vel[i][t]
         opt.step()
         torch.testing.assert_close(dense.detach(), ref_p[0])
         torch.testing.assert_close(table.detach(), ref_p[1])

@@ -45,7 +45,8 @@ Contracts for the callbacks:
     from any model's ``score_next``).
 
 Optimizers (``config.optimizer``): ``adam``, ``adamw``, ``sgd`` (with ``momentum``) and ``adagrad``
-(Adagrad with optional Nesterov momentum, GRU4Rec's default; ``momentum`` 0 = plain Adagrad).
+(Adagrad with optional momentum, GRU4Rec's default; ``momentum`` 0 = plain Adagrad). For ``sgd`` and
+``adagrad`` the momentum is classical (heavy-ball) unless ``nesterov`` is set.
 Learning-rate schedules (``config.lr_schedule``): ``constant``, ``linear`` (to 0 at the end),
 ``cosine`` (to 0 at the end); all after ``warmup_steps`` steps of linear warm-up.
 """
@@ -80,7 +81,8 @@ class TrainerConfig:
     batch_size: int = 128
     lr: float = 1e-3
     optimizer: str = "adam"
-    momentum: float = 0.0  # sgd momentum / adagrad Nesterov momentum
+    momentum: float = 0.0  # sgd / adagrad momentum
+    nesterov: bool = False  # Nesterov instead of classical momentum (sgd, adagrad)
     weight_decay: float = 0.0
     grad_clip: float = 0.0  # max global gradient norm, 0 = off
     lr_schedule: str = "constant"
@@ -114,17 +116,18 @@ class FitResult:
     stopped_early: bool = False
 
 
-class AdagradNesterov(torch.optim.Optimizer):
-    """Adagrad whose step goes through a Nesterov momentum term (GRU4Rec's optimizer).
+class AdagradMomentum(torch.optim.Optimizer):
+    """Adagrad whose step goes through a momentum term (GRU4Rec's optimizer).
 
-    acc += g^2;  u = lr * g / sqrt(acc + eps);  v' = momentum * v - u;  p += momentum * v' - u.
+    acc += g^2;  u = lr * g / sqrt(acc + eps);  v' = momentum * v - u;  then p += v' (classical, as
+    the official GRU4Rec implementation does) or, with ``nesterov``, p += momentum * v' - u.
     With momentum 0 it is plain Adagrad. Sparse gradients (embeddings looked up with
     ``sparse=True``) update only the rows they touch: accumulator, velocity and weights of other rows
     stay as they are, which makes a step's cost independent of the catalogue size.
     """
 
-    def __init__(self, params, lr: float = 0.05, momentum: float = 0.0, eps: float = 1e-6, weight_decay: float = 0.0):
-        super().__init__(params, dict(lr=lr, momentum=momentum, eps=eps, weight_decay=weight_decay))
+    def __init__(self, params, lr: float = 0.05, momentum: float = 0.0, eps: float = 1e-6, weight_decay: float = 0.0, nesterov: bool = False):
+        super().__init__(params, dict(lr=lr, momentum=momentum, eps=eps, weight_decay=weight_decay, nesterov=nesterov))
 
     def _state(self, p: torch.Tensor, momentum: float) -> dict:
         state = self.state[p]
@@ -137,13 +140,13 @@ class AdagradNesterov(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
-            lr, momentum, eps, wd = group["lr"], group["momentum"], group["eps"], group["weight_decay"]
+            lr, momentum, eps, wd, nesterov = group["lr"], group["momentum"], group["eps"], group["weight_decay"], group["nesterov"]
             dense_p, dense_g = [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
-                    self._sparse_step(p, self._state(p, momentum), lr, momentum, eps, wd)
+                    self._sparse_step(p, self._state(p, momentum), lr, momentum, eps, wd, nesterov)
                 else:
                     dense_p.append(p)
                     dense_g.append(p.grad)
@@ -164,11 +167,14 @@ class AdagradNesterov(torch.optim.Optimizer):
             velocity = [st["velocity"] for st in states]
             torch._foreach_mul_(velocity, momentum)
             torch._foreach_sub_(velocity, update)
-            torch._foreach_add_(dense_p, velocity, alpha=momentum)
-            torch._foreach_sub_(dense_p, update)
+            if nesterov:
+                torch._foreach_add_(dense_p, velocity, alpha=momentum)
+                torch._foreach_sub_(dense_p, update)
+            else:
+                torch._foreach_add_(dense_p, velocity)
 
     @staticmethod
-    def _sparse_step(p, state, lr, momentum, eps, wd) -> None:
+    def _sparse_step(p, state, lr, momentum, eps, wd, nesterov) -> None:
         grad = p.grad.coalesce()
         rows, g = grad.indices()[0], grad.values()
         if wd:
@@ -179,7 +185,7 @@ class AdagradNesterov(torch.optim.Optimizer):
         if momentum:
             v = momentum * state["velocity"][rows] - update
             state["velocity"][rows] = v
-            update = update - momentum * v
+            update = update - momentum * v if nesterov else -v
         p.index_add_(0, rows, -update)
 
 
@@ -191,9 +197,9 @@ def make_optimizer(params, config: TrainerConfig) -> torch.optim.Optimizer:
     if name == "adamw":
         return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.nesterov and config.momentum > 0)
     if name == "adagrad":
-        return AdagradNesterov(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        return AdagradMomentum(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.nesterov)
     raise UserError(f"optimizer '{name}' unknown (known: {', '.join(OPTIMIZERS)})")
 
 
