@@ -19,7 +19,7 @@ from training.models import get_model, load_run
 from training.models.base import next_positions
 from training.models.pop import MostPopular
 from training.models.srgnn import SRGNNConfig, SRGNNNet, session_graphs
-from training.models.window import first_column
+from training.models.window import catalogue_cross_entropy, first_column, mask_padding_column
 from training.sessions import Sessions
 from training.synth import synthesize
 from training.windows import next_item_pairs, prefix_windows, sequence_chunks
@@ -119,6 +119,28 @@ def test_first_column_skips_columns_that_are_padding_in_every_row():
 
 
 # ---------------------------------------------------------------- every model
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_catalogue_cross_entropy_equals_full_softmax_cross_entropy(with_bias, monkeypatch):
+    import training.models.window as window
+
+    monkeypatch.setattr(window, "CATALOGUE_BLOCK_BYTES", 3 * 4 * 40)  # 3 rows per block: several blocks and a ragged last one
+    gen = torch.Generator().manual_seed(0)
+    states = torch.randn(10, 8, generator=gen, requires_grad=True)
+    weight = torch.randn(41, 8, generator=gen, requires_grad=True)
+    bias = torch.randn(41, generator=gen, requires_grad=True) if with_bias else None
+    targets = torch.randint(1, 41, (10,), generator=gen)
+
+    def grads(loss):
+        params = [states, weight] + ([bias] if with_bias else [])
+        return [loss.detach()] + list(torch.autograd.grad(3.0 * loss, params))
+
+    logits = states @ weight.T + (bias if with_bias else 0.0)
+    expected = grads(torch.nn.functional.cross_entropy(mask_padding_column(logits), targets))
+    got = grads(catalogue_cross_entropy(states, weight, targets, bias))
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
 
 
 def test_beats_most_popular(trained, data, pop_mrr):

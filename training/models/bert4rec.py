@@ -32,7 +32,7 @@ from torch import nn
 
 from training.data import PreparedData
 from training.errors import UserError
-from training.models.window import TransformerBlock, WindowModel, attention_mask, first_column, mask_padding_column, relative_positions, shuffled, training_split
+from training.models.window import TransformerBlock, WindowModel, attention_mask, catalogue_cross_entropy, first_column, mask_padding_column, relative_positions, shuffled, training_split
 from training.trainer import TrainerConfig, fit
 from training.windows import sequence_chunks
 
@@ -130,7 +130,7 @@ class BERT4Rec(WindowModel):
             start = first_column(original)
             sequence, masked, original = sequence[:, start:], masked[:, start:], original[:, start:]
             states = net.hidden(sequence)[masked]
-            return F.cross_entropy(net.logits(states), original[masked])
+            return catalogue_cross_entropy(net.head(states), net.item_embedding.weight[: net.n_items + 1], original[masked], net.output_bias)
 
         model.fit_result = fit(net, config, lambda epoch: shuffled(config, epoch, len(chunks), make), loss_fn, validate=validate, run_dir=run_dir, progress=progress)
         return model

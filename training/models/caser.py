@@ -36,7 +36,7 @@ from torch import nn
 
 from training.data import PreparedData
 from training.errors import UserError
-from training.models.window import WindowModel, mask_padding_column, shuffled, training_split
+from training.models.window import WindowModel, catalogue_cross_entropy, mask_padding_column, shuffled, training_split
 from training.trainer import TrainerConfig, fit
 from training.windows import next_item_pairs
 
@@ -125,9 +125,8 @@ class Caser(WindowModel):
             z = net.features(window)
             real = target > 0
             if config.loss == "ce":
-                logits = mask_padding_column(z @ net.output_embedding.weight.T + net.output_bias)
                 rows = torch.arange(len(z))[:, None].expand_as(target)
-                return F.cross_entropy(logits[rows[real]], target[real])
+                return catalogue_cross_entropy(z[rows[real]], net.output_embedding.weight, target[real], net.output_bias)
             pos = (z[:, None] * net.output_embedding(target)).sum(-1) + net.output_bias[target]
             neg = (z[:, None] * net.output_embedding(negatives)).sum(-1) + net.output_bias[negatives]
             pos_loss = F.binary_cross_entropy_with_logits(pos[real], torch.ones_like(pos[real]), reduction="sum")

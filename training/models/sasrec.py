@@ -33,7 +33,7 @@ from torch import nn
 
 from training.data import PreparedData
 from training.errors import UserError
-from training.models.window import TransformerBlock, WindowModel, attention_mask, first_column, mask_padding_column, relative_positions, shuffled, training_split
+from training.models.window import TransformerBlock, WindowModel, attention_mask, catalogue_cross_entropy, first_column, mask_padding_column, relative_positions, shuffled, training_split
 from training.trainer import TrainerConfig, fit
 from training.windows import sequence_chunks
 
@@ -122,8 +122,7 @@ class SASRec(WindowModel):
             real = targets > 0
             states = hidden[real]
             if config.loss == "ce":
-                logits = mask_padding_column(states @ net.item_embedding.weight.T)
-                return F.cross_entropy(logits, targets[real])
+                return catalogue_cross_entropy(states, net.item_embedding.weight, targets[real])
             pos = (states * net.item_embedding(targets[real])).sum(-1)
             neg = (states * net.item_embedding(negatives[:, start:][real])).sum(-1)
             return F.binary_cross_entropy_with_logits(torch.cat([pos, neg]), torch.cat([torch.ones_like(pos), torch.zeros_like(neg)]))

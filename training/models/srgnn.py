@@ -30,13 +30,12 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch_geometric.nn import GatedGraphConv
 
 from training.data import PreparedData
 from training.errors import UserError
-from training.models.window import WindowModel, first_column, mask_padding_column, shuffled, training_split
+from training.models.window import WindowModel, catalogue_cross_entropy, first_column, mask_padding_column, shuffled, training_split
 from training.trainer import TrainerConfig, fit
 from training.windows import next_item_pairs
 
@@ -157,7 +156,7 @@ class SRGNN(WindowModel):
 
         def loss_fn(batch) -> torch.Tensor:
             window, target = batch
-            return F.cross_entropy(net(window[:, first_column(window) :]), target)
+            return catalogue_cross_entropy(net.session_vectors(window[:, first_column(window) :]), net.item_embedding.weight, target)
 
         model.fit_result = fit(net, config, lambda epoch: shuffled(config, epoch, len(windows), make), loss_fn, validate=validate, run_dir=run_dir, progress=progress)
         return model

@@ -42,6 +42,59 @@ def mask_padding_column(logits: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(column == 0, LOW_SCORE)
 
 
+CATALOGUE_BLOCK_BYTES = 8 * 2**20  # logits block of ``catalogue_cross_entropy``, well below glibc's largest mmap threshold (32 MiB)
+
+
+class _CatalogueCrossEntropy(torch.autograd.Function):
+    """Mean softmax cross-entropy over the catalogue, a block of rows at a time (see ``catalogue_cross_entropy``).
+
+    When gradients are wanted they are computed in the forward pass, from the same softmax block
+    (training always calls backward right after), and only scaled in ``backward``.
+    """
+
+    @staticmethod
+    def forward(ctx, states, weight, bias, targets, block):
+        want_grads = any(ctx.needs_input_grad[:3])
+        n = max(len(states), 1)
+        total = states.new_zeros(())
+        grad_states, grad_weight, grad_bias = torch.empty_like(states), torch.zeros_like(weight), torch.zeros_like(bias)
+        for start in range(0, len(states), block):
+            rows = slice(start, start + block)
+            logits = torch.addmm(bias, states[rows], weight.T)
+            lse = torch.logsumexp(logits, 1)
+            picked = torch.arange(len(logits))
+            total += (lse - logits[picked, targets[rows]]).sum()
+            if want_grads:
+                probs = logits.sub_(lse[:, None]).exp_()
+                probs[picked, targets[rows]] -= 1.0
+                probs.div_(n)
+                grad_states[rows] = probs @ weight
+                grad_weight.addmm_(probs.T, states[rows])
+                grad_bias += probs.sum(0)
+        ctx.save_for_backward(grad_states, grad_weight, grad_bias)
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_states, grad_weight, grad_bias = ctx.saved_tensors
+        return grad_states * grad, grad_weight * grad, grad_bias * grad, None, None
+
+
+def catalogue_cross_entropy(states: torch.Tensor, embeddings: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy of ``states @ embeddings.T + bias`` (column 0 excluded) against ``targets`` (1..n_items).
+
+    The same value and gradients as ``F.cross_entropy(mask_padding_column(logits), targets)``, but the
+    [N, n_items] logits are never held at once: rows are done in blocks of at most
+    ``CATALOGUE_BLOCK_BYTES``, and each block's softmax gives its gradients on the spot. With a large
+    catalogue (Amazon Beauty: 54,542 items) the full logits are hundreds of MB per step, which glibc
+    maps and unmaps for every allocation; the page faults alone cost about as much as the arithmetic.
+    """
+    weight = embeddings[1:]
+    bias = bias[1:] if bias is not None else weight.new_zeros(len(weight))
+    block = max(1, CATALOGUE_BLOCK_BYTES // (4 * max(len(weight), 1)))
+    return _CatalogueCrossEntropy.apply(states, weight, bias, targets - 1, block)
+
+
 def relative_positions(window: torch.Tensor) -> torch.Tensor:
     """Position of every window slot counted from the first real item (0), padding slots 0.
 
