@@ -25,6 +25,7 @@ import os
 import secrets
 import shutil
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -132,8 +133,19 @@ class Bundle:
         return self.path / name
 
     def load_npz(self, name: str) -> dict[str, np.ndarray]:
-        with np.load(self.file(name), allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+        """The named arrays of one of the bundle's .npz files; an object array (a pickle) is refused."""
+        try:
+            with np.load(self.file(name), allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        except (ValueError, OSError, zipfile.BadZipFile) as e:
+            raise UserError(unreadable_array(self.path, name, e)) from None
+
+
+def unreadable_array(bundle_dir: Path, name: str, error: Exception) -> str:
+    """The one-line error for an array file that numpy cannot load without unpickling, or at all."""
+    if "allow_pickle" in str(error):
+        return f"{bundle_dir}: {name} holds pickled Python objects, which streamrec never loads (a bundle holds plain numeric arrays only; re-export the model)"
+    return f"{bundle_dir}: {name} unreadable ({error})"
 
 
 def read_manifest(bundle_dir: Path) -> dict:
@@ -185,8 +197,8 @@ def open_bundle(bundle_dir: str | Path) -> Bundle:
         raise UserError(f"{bundle_dir}: vocab.json has {vocab.n_items} items but the manifest says {n_items}")
     try:
         popularity = np.load(bundle_dir / "popularity.npy", allow_pickle=False)
-    except ValueError as e:
-        raise UserError(f"{bundle_dir}: popularity.npy unreadable ({e})") from None
+    except (ValueError, OSError) as e:
+        raise UserError(unreadable_array(bundle_dir, "popularity.npy", e)) from None
     if popularity.shape != (n_items + 1,):
         raise UserError(f"{bundle_dir}: popularity.npy has shape {popularity.shape}, expected ({n_items + 1},)")
     return Bundle(bundle_dir, manifest, vocab, popularity.astype(np.float64))

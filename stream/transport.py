@@ -8,12 +8,21 @@
    conductor inside ``wait_first(callback, suspend_flow.wait())``, which
    creates two tasks and an event-loop round trip per record and caps a
    trivial agent at ~7k records/s on this box, whatever the agent does. This
-   loop awaits the conductor callback directly (it only blocks when the
-   agent's queue is full), so a fetched batch reaches the agent's queue in one
-   go and the agent takes it as one micro-batch (~40k records/s trivial).
-   Records fetched while flow is suspended (a rebalance) are dropped exactly as
-   Faust drops them; because a callback that was already blocked is not
-   cancelled, the agent also ignores records of partitions it no longer owns.
+   loop awaits the conductor callback directly, so a fetched batch reaches
+   the agent's queue in one go and the agent takes it as one micro-batch
+   (~40k records/s trivial). Records fetched while flow is suspended (a
+   rebalance) are dropped exactly as Faust drops them.
+
+   Around a rebalance the hand-over never blocks: while the agent's queue is
+   full the loop waits for room itself and drops the record (not marking it
+   read) if a rebalance begins meanwhile, rather than letting the conductor
+   block in ``queue.put`` across a rebalance, after which the record lands in
+   the cleared queue, out of order (mode's queue lets a pending put through
+   after ``clear()``). Faust's table recovery also resumes the stream
+   partitions *before* its seek to the committed offsets, so records fetched
+   in between reach the agent early; deferring that resumption to after the
+   seek stopped the losses this caused in a stress run, but was backed out
+   (a handover test then failed under load): see docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -22,6 +31,8 @@ import asyncio
 from typing import Any
 
 from faust.transport.drivers import aiokafka as faust_aiokafka
+
+ROOM_POLL_SECONDS = 0.002  # how often the fetch loop looks for room in a full agent queue
 
 
 def stream_transport(fetch_max_wait_ms: int, bulk_delivery: bool = True) -> type:
@@ -48,7 +59,6 @@ def stream_transport(fetch_max_wait_ms: int, bulk_delivery: bool = True) -> type
             getmany = self.getmany
             consumer_should_stop = self._stopped.is_set
             fetcher_should_stop = fetcher._stopped.is_set
-            suspended = self.suspend_flow.is_set
             get_read_offset = self._read_offset.__getitem__
             set_read_offset = self._read_offset.__setitem__
             acks_enabled_for = self.app.topics.acks_enabled_for
@@ -68,8 +78,9 @@ def stream_transport(fetch_max_wait_ms: int, bulk_delivery: bool = True) -> type
                         if commit_every is not None and self._n_acked >= commit_every:
                             self._n_acked = 0
                             await self.commit()
-                        if not suspended():
-                            await callback(message)
+                        if not await self._room_for(message):
+                            break  # a rebalance began: the seek that ends it reads this again
+                        await callback(message)  # cannot block: flow on, room in the queue
                         set_read_offset(tp, offset)
             except self.consumer_stopped_errors:
                 if self.transport.app.should_stop:
@@ -79,6 +90,17 @@ def stream_transport(fetch_max_wait_ms: int, bulk_delivery: bool = True) -> type
                 if self.transport.app.should_stop:
                     return
                 raise
+
+        async def _room_for(self, message) -> bool:
+            """Wait until the queues ``message`` goes to have room; False if a rebalance began meanwhile."""
+            app = self.app
+            channels = app.topics._tp_index.get(message.tp, ())
+            while True:
+                if self.should_stop or self.suspend_flow.is_set() or not app.flow_control.is_active() or message.generation_id != app.consumer_generation_id:
+                    return False
+                if not any(channel.queue.full() for channel in channels):
+                    return True
+                await asyncio.sleep(ROOM_POLL_SECONDS)
 
     class Transport(faust_aiokafka.Transport):
         pass

@@ -40,6 +40,7 @@ TABLE = "sessions"
 EXPIRY_CHUNK = 5000  # sessions examined between yields to the event loop
 OUTPUT_BATCH_BYTES = 512 * 1024  # largest record batch the worker sends
 DRAIN_SECONDS = 5.0  # how long a stopping worker waits for its last states and acks
+MAX_PENDING_BATCHES = 4  # micro-batches whose answers, states or acks may be outstanding before the agent waits
 
 
 def expiry_interval(ttl: float) -> float:
@@ -63,6 +64,8 @@ class StreamWorker:
         self.state_outbox: Outbox | None = None  # the changelog writes, sent after the answers they count
         self._states_queued: asyncio.Future | None = None  # True once the last batch's states are queued, False if it failed
         self._deliveries: set[asyncio.Task] = set()  # batches whose answers, states or acks are not done yet
+        self._queue = None  # the agent's queue of events, once it runs
+        self._stall_reported = False
         self.metrics.model_info.labels(str(scorer.manifest["model"]), str(scorer.manifest["model_version"]), scorer.kind).set(1)
         self.app = self._build_app()
 
@@ -76,9 +79,7 @@ class StreamWorker:
             topic_partitions=self.partitions,
             topic_replication_factor=s.replication_factor,
             consumer_auto_offset_reset="earliest",
-            broker_session_timeout=s.group_session_timeout,
-            broker_heartbeat_interval=min(3.0, s.group_session_timeout / 4),
-            broker_rebalance_timeout=max(s.group_session_timeout, 10.0),
+            **s.faust_group_settings(),
             processing_guarantee="at_least_once",
             stream_buffer_maxsize=max(4 * s.batch_size, 1024),
             **s.faust_credentials(),
@@ -104,6 +105,27 @@ class StreamWorker:
 
     async def _watch(self) -> None:
         self.watchdog.observe(self.app, self.settings.clicks_topic)
+        stalled = self.watchdog.health.state == "stalled"
+        if stalled and not self._stall_reported:
+            log.warning("consumer state while stalled: %s", self.consumer_state())
+        self._stall_reported = stalled
+
+    def consumer_state(self) -> str:
+        """One line on where the consumer stands on each clicks partition, logged when a stall begins:
+        flow (off during a rebalance), the agent's queue, and per partition the high watermark, the
+        last offset handed to the agent, the committed offset, and whether it is fetched (Faust stops
+        fetching a partition while the agent's queue is nearly full, or paused during recovery)."""
+        c = self.app.consumer
+        parts = []
+        for tp in sorted(c.assignment()):
+            if tp.topic != self.settings.clicks_topic:
+                continue
+            why_not = [name for name, tps in (("paused", c._paused_partitions), ("buffer full", c._buffered_partitions)) if tp in tps]
+            fetching = "fetching" if tp in (c._active_partitions or ()) else f"not fetching ({', '.join(why_not) or 'inactive'})"
+            parts.append(f"p{tp.partition} high={c.highwater(tp)} read={c._read_offset.get(tp)} committed={c._committed_offset.get(tp)} {fetching}")
+        queue = self._queue
+        waiting = f"{queue.qsize()}/{queue.maxsize}" if queue is not None else "not started"
+        return f"flow {'on' if c.flow_active else 'off'}, agent queue {waiting}; " + ("; ".join(parts) or "no clicks partitions")
 
     def _owned_partitions(self) -> set[int]:
         topic = self.settings.clicks_topic
@@ -120,7 +142,7 @@ class StreamWorker:
             return None
 
     async def _agent(self, stream) -> None:
-        queue = stream.channel.queue
+        queue = self._queue = stream.channel.queue
         batch_size = self.settings.batch_size
         producer = AIOKafkaProducer(**self.settings.kafka_kwargs(), linger_ms=0, max_batch_size=OUTPUT_BATCH_BYTES, client_id=f"{self.settings.app_id}-outbox")
         await producer.start()
@@ -140,6 +162,11 @@ class StreamWorker:
                 while len(events) < batch_size and not queue.empty():
                     events.append(queue.get_nowait())
                 await self._handle(stream, events)
+                while len(self._deliveries) > MAX_PENDING_BATCHES:
+                    # The broker confirms more slowly than we score: wait, so that clicks wait in Kafka
+                    # (where lag shows) and not as unconfirmed batches in memory, which a rebalance
+                    # would have to wait for and a crash would have to redo.
+                    await asyncio.wait(self._deliveries, return_when=asyncio.FIRST_COMPLETED)
         finally:
             await asyncio.shield(self._close(producer))  # Faust cancels a stopping agent: finish regardless
 
@@ -150,12 +177,35 @@ class StreamWorker:
         await producer.flush()
         await producer.stop()
 
+    def _current(self, events: list) -> list:
+        """The events this worker may process now: fetched in the consumer group's current generation,
+        outside a rebalance, on partitions it owns.
+
+        The agent reads its queue directly, so it makes the check Faust's own stream iterator makes:
+        an event fetched before a rebalance is skipped (the seek to the committed offset that ends the
+        rebalance reads it again). Processing it would apply a click out of order (the clicks before
+        it, read again, would then look already applied and go unanswered). The events kept are
+        tracked, so that a rebalance waits for their answers and states before Faust commits and
+        gives the partitions up (``Consumer.wait_empty``).
+        """
+        app = self.app
+        if not app.flow_control.is_active():
+            return []
+        generation = app.consumer_generation_id
+        owned = self._owned_partitions()
+        kept = [e for e in events if e.message.generation_id == generation and e.message.partition in owned]
+        track = app.consumer.track_message
+        for e in kept:
+            track(e.message)
+        return kept
+
     async def _handle(self, stream, events: list) -> None:
         m = self.metrics
-        owned = self._owned_partitions()
-        events = [e for e in events if e.message.partition in owned]
+        events = self._current(events)
         if not events:
             return
+        # Faust's stall check (stream_processing_timeout) reads this; its Stream iteration, which the agent bypasses, would set it.
+        self.app.monitor.stream_inbound_time.update(dict.fromkeys({e.message.tp for e in events}, time.monotonic()))
         now = time.time()
         records = [Record(e.message.key, e.message.value, e.message.topic, e.message.partition, e.message.offset, e.message.timestamp or now) for e in events]
         result = self.processor.process(records, self._load_state)
@@ -199,7 +249,7 @@ class StreamWorker:
             m.end_to_end.observe(latency)
         m.observe_online(result.online_ranks)
         if result.redelivered:
-            m.events.labels("redelivered").inc(result.redelivered)
+            m.redelivered.inc(result.redelivered)
         m.active_sessions.set(len(data))
         m.last_progress.set(time.time())
         self.watchdog.handled(records)
@@ -273,10 +323,9 @@ def serve(settings: Settings, bundle_dir: Path) -> None:
     asyncio.set_event_loop(loop)
     partitions = loop.run_until_complete(ensure_topics(settings))
     worker = StreamWorker(settings, scorer, partitions)
-    if settings.bundle_poll_seconds:
-        from stream.swap import BundleWatcher
+    from stream.swap import install
 
-        BundleWatcher(worker, bundle_dir).install(worker.app, settings.bundle_poll_seconds)
+    install(worker, bundle_dir, loop)
     worker.watchdog.start()
     if settings.metrics_port:
         try:
@@ -284,7 +333,11 @@ def serve(settings: Settings, bundle_dir: Path) -> None:
         except OSError as e:
             raise UserError(f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port} ({e.strerror})") from None
     log.info("serving %s (%s) with k=%d from %s", scorer.manifest["model"], scorer.kind, settings.k, bundle_dir)
-    Worker(worker.app, loglevel=settings.log_level, quiet=True, loop=loop).execute_from_commandline()
+    faust_worker = Worker(worker.app, loglevel=settings.log_level, quiet=True, loop=loop)
+    # Faust's terminal spinner sets the root logger to DEBUG, so every debug call of aiokafka and
+    # Faust built a log record on the hot path only for the handlers to drop it.
+    faust_worker.spinner = None
+    faust_worker.execute_from_commandline()
 
 
 

@@ -185,6 +185,7 @@ def test_compose_workers_scale_and_agree_with_prometheus(files):
     assert "container_name" not in worker and not worker.get("ports"), "a fixed name or host port stops --scale worker=N"
     env = worker["environment"]
     assert env["STREAMREC_METRICS_HOST"] == "0.0.0.0", "Prometheus reaches replicas over the compose network"
+    assert "healthcheck" not in worker, "workers keep the image's HEALTHCHECK (GET /healthz, the stall watchdog)"
     assert int(env.get("STREAMREC_METRICS_PORT", Settings.metrics_port)) == dns_sd_port()
     assert env["STREAMREC_PARTITIONS"] == services["topics"]["environment"]["PARTITIONS"] == "12"
     bundle_volume = next(v for v in worker["volumes"] if v["target"] in env["STREAMREC_BUNDLE"])
@@ -272,7 +273,7 @@ def test_dockerfile_final_stage_is_small_non_root_and_checked():
         assert word not in text, f"the final stage runs {word}: build in the build stage"
     users = [line.split()[1] for line in final if line.startswith("USER ")]
     assert users and users[-1].split(":")[0] not in ("root", "0"), "the final stage must run as a non-root user"
-    assert any(line.startswith("HEALTHCHECK ") and "/metrics" in line for line in final)
+    assert any(line.startswith("HEALTHCHECK ") and "/healthz" in line for line in final), "the HEALTHCHECK must ask the watchdog's /healthz"
     for line in final:
         if line.startswith("COPY --from="):
             assert line.split()[-1] == "/opt/venv", f"the final stage copies only the virtualenv: {line}"

@@ -62,14 +62,14 @@ def test_five_sigkills_lose_nothing_and_restore_session_state(broker, stream_dat
             assert wait_for(lambda: answered(settings) > before, timeout=60), f"worker {i} never answered"
             time.sleep(rng.uniform(0.3, 2.5))  # a random point mid-stream
             assert sender.is_alive(), "the stream ended before the kills did: raise the click count"
-            redelivered += metric(metrics_text(settings), 'streamrec_events_total{outcome="redelivered"}')
+            redelivered += metric(metrics_text(settings), "streamrec_redelivered_events_total")
             kill_worker(worker)
             worker = start_worker(settings, bundle, tmp_path / f"worker-{i + 1}.log")
         assert wait_for(lambda: answered(settings) > 0, timeout=60), "the last worker never answered"
         time.sleep(2.0)
         sent = sender.finish(timeout=30, stop=True)
         total, duplicates = check_answers(settings, bundle, sessions_of(sent), rate, kills)
-        redelivered += metric(metrics_text(settings), 'streamrec_events_total{outcome="redelivered"}')
+        redelivered += metric(metrics_text(settings), "streamrec_redelivered_events_total")
     finally:
         status = stop_worker(worker)
     assert status == 0, (tmp_path / f"worker-{kills}.log").read_text()[-3000:]
@@ -80,9 +80,8 @@ def test_five_sigkills_lose_nothing_and_restore_session_state(broker, stream_dat
 
 @pytest.mark.xfail(
     strict=False,
-    reason="flaky on the loaded 2-core box: after a rebalance some runs leave a partition unanswered for over 120 s "
-    "(2,177 of 2,210 answers seen in CI); same open item as tests/test_scale_out.py (a consumer stall after a rebalance, "
-    "Tansu or Faust not yet known; see docs/reliability.md)",
+    reason="loses answers in some runs under load: a rebalance cause (Faust resumes stream partitions before its seek) is found "
+    "but not yet fixed; see docs/reliability.md, 'Answers missing after a rebalance'",
 )
 def test_a_second_worker_joining_and_leaving_loses_nothing(broker, stream_data, gru_bundle, tmp_path):
     _, bundle = gru_bundle

@@ -20,7 +20,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from stream.broker import free_port
 from stream.topics import consume_all
 from stream.worker import start_worker, stop_worker
-from tests.streamkit import PacedSender, answers_by_key, assert_same_answer, click_stream, kill_worker, offline_answers
+from tests.streamkit import PacedSender, answers_by_key, assert_same_answer, click_stream, kill_worker, offline_answers, sessions_of
 from tests.test_stream_support import gru_bundle, metric, metrics_text, stream_data, wait_for, worker_settings  # noqa: F401
 
 pytestmark = pytest.mark.broker
@@ -49,29 +49,32 @@ def clicks_partitions(settings) -> set[int]:
 
 @pytest.mark.xfail(
     strict=False,
-    reason="flaky on the loaded 2-core box: after the SIGKILL some runs leave part of the killed worker's partitions "
-    "unanswered for over 60 s (1,778 of 1,800 answers seen); not yet known whether Tansu's group rebalance or the worker "
-    "is at fault. Open item of the production-stream issue; tests/test_recovery.py covers kill-and-restart of one worker.",
+    reason="loses answers in some runs under load: a rebalance cause (Faust resumes stream partitions before its seek) is found "
+    "but not yet fixed; see docs/reliability.md, 'Answers missing after a rebalance'",
 )
 def test_the_survivor_takes_over_a_killed_workers_sessions(broker, stream_data, gru_bundle, tmp_path):
     _, bundle = gru_bundle
     first = worker_settings(broker, partitions=PARTITIONS)
     second = first.replace(metrics_port=free_port())
     rate = 120.0
-    messages, sessions = click_stream(stream_data.vocab.item_ids, n_sessions=60, clicks=30, seed=21, prefix="x")
+    messages, _ = click_stream(stream_data.vocab.item_ids, n_sessions=60, clicks=100, seed=21, prefix="x")  # 50 s' worth: stopped earlier
     sender = PacedSender(first, messages, rate)
     workers = [start_worker(first, bundle, tmp_path / "worker-a.log"), start_worker(second, bundle, tmp_path / "worker-b.log")]
     try:
         sender.start()
         assert wait_for(lambda: answered(first) > 0 and answered(second) > 0, timeout=60), "the two workers did not both get partitions"
         time.sleep(1.0)
-        assert sender.is_alive(), "the stream ended before the kill: raise the click count"
         assert wait_for(lambda: clicks_partitions(first) and clicks_partitions(second), timeout=15), "no offset commits"
         owned_by_killed = clicks_partitions(first) - clicks_partitions(second)  # a gauge stays after a rebalance: drop shared ones
         assert owned_by_killed and owned_by_killed != set(range(PARTITIONS))  # the group split the partitions
+        assert sender.is_alive(), "the stream ended before the kill: raise the click count"
         killed_at = time.time()
         kill_worker(workers[0])
-        sender.finish(timeout=60)
+        survivor_before = answered(second)
+        # the survivor takes over (group session timeout, then recovery) and answers a further 5 s of clicks
+        assert wait_for(lambda: answered(second) > survivor_before + 5 * rate, timeout=60), "the survivor stopped answering"
+        assert sender.is_alive(), "the stream ended before the takeover was seen: raise the click count"
+        sessions = sessions_of(sender.finish(timeout=30, stop=True))
         expected = offline_answers(bundle, sessions, K)
         records = asyncio.run(consume_all(first, [first.recommendations_topic, first.dlq_topic], expect={first.recommendations_topic: len(expected)}, timeout=60))
     finally:
@@ -96,4 +99,4 @@ def test_the_survivor_takes_over_a_killed_workers_sessions(broker, stream_data, 
     # prove the takeover (Faust's commit gauge is no proof: a partition with nothing new to commit never shows).
     taken_over = {partition_of(doc["session_id"].encode(), list(range(PARTITIONS)), list(range(PARTITIONS))) for doc in continued}
     assert taken_over == owned_by_killed, f"the survivor answered nothing on partitions {sorted(owned_by_killed - taken_over)}"
-    print(f"{len(messages):,} clicks, 2 workers, one SIGKILLed: {total:,} answers, {total - len(by_key)} duplicates, {len(moved)} sessions moved, {len(continued)} of their clicks answered by the survivor")
+    print(f"{len(expected):,} clicks, 2 workers, one SIGKILLed: {total:,} answers, {total - len(by_key)} duplicates, {len(moved)} sessions moved, {len(continued)} of their clicks answered by the survivor")

@@ -241,9 +241,13 @@ def test_a_pickle_in_a_resealed_bundle_never_runs(markov_bundle, tmp_path):
     popularity = _copy(bundle, tmp_path / "popularity")
     np.save(popularity / "popularity.npy", evil, allow_pickle=True)
     _reseal(popularity, "popularity.npy")
-    for tampered in (model, popularity):
-        with pytest.raises((UserError, ValueError), match="pickle|unreadable"):
+    for tampered, name in ((model, "model.npz"), (popularity, "popularity.npy")):
+        with pytest.raises(UserError, match=f"{name} holds pickled Python objects"):
             load_scorer(tampered)
+    # the CLI says so in one line (exit status 2), no traceback
+    verify = subprocess.run(["streamrec", "bundle", "verify", str(model)], capture_output=True, text=True, timeout=60)
+    assert verify.returncode == 2, verify.stderr
+    assert verify.stderr.strip().splitlines() == [f"error: {model}: model.npz holds pickled Python objects, which streamrec never loads (a bundle holds plain numeric arrays only; re-export the model)"]
     assert not marker.exists()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import time
 import urllib.error
@@ -127,3 +128,6 @@ def test_a_hung_broker_is_reported_as_a_stall_and_the_worker_catches_up(broker, 
     assert len(answers) == len(messages)  # nothing lost, nothing answered twice
     log = log_path.read_text()
     assert "worker stalled: no micro-batch finished" in log and "worker progressing again" in log
+    # with where the consumer stood: flow, the agent's queue, each of its 3 partitions' offsets and fetch state
+    states = re.findall(r"consumer state while stalled: (.*)", log)
+    assert states and all(s.startswith("flow on, agent queue ") and s.count("high=") == s.count("committed=") == 3 for s in states), states
