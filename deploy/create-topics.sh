@@ -11,8 +11,9 @@ replication=${REPLICATION_FACTOR:?set REPLICATION_FACTOR, 1 for a single broker}
 
 create() {
   local topic=$1 count=$2
+  shift 2
   "$kafka_topics" --bootstrap-server "$bootstrap" --create --if-not-exists \
-    --topic "$topic" --partitions "$count" --replication-factor "$replication"
+    --topic "$topic" --partitions "$count" --replication-factor "$replication" "$@"
   local actual
   actual=$("$kafka_topics" --bootstrap-server "$bootstrap" --describe --topic "$topic" | grep -c 'Partition: ')
   if [ "$actual" != "$count" ]; then
@@ -26,5 +27,6 @@ create() {
 for topic in clicks recommendations clicks-dlq; do
   create "$topic" "$partitions"
 done
-# Control topic: few, small, ordered messages.
-create model-updates 1
+# Control topic: few, small, ordered messages; compacted so the newest update is kept however old it is
+# (a worker that starts reads it to the end and serves the newest bundle).
+create model-updates 1 --config cleanup.policy=compact

@@ -51,7 +51,7 @@ class Settings:
     faust_metrics: bool = _s(True, "Also export Faust's own consumer/stream metrics (faust PrometheusMonitor) on the same endpoint.")
     broker_quirks: str = _s("none", "'tansu' when the broker is the embedded one: works around its ListOffsets answer (see docs/stream.md).", BROKER_QUIRKS)
     group_session_timeout: float = _s(10.0, "Consumer group session timeout in seconds: how soon a dead worker's partitions move. Apache Kafka accepts it between the broker's group.min.session.timeout.ms and group.max.session.timeout.ms (6 s and 30 min by default).", minimum=0.5)
-    standby_replicas: int = _s(1, "Faust table_standby_replicas: how many other workers also read each changelog partition. With the in-memory table store this does not shorten a takeover (see docs/stream.md, 'Scale-out and sizing'); 0 saves those reads.", minimum=0)
+    standby_replicas: int = _s(0, "Faust table_standby_replicas: how many other workers also read each changelog partition. With the in-memory table store this does not shorten a takeover (see docs/stream.md, 'Scale-out and sizing'), so the default is 0.", minimum=0)
     scorer_threads: int = _s(1, "CPU threads of the scorer (ONNX Runtime / torch intra-op).", minimum=1)
     bundle_poll_seconds: float = _s(5.0, "How often the worker checks --bundle (a directory or a symlink to one) for a new model_version and swaps it in while serving (0 = never).", minimum=0)
     model_updates_topic: str = _s("model-updates", "Topic of model-update messages (`streamrec publish-model`): every worker reads every message, outside the consumer group, and swaps the bundle it names in while serving (empty = not read).")

@@ -75,7 +75,7 @@ def test_group_settings_reach_faust_and_a_long_session_timeout_is_accepted(marko
     assert consumer._session_timeout_ms == 600_000 and consumer._rebalance_timeout_ms == 600_000
     assert consumer._client._request_timeout_ms > consumer._rebalance_timeout_ms  # a JoinGroup may wait that long on the broker
     conf, consumer = asyncio.run(consumer_of(Settings()))
-    assert conf.table_standby_replicas == 1 and conf.broker_request_timeout == 90.0 and consumer._session_timeout_ms == 10_000
+    assert conf.table_standby_replicas == 0 and conf.broker_request_timeout == 90.0 and consumer._session_timeout_ms == 10_000
 
 
 def streamrec(*args: str) -> subprocess.CompletedProcess:
