@@ -50,6 +50,8 @@ from training.evaluate import evaluate
 from training.models import available_models, get_model
 from training.models.base import config_from_options
 
+from _report import grouped, pyplot, table, write_section  # benchmarks/ is on sys.path
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 RESULTS = REPO / "docs" / "results.md"
@@ -237,26 +239,21 @@ def markdown(rows: list[dict]) -> str:
         "  Diginetica row is missing until then (the protocol changed).",
         "",
     ]
-    for key in dict.fromkeys(r["dataset"] for r in rows):
-        part = [r for r in rows if r["dataset"] == key]
+    for key, part in grouped(rows, "dataset").items():
         minutes = sum(r["train_s"] + r["eval_s"] for r in part) / 60
         items = next((f", {r['n_items']:,} items" for r in part if "n_items" in r), "")
         lines += [f"**{DATASETS[key][0]}**{items}, {part[0]['events']:,} evaluated events; training and evaluating these rows "
                   f"took {minutes:.0f} min (measured {max(r['measured'] for r in part)}). Command: {COMMANDS[key]}", ""]
-        lines += [
-            "| model | HR@10 | HR@20 | MRR@10 | MRR@20 | NDCG@10 | NDCG@20 | epochs | train s | CPU s | load | published, same data and protocol |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
+        cells = []
         for r in part:
             ref = LITERATURE.get((key, r["model"]))
             cite = f"{ref[0]}: " + ", ".join(f"{k} {v:.4f}" for k, v in ref[1].items()) if ref else ""
             cpu = f"{r['train_cpu_s']:.0f}" if "train_cpu_s" in r else ""
             load = f"{r['load_avg']:.1f}" if "load_avg" in r else ""
-            lines.append(
-                f"| {r['model']} | {r['HR@10']:.4f} | {r['HR@20']:.4f} | {r['MRR@10']:.4f} | {r['MRR@20']:.4f} | "
-                f"{r['NDCG@10']:.4f} | {r['NDCG@20']:.4f} | {epochs_cell(r)} | {r['train_s']:.0f} | {cpu} | {load} | {cite} |"
-            )
-        lines.append("")
+            metrics = [f"{r[m]:.4f}" for m in ("HR@10", "HR@20", "MRR@10", "MRR@20", "NDCG@10", "NDCG@20")]
+            cells.append([r["model"], *metrics, epochs_cell(r), f"{r['train_s']:.0f}", cpu, load, cite])
+        header = ["model", "HR@10", "HR@20", "MRR@10", "MRR@20", "NDCG@10", "NDCG@20", "epochs", "train s", "CPU s", "load", "published, same data and protocol"]
+        lines += [*table(header, cells), ""]
         if key in NOTES:
             lines += [NOTES[key], ""]
     lines += [
@@ -279,34 +276,18 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    """Replace (or add) the "## Neural models" section of docs/results.md, leaving other sections alone."""
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    doc = RESULTS.read_text() if RESULTS.exists() else "# Results\n\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(doc):
-        doc = pattern.sub(lambda _: text.rstrip() + "\n\n", doc, count=1)
-    else:
-        doc = doc.rstrip() + "\n\n" + text.rstrip() + "\n"
-    RESULTS.write_text(doc.rstrip() + "\n")
-
-
 def capped(r: dict) -> bool:
     """True when the epoch cap, not early stopping, ended the row's training."""
     return r["best_epochs"] is not None and r["epochs_run"] == r["max_epochs"] and not r.get("stopped_early", False)
 
 
 def chart(rows: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.patches import Patch
 
-    keys = list(dict.fromkeys(r["dataset"] for r in rows))
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.8 * len(keys), 4.3), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        part = [r for r in rows if r["dataset"] == key]
+    groups = grouped(rows, "dataset")
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.8 * len(groups), 4.3), squeeze=False)
+    for ax, (key, part) in zip(axes[0], groups.items()):
         x = np.arange(len(part))
         colors = ["tab:gray" if parse_spec(r["model"])[0] in BASELINES else "tab:blue" for r in part]
         hatches = ["//" if capped(r) else "" for r in part]
@@ -325,7 +306,7 @@ def chart(rows: list[dict]) -> None:
         loc="upper right", ncol=4, fontsize=8,
     )
     fig.suptitle("Full ranking, conservative ties", fontsize=10, x=0.02, ha="left")
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.tight_layout(rect=(0, 0, 1, 0.95))  # room above the plots for the figure legend (save_figure's layout would take it)
     CHART.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(CHART, dpi=110)
     plt.close(fig)
@@ -337,7 +318,7 @@ def publish(row: dict) -> None:
     STORE.parent.mkdir(parents=True, exist_ok=True)
     STORE.write_text(json.dumps(rows, indent=1))
     chart(rows)
-    write_section(markdown(rows))
+    write_section(RESULTS, markdown(rows))
     print(f"    wrote {RESULTS.relative_to(REPO)} ({SECTION}), {STORE.relative_to(REPO)} and {CHART.relative_to(REPO)}", flush=True)
 
 
@@ -353,7 +334,7 @@ def main() -> None:
     if args.render_only:
         rows = merge([])
         chart(rows)
-        write_section(markdown(rows))
+        write_section(RESULTS, markdown(rows))
         return
     torch.set_num_threads(args.threads)
     if not SHARED.is_dir():

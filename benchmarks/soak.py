@@ -36,6 +36,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _report import command_line, pyplot, save_figure, table, write_section  # noqa: E402  (benchmarks/ is on sys.path)
+
 DOC = ROOT / "docs" / "reliability.md"
 PLOT = ROOT / "docs" / "img" / "soak.png"
 SECTION = "## Soak"
@@ -157,11 +159,7 @@ def quantile(buckets: list[tuple[float, float]], q: float) -> float:
 
 
 def plot(samples: list[dict], args) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     minutes = [s["t"] / 60 for s in samples]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     top.plot(minutes, [s["worker_mb"] for s in samples], label="worker RSS (MB)", color="tab:blue")
@@ -175,17 +173,28 @@ def plot(samples: list[dict], args) -> None:
     bottom.set_ylabel("count")
     bottom.set_xlabel("minutes")
     bottom.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    PLOT.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(PLOT, dpi=110)
+    save_figure(fig, PLOT)
 
 
 def render(samples: list[dict], summary: dict, args) -> str:
     warm = [s for s in samples if s["t"] >= summary["warmup_s"]]
-    rows = ["| minute | worker RSS MB | active sessions | expired (total) | answered (total) | not yet answered | healthy |", "|---:|---:|---:|---:|---:|---:|:---:|"]
     step = max(1, len(samples) // 12)
-    for s in samples[::step] + ([samples[-1]] if (len(samples) - 1) % step else []):
-        rows.append(f"| {s['t'] / 60:.1f} | {s['worker_mb']:.0f} | {s['active_sessions']:,.0f} | {s['expired']:,.0f} | {s['answered']:,.0f} | {max(0.0, s['sent'] - s['answered']):,.0f} | {'yes' if s['healthy'] else 'NO'} |")
+    rows = [
+        (f"{s['t'] / 60:.1f}", f"{s['worker_mb']:.0f}", f"{s['active_sessions']:,.0f}", f"{s['expired']:,.0f}", f"{s['answered']:,.0f}",
+         f"{max(0.0, s['sent'] - s['answered']):,.0f}", "yes" if s["healthy"] else "NO")
+        for s in samples[::step] + ([samples[-1]] if (len(samples) - 1) % step else [])
+    ]
+    figures = [
+        ("clicks sent / answered (within 2 minutes of the end)", f"{summary['sent']:,} / {summary['answered']:,.0f}{'' if summary['answered'] == summary['sent'] else ' — **not all answered**'}"),
+        ("sessions started / expired", f"{summary['sessions_started']:,} / {summary['expired']:,.0f}"),
+        ("active sessions after warm-up (min – max)", f"{min(s['active_sessions'] for s in warm):,.0f} – {max(s['active_sessions'] for s in warm):,.0f}"),
+        ("worker RSS at warm-up end → end", f"{summary['rss_warm']:.0f} MB → {summary['rss_end']:.0f} MB"),
+        ("worker RSS trend after warm-up / over the last half (least squares)", f"{summary['slope_mb_per_hour']:+.1f} / {summary['late_slope_mb_per_hour']:+.1f} MB/hour"),
+        ("most clicks sent but not yet answered in a sample", f"{max(max(0.0, s['sent'] - s['answered']) for s in samples):,.0f}"),
+        *([("embedded broker RSS start → end", f"{samples[0]['broker_mb']:.0f} MB → {samples[-1]['broker_mb']:.0f} MB")] if not args.broker else []),
+        ("end-to-end latency p50 / p99 (histogram bucket bounds)", f"{_bound(summary['p50'])} / {_bound(summary['p99'])}"),
+        ("/healthz not 200 in a sample", f"{summary['unhealthy_samples']} of {len(samples)}"),
+    ]
     lines = [
         SECTION,
         "",
@@ -198,22 +207,12 @@ def render(samples: list[dict], summary: dict, args) -> str:
         summary["command"],
         "```",
         "",
-        "| figure | value |",
-        "|---|---|",
-        f"| clicks sent / answered (within 2 minutes of the end) | {summary['sent']:,} / {summary['answered']:,.0f}{'' if summary['answered'] == summary['sent'] else ' — **not all answered**'} |",
-        f"| sessions started / expired | {summary['sessions_started']:,} / {summary['expired']:,.0f} |",
-        f"| active sessions after warm-up (min – max) | {min(s['active_sessions'] for s in warm):,.0f} – {max(s['active_sessions'] for s in warm):,.0f} |",
-        f"| worker RSS at warm-up end → end | {summary['rss_warm']:.0f} MB → {summary['rss_end']:.0f} MB |",
-        f"| worker RSS trend after warm-up / over the last half (least squares) | {summary['slope_mb_per_hour']:+.1f} / {summary['late_slope_mb_per_hour']:+.1f} MB/hour |",
-        f"| most clicks sent but not yet answered in a sample | {max(max(0.0, s['sent'] - s['answered']) for s in samples):,.0f} |",
-        *([f"| embedded broker RSS start → end | {samples[0]['broker_mb']:.0f} MB → {samples[-1]['broker_mb']:.0f} MB |"] if not args.broker else []),
-        f"| end-to-end latency p50 / p99 (histogram bucket bounds) | {_bound(summary['p50'])} / {_bound(summary['p99'])} |",
-        f"| /healthz not 200 in a sample | {summary['unhealthy_samples']} of {len(samples)} |",
+        *table(["figure", "value"], figures),
         "",
         f"Warm-up = the first {summary['warmup_s'] / 60:.1f} minutes (session TTL plus the time for the first sessions to age out). "
         "The broker's memory grows by design (memory storage, no retention); the worker's is what must stay flat.",
         "",
-        *rows,
+        *table(["minute", "worker RSS MB", "active sessions", "expired (total)", "answered (total)", "not yet answered", "healthy"], rows, "rrrrrrc"),
         "",
         "![soak](img/soak.png)",
         "",
@@ -223,17 +222,6 @@ def render(samples: list[dict], summary: dict, args) -> str:
 
 def _bound(seconds: float) -> str:
     return f"≤ {seconds * 1000:,.0f} ms" if np.isfinite(seconds) else "> 10 s (beyond the last bucket)"
-
-
-def write_section(section: str) -> None:
-    """Replace (or append) the "## Soak" section of docs/reliability.md, leaving the rest alone."""
-    text = DOC.read_text() if DOC.is_file() else "# Reliability\n\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    DOC.write_text(text)
 
 
 def main() -> None:
@@ -260,7 +248,7 @@ def main() -> None:
     from stream.settings import Settings
     from stream.worker import start_worker, stop_worker, wait_until_serving
 
-    command = "python benchmarks/soak.py " + " ".join(sys.argv[1:])
+    command = command_line()
     with tempfile.TemporaryDirectory(prefix="streamrec-soak-") as tmp:
         work = Path(tmp)
         print("building the bundle ...", file=sys.stderr)
@@ -329,7 +317,7 @@ def main() -> None:
     print(json.dumps({k: v for k, v in summary.items() if k != "command"}, indent=1), file=sys.stderr)
     if not args.no_write:
         plot(samples, args)
-        write_section(section)
+        write_section(DOC, section)
         print(f"wrote {DOC.relative_to(ROOT)} ({SECTION}) and {PLOT.relative_to(ROOT)}", file=sys.stderr)
     if summary["answered"] != summary["sent"]:
         raise SystemExit(f"{summary['sent'] - summary['answered']:,.0f} clicks were not answered within 2 minutes of the end")

@@ -37,7 +37,6 @@ import asyncio
 import json
 import os
 import platform
-import re
 import shutil
 import signal
 import subprocess
@@ -52,6 +51,8 @@ import orjson
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _report import command_line, pyplot, save_figure, table, write_section  # noqa: E402  (benchmarks/ is on sys.path)
 
 DOC = ROOT / "docs" / "performance.md"
 PLOT = ROOT / "docs" / "img" / "stream_latency.png"
@@ -305,7 +306,7 @@ def profile_table(path: Path, result: dict, load: str) -> str:
         counts[name] += int(n)
     total = sum(counts.values()) or 1
     cpu = result["cpu_ms"][0]
-    rows = [f"| {name} | {100 * n / total:.1f}% | {cpu * n / total * 1000:,.0f} |" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]) if n]
+    rows = [(name, f"{100 * n / total:.1f}%", f"{cpu * n / total * 1000:,.0f}") for name, n in sorted(counts.items(), key=lambda kv: -kv[1]) if n]
     return "\n".join(
         [
             PROFILE_SECTION,
@@ -317,11 +318,9 @@ def profile_table(path: Path, result: dict, load: str) -> str:
             "",
             "Produced by:",
             "",
-            "    python benchmarks/stream.py --systems c --profile",
+            f"    {command_line()}",
             "",
-            "| where | share of samples | µs per event |",
-            "|---|---:|---:|",
-            *rows,
+            *table(["where", "share of samples", "µs per event"], rows, "-rr"),
             "",
         ]
     )
@@ -375,19 +374,18 @@ def scorer_ceiling(bundle_dir: Path, batch: int = 256, seconds: float = 3.0) -> 
 
 def render(results: list[dict], args, n_items: int, load: str, ceilings: dict[str, tuple[float, float]]) -> str:
     rate, low_rate = f"{args.rate:,.0f}/s", f"{args.low_rate:,.0f}/s"
-    rows = [
-        f"| system | max sustained events/s | CPU ms/event: system / broker / load generator | p50 ms @{rate} | p90 ms @{rate} | p99 ms @{rate} | answered @{rate} | p50 ms @{low_rate} | p99 ms @{low_rate} | note |",
-        "|---|---:|---:|---:|---:|---:|---|---:|---:|---|",
-    ]
+    header = ["system", "max sustained events/s", "CPU ms/event: system / broker / load generator", f"p50 ms @{rate}", f"p90 ms @{rate}", f"p99 ms @{rate}",
+              f"answered @{rate}", f"p50 ms @{low_rate}", f"p99 ms @{low_rate}", "note"]
+    rows = []
     for r in results:
         lat = r["latency_ms"]
         p = np.percentile(lat, [50, 90, 99]) if len(lat) else [np.nan] * 3
         low = r["low_latency_ms"]
         q = np.percentile(low, [50, 99]) if low is not None and len(low) else None
-        lows = f"{q[0]:,.1f} | {q[1]:,.1f}" if q is not None else " | "
+        lows = [f"{q[0]:,.1f}", f"{q[1]:,.1f}"] if q is not None else ["", ""]
         note = "saturated below the offered rate: latency grows with the queue" if r["saturated"] else ""
         cpu = " / ".join(f"{c:.3f}" for c in r["cpu_ms"])
-        rows.append(f"| {r['name']} | {r['throughput']:,.0f} | {cpu} | {p[0]:,.1f} | {p[1]:,.1f} | {p[2]:,.1f} | {r['answered_latency']} | {lows} | {note} |")
+        rows.append([r["name"], f"{r['throughput']:,.0f}", cpu, *(f"{v:,.1f}" for v in p), r["answered_latency"], *lows, note])
     c = next((r for r in results if r["name"] == "(c) streamrec worker"), None)
     b = next((r for r in results if r["name"].startswith("(b)")), None)
     a = next((r for r in results if r["name"].startswith("(a)")), None)
@@ -406,7 +404,7 @@ def render(results: list[dict], args, n_items: int, load: str, ceilings: dict[st
             (f"p50 <= 10 ms at {args.rate:,.0f}/s", p50 <= 10, f"{p50:,.1f} ms"),
             (f"p99 <= 50 ms at {args.rate:,.0f}/s", p99 <= 50, f"{p99:,.1f} ms"),
         ]
-        targets = ["", "| target | this run | met |", "|---|---:|---|"] + [f"| {t} | {v} | {'yes' if ok else '**no**'} |" for t, ok, v in checks]
+        targets = ["", *table(["target", "this run", "met"], [(t, v, "yes" if ok else "**no**") for t, ok, v in checks], "-r-")]
     return "\n".join(
         [
             SECTION,
@@ -431,9 +429,9 @@ def render(results: list[dict], args, n_items: int, load: str, ceilings: dict[st
             "",
             "Produced by:",
             "",
-            "    python benchmarks/stream.py",
+            f"    {command_line()}",
             "",
-            *rows,
+            *table(header, rows, "-rrrrr-rr-"),
             *targets,
             "",
             f"![end-to-end latency at {args.rate:,.0f} events/s](img/{PLOT.name})",
@@ -443,11 +441,7 @@ def render(results: list[dict], args, n_items: int, load: str, ceilings: dict[st
 
 
 def plot(results: list[dict], rate: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in results:
         lat = np.sort(r["latency_ms"])
@@ -459,20 +453,7 @@ def plot(results: list[dict], rate: float) -> None:
     ax.set_title(f"Clicks offered at {rate:,.0f}/s on the embedded broker")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right")
-    PLOT.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(PLOT, dpi=120)
-
-
-def write_section(section: str, title: str) -> None:
-    """Replace (or append) the section ``title`` of docs/performance.md, leaving other sections alone."""
-    text = DOC.read_text() if DOC.is_file() else "# Performance\n\n"
-    pattern = re.compile(rf"^{re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    DOC.write_text(text)
+    save_figure(fig, PLOT, dpi=120)
 
 
 def main() -> None:
@@ -534,21 +515,21 @@ def main() -> None:
         }
         if args.profile:
             result = measure(systems["c"][0], systems["c"][1], items, args, rng, profile_path=work / "profile.txt")
-            table = profile_table(work / "profile.txt", result, f"{load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
-            print(table)
+            section = profile_table(work / "profile.txt", result, f"{load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
+            print(section)
             if not args.no_write:
-                write_section(table, PROFILE_SECTION)
+                write_section(DOC, section)
                 print(f"wrote {DOC} ({PROFILE_SECTION})", file=sys.stderr)
             return
         ceilings = {name: scorer_ceiling(work / name) for name in ("bundle", "bundle-int8")}
         print(f"Scorer.step alone at batch 256 (events/s, events per CPU second): {ceilings}", file=sys.stderr)
         results = [measure(systems[s][0], systems[s][1], items, args, rng) for s in args.systems.split(",")]
     load = f"{load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
-    table = render(results, args, len(items), load, ceilings)
-    print(table)
+    section = render(results, args, len(items), load, ceilings)
+    print(section)
     if not args.no_write:
         plot(results, args.rate)
-        write_section(table, SECTION)
+        write_section(DOC, section)
         print(f"wrote {DOC} ({SECTION}) and {PLOT}", file=sys.stderr)
 
 
