@@ -82,7 +82,7 @@ LITERATURE = {
 
 
 NOTES = {
-    "yoochoose": "These rows were measured before the `CPU s` and `load` columns existed and were not re-run for them.",
+    "yoochoose": "Rows with empty `CPU s` and `load` were measured before those columns existed and were not re-run for them.",
     "diginetica": "Leave-one-out on the SR-GNN sample: each session is one sequence, its last click the test target and the "
     "one before it the validation target (sessions of 2 clicks only train). The 2-core filter (sessions and items with at "
     "least 2 clicks, repeated until stable) keeps targets that were seen in training; the session-time split used before "
@@ -200,7 +200,7 @@ def merge(rows: list[dict]) -> list[dict]:
 
 COMMANDS = {
     "yoochoose": "`python benchmarks/accuracy.py --datasets yoochoose --max-epochs 30`",
-    "diginetica": "`python benchmarks/accuracy.py --datasets diginetica --models pop,markov,vsknn,caser,sasrec,bert4rec,bst,srgnn --max-epochs 30`",
+    "diginetica": "`python benchmarks/accuracy.py --datasets diginetica --models pop,markov,vsknn,caser,sasrec,bert4rec,bst,srgnn,gru4rec --max-epochs 30`",
     "beauty": "`python benchmarks/accuracy.py --datasets beauty --models <model> --max-epochs <cap>`, one model per process and "
     "one process at a time, with the cap shown in the `epochs` column (the baselines: `--models pop,markov`)",
 }
@@ -235,8 +235,8 @@ def markdown(rows: list[dict]) -> str:
         "  stopping, ended training. `train s` is wall time of both passes, `CPU s` the process CPU time.",
         "- **Machine**: one torch thread on the project's shared 2-core box; `load` is the 1-minute load average around",
         "  the row (2.0 = both cores already busy before ours), so times are indicative only.",
-        "- GRU4Rec is another engineer's model and is being reworked: its rows are re-run after that work, and its",
-        "  Diginetica row is missing until then (the protocol changed).",
+        "- GRU4Rec rows were re-run after its rework (defaults of docs/results.md \"GRU4Rec vs the official",
+        "  implementation\"), with `--models gru4rec` on each dataset.",
         "",
     ]
     for key, part in grouped(rows, "dataset").items():
