@@ -18,21 +18,54 @@
    read) if a rebalance begins meanwhile, rather than letting the conductor
    block in ``queue.put`` across a rebalance, after which the record lands in
    the cleared queue, out of order (mode's queue lets a pending put through
-   after ``clear()``). Faust's table recovery also resumes the stream
-   partitions *before* its seek to the committed offsets, so records fetched
-   in between reach the agent early; deferring that resumption to after the
-   seek stopped the losses this caused in a stress run, but was backed out
-   (a handover test then failed under load): see docs/reliability.md.
+   after ``clear()``).
+
+   Nor does it hand a stream record over while a rebalance is under way.
+   Faust's table recovery resumes the stream partitions *before* its seek to
+   the committed offsets, and resumes the flow, which clears the agent's
+   queue, only after it: a record handed over in between was lost from the
+   queue, and the read offset the loop had set for it outlived the seek, so
+   the loop then dropped the records the seek read again as "already read".
+   Such a record is skipped unread instead (its offset noted), and once the
+   rebalance is over the loop seeks the partition back to the first record
+   skipped, unless the rebalance's seek already went back that far (see
+   docs/reliability.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
+from aiokafka.errors import IllegalStateError
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
+log = logging.getLogger("streamrec.transport")
+
 ROOM_POLL_SECONDS = 0.002  # how often the fetch loop looks for room in a full agent queue
+
+
+class SkippedWhileRebalancing:
+    """Per stream partition, the first offset the fetch loop skipped unread while a rebalance was under way."""
+
+    def __init__(self) -> None:
+        self.first: dict = {}
+
+    def skip(self, tp, offset: int) -> None:
+        if offset < self.first.get(tp, offset + 1):
+            self.first[tp] = offset
+
+    def forget(self, tps) -> None:
+        """Partitions revoked: their next owner starts from the committed offset."""
+        for tp in tps:
+            self.first.pop(tp, None)
+
+    def seek_back(self, tp, offset: int) -> int | None:
+        """Where to read ``tp`` from again before its record at ``offset``, the first after the rebalance:
+        the first offset skipped, or None when ``offset`` is not past it (never a seek forward)."""
+        first = self.first.pop(tp, None)
+        return first if first is not None and offset > first else None
 
 
 def stream_transport(fetch_max_wait_ms: int, bulk_delivery: bool = True) -> type:
@@ -54,7 +87,17 @@ def stream_transport(fetch_max_wait_ms: int, bulk_delivery: bool = True) -> type
             return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     class BulkConsumer(Consumer):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._skipped = SkippedWhileRebalancing()
+
+        async def on_partitions_revoked(self, revoked) -> None:
+            self._skipped.forget(revoked)
+            await super().on_partitions_revoked(revoked)
+
         async def _drain_messages(self, fetcher) -> None:  # pragma: no cover - exercised by every broker test
+            app = self.app
+            skipped = self._skipped
             callback = self.callback
             getmany = self.getmany
             consumer_should_stop = self._stopped.is_set
@@ -68,8 +111,23 @@ def stream_transport(fetch_max_wait_ms: int, bulk_delivery: bool = True) -> type
                     await self.sleep(0)
                     if self.should_stop:
                         break
+                    if skipped.first and not app.rebalancing:
+                        await self._read_skipped_again()
+                    changelog_topics = app.tables.changelog_topics  # filled as the tables start: read per batch
+                    sought_back = set()  # partitions sought back during this batch: the rest of it is read again
                     async for tp, message in getmany(timeout=1.0):
                         offset = message.offset
+                        if tp in sought_back:
+                            continue
+                        if app.rebalancing and message.topic not in changelog_topics:
+                            if message.generation_id == app.consumer_generation_id:
+                                skipped.skip(tp, offset)  # older generations: the seek that ends the rebalance reads them again
+                            continue
+                        if skipped.first:
+                            back_to = skipped.seek_back(tp, offset)
+                            if back_to is not None and await self._seek_back(tp, back_to):
+                                sought_back.add(tp)
+                                continue
                         r_offset = get_read_offset(tp)
                         if r_offset is not None and offset < r_offset:
                             continue
@@ -90,6 +148,30 @@ def stream_transport(fetch_max_wait_ms: int, bulk_delivery: bool = True) -> type
                 if self.transport.app.should_stop:
                     return
                 raise
+
+        async def _read_skipped_again(self) -> None:
+            """The rebalance is over: seek each partition with records skipped during it back to the first one
+            (a partition may have no record after them, so this cannot wait for one)."""
+            for tp in list(self._skipped.first):
+                try:
+                    position = await self.position(tp)  # the next record the loop would get: it has taken all before
+                except IllegalStateError:
+                    position = None
+                if position is None:
+                    self._skipped.forget([tp])  # no longer ours
+                    continue
+                back_to = self._skipped.seek_back(tp, position)
+                if back_to is not None:
+                    await self._seek_back(tp, back_to)
+
+        async def _seek_back(self, tp, offset: int) -> bool:
+            """Seek ``tp`` back to ``offset``, the first record skipped during the rebalance; False if it is no longer ours."""
+            log.info("%s[%d]: reading again from offset %d (records skipped while rebalancing)", tp.topic, tp.partition, offset)
+            try:
+                await self.seek_wait({tp: offset})  # also sets the read offset
+            except IllegalStateError:
+                return False  # revoked meanwhile: its next owner starts from the committed offset
+            return True
 
         async def _room_for(self, message) -> bool:
             """Wait until the queues ``message`` goes to have room; False if a rebalance began meanwhile."""

@@ -78,11 +78,6 @@ def test_five_sigkills_lose_nothing_and_restore_session_state(broker, stream_dat
     print(f"{len(sent):,} clicks, {kills} SIGKILLs: {total:,} answers, {duplicates} duplicates, {redelivered:.0f} redelivered clicks skipped")
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="loses answers in some runs under load: a rebalance cause (Faust resumes stream partitions before its seek) is found "
-    "but not yet fixed; see docs/reliability.md, 'Answers missing after a rebalance'",
-)
 def test_a_second_worker_joining_and_leaving_loses_nothing(broker, stream_data, gru_bundle, tmp_path):
     _, bundle = gru_bundle
     settings = worker_settings(broker, partitions=4)

@@ -47,11 +47,6 @@ def clicks_partitions(settings) -> set[int]:
     return out
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="loses answers in some runs under load: a rebalance cause (Faust resumes stream partitions before its seek) is found "
-    "but not yet fixed; see docs/reliability.md, 'Answers missing after a rebalance'",
-)
 def test_the_survivor_takes_over_a_killed_workers_sessions(broker, stream_data, gru_bundle, tmp_path):
     _, bundle = gru_bundle
     first = worker_settings(broker, partitions=PARTITIONS)

@@ -208,3 +208,25 @@ async def _read_all(settings, topic):
     from stream.topics import consume_all
 
     return (await consume_all(settings, [topic], idle=1.0, timeout=30))[topic]
+
+
+def test_records_skipped_while_rebalancing_are_read_again_never_skipped_over():
+    """The fetch loop's decision after a rebalance (stream.transport): records it skipped unread are
+    read again from the first one, unless the rebalance's seek already went back that far."""
+    from stream.transport import SkippedWhileRebalancing
+
+    skipped = SkippedWhileRebalancing()
+    for offset in range(3920, 4433):  # fetched before the seek to the committed offset 3920
+        skipped.skip("p0", offset)
+    for offset in range(3920, 3990):  # fetched after it, still before the rebalance ended
+        skipped.skip("p0", offset)
+    skipped.skip("p1", 700)
+    assert skipped.seek_back("p0", 3990) == 3920  # the first record after the rebalance is past them: seek back
+    assert skipped.seek_back("p0", 3990) is None  # once
+    assert skipped.seek_back("p1", 700) is None  # the seek already went back that far: read on, no seek
+    skipped.skip("p2", 500)
+    assert skipped.seek_back("p2", 400) is None  # never a seek forward over records not read yet
+    skipped.skip("p3", 10)
+    skipped.forget(["p3"])  # revoked: its next owner reads from the committed offset
+    assert skipped.seek_back("p3", 20) is None
+    assert skipped.first == {}
