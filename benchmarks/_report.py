@@ -104,6 +104,11 @@ def command_line() -> str:
     return shlex.join(["python", str(shown), *sys.argv[1:]])
 
 
+def produced_by() -> list[str]:
+    """The "Produced by:" lines of a docs section: the command that ran this script, as a code block."""
+    return ["Produced by:", "", f"    {command_line()}", ""]
+
+
 def pyplot():
     """matplotlib.pyplot on the file-only Agg backend (benchmarks run headless)."""
     import matplotlib

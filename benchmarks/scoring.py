@@ -32,7 +32,7 @@ from training.models import available_models, get_model, load_run
 from training.models.items import HistoryIndex
 from training.synth import synthesize
 
-from _report import command_line, environment, table, write_section  # benchmarks/ is on sys.path
+from _report import environment, produced_by, table, write_section  # benchmarks/ is on sys.path
 
 BATCH_SIZES = (1, 32, 256)
 DOC = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
@@ -199,10 +199,7 @@ def render(rows, seed: float | None, n_items: int, mean_prefix: float, args) -> 
             "\"model MB\" is the bundle's model file: at batch 1 an ONNX model reads all of it for every click (memory-bound), "
             "batching shares that read across the rows and int8 shrinks the scoring matrix to a quarter.",
             "",
-            "Produced by:",
-            "",
-            f"    {command_line()}",
-            "",
+            *produced_by(),
             *lines,
             "",
         ]

@@ -52,7 +52,7 @@ import orjson
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _report import command_line, pyplot, save_figure, table, write_section  # noqa: E402  (benchmarks/ is on sys.path)
+from _report import produced_by, pyplot, save_figure, table, write_section  # noqa: E402  (benchmarks/ is on sys.path)
 
 DOC = ROOT / "docs" / "performance.md"
 PLOT = ROOT / "docs" / "img" / "stream_latency.png"
@@ -316,10 +316,7 @@ def profile_table(path: Path, result: dict, load: str) -> str:
             "The µs column shares the worker's measured CPU time per event out in proportion to the samples; read it as a split, not as exact costs "
             "(on a loaded box a thread that waits for a core is sampled too).",
             "",
-            "Produced by:",
-            "",
-            f"    {command_line()}",
-            "",
+            *produced_by(),
             *table(["where", "share of samples", "µs per event"], rows, "-rr"),
             "",
         ]
@@ -427,10 +424,7 @@ def render(results: list[dict], args, n_items: int, load: str, ceilings: dict[st
             f"({ceilings['bundle'][1]:,.0f} per CPU second) for this bundle and {ceilings['bundle-int8'][0]:,.0f} events/s "
             f"({ceilings['bundle-int8'][1]:,.0f} per CPU second) for its int8 version in the same run: no worker can exceed its scorer.",
             "",
-            "Produced by:",
-            "",
-            f"    {command_line()}",
-            "",
+            *produced_by(),
             *table(header, rows, "-rrrrr-rr-"),
             *targets,
             "",

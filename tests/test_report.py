@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks._report import grouped, table, write_section
+from benchmarks._report import grouped, produced_by, table, write_section
 
 DOC = """# Results
 
@@ -66,3 +66,10 @@ def test_table_and_grouping():
     assert table(["model", "HR@20", "note"], [["pop", 0.1, ""]], align="-r") == ["| model | HR@20 | note |", "|---|---:|---|", "| pop | 0.1 |  |"]
     rows = [{"d": "b", "v": 1}, {"d": "a", "v": 2}, {"d": "b", "v": 3}]
     assert grouped(rows, "d") == {"b": [rows[0], rows[2]], "a": [rows[1]]}
+
+
+def test_produced_by_shows_the_command_as_a_code_block(monkeypatch):
+    from benchmarks import _report
+
+    monkeypatch.setattr("sys.argv", [str(_report.REPO / "benchmarks" / "stream.py"), "--systems", "c"])
+    assert produced_by() == ["Produced by:", "", "    python benchmarks/stream.py --systems c", ""]
