@@ -11,6 +11,8 @@ import asyncio
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -22,6 +24,13 @@ import orjson
 from stream.events import click_value
 from stream.settings import Settings
 from stream.topics import ensure_topics, producer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def streamrec(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run the ``streamrec`` CLI in this interpreter (CI does not put the virtualenv on PATH)."""
+    return subprocess.run([sys.executable, "-m", "stream.cli", *args], capture_output=True, text=True, cwd=REPO, timeout=timeout)
 
 
 def click_stream(item_ids: list[str], n_sessions: int, clicks: int, seed: int, prefix: str = "s") -> tuple[list[tuple[bytes, bytes]], dict[str, list[str]]]:

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 
 import orjson
 import pytest
@@ -22,13 +19,12 @@ from stream.broker import free_port
 from stream.settings import Settings
 from stream.swap import UPDATES_KEY, UpdateError, parse_update, update_message
 from stream.topics import consume_all, publish_model_update, producer
-from tests.streamkit import PacedSender, answered, answers_by_key, assert_same_answer, click_stream, offline_answers
+from tests.streamkit import PacedSender, answered, answers_by_key, assert_same_answer, click_stream, offline_answers, streamrec
 from tests.test_hot_swap import corrupted_copy, positions, version_of
 from tests.test_stream_support import gru_bundle, markov_bundle, metric, metrics_text, running_worker, send, stream_data, wait_for, worker_settings  # noqa: F401
 from training.errors import UserError
 
 K = 20
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize(
@@ -76,10 +72,6 @@ def test_group_settings_reach_faust_and_a_long_session_timeout_is_accepted(marko
     assert consumer._client._request_timeout_ms > consumer._rebalance_timeout_ms  # a JoinGroup may wait that long on the broker
     conf, consumer = asyncio.run(consumer_of(Settings()))
     assert conf.table_standby_replicas == 0 and conf.broker_request_timeout == 90.0 and consumer._session_timeout_ms == 10_000
-
-
-def streamrec(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stream.cli", *args], capture_output=True, text=True, cwd=REPO, timeout=120)
 
 
 def test_publish_model_refuses_a_corrupted_bundle_in_one_line(markov_bundle, tmp_path):
@@ -145,7 +137,7 @@ def test_a_model_update_message_swaps_every_worker_mid_stream(broker, stream_dat
             assert f'version="{version_b}"' in text and metric(text, 'streamrec_model_updates_total{outcome="swapped"}') == 1
             assert metric(text, 'streamrec_model_updates_total{outcome="invalid"}') == 0  # old bad messages are history, not news
 
-            done = subprocess.run([sys.executable, "-m", "stream.cli", "publish-model", str(bundle_a), "--broker", first.broker], capture_output=True, text=True, cwd=REPO, timeout=120)
+            done = streamrec("publish-model", str(bundle_a), "--broker", first.broker)
             assert done.returncode == 0, done.stderr
             assert wait_for(lambda: all(metric(metrics_text(s), "streamrec_model_swaps_total") == 2 for s in (first, second))), "not every worker swapped"
             send(first, phase2)

@@ -11,7 +11,6 @@ import shutil
 import socket
 import ssl
 import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
@@ -26,11 +25,10 @@ from stream.events import PROBE_SESSION, click_value
 from stream.settings import Settings
 from stream.watchdog import Watchdog, serve_http
 from stream.worker import StreamWorker, start_worker, stop_worker
-from tests.streamkit import answered, listening_sockets, send_all
+from tests.streamkit import answered, listening_sockets, send_all, streamrec
 from tests.test_stream_support import gru_bundle, markov_bundle, metrics_text, stream_data, wait_for, worker_settings  # noqa: F401
 from training.errors import UserError
 
-REPO = Path(__file__).resolve().parents[1]
 
 STREAM = Path(__file__).resolve().parents[1] / "stream"
 SECRET = "s3cr3t-Pa55word-9f2c"
@@ -248,7 +246,7 @@ def test_a_pickle_in_a_resealed_bundle_never_runs(markov_bundle, tmp_path):
         with pytest.raises(UserError, match=f"{name} holds pickled Python objects"):
             load_scorer(tampered)
     # the CLI says so in one line (exit status 2), no traceback
-    verify = subprocess.run([sys.executable, "-m", "stream.cli", "bundle", "verify", str(model)], capture_output=True, text=True, timeout=60, cwd=REPO)
+    verify = streamrec("bundle", "verify", str(model), timeout=60)
     assert verify.returncode == 2, verify.stderr
     assert verify.stderr.strip().splitlines() == [f"error: {model}: model.npz holds pickled Python objects, which streamrec never loads (a bundle holds plain numeric arrays only; re-export the model)"]
     assert not marker.exists()
