@@ -30,6 +30,17 @@
    rebalance is over the loop seeks the partition back to the first record
    skipped, unless the rebalance's seek already went back that far (see
    docs/reliability.md).
+
+3. Only with ``--broker-quirks tansu``: the embedded broker (Tansu 0.6)
+   answered every fetch of a partition far behind its end with no records
+   while the fetch wait was 10 ms, for as long as the worker ran (the
+   30-minute soak stalled after 3 minutes); a 100 ms wait read the same
+   records at once. So after such an answer (no records, high watermark above
+   the fetch offset) the next fetch waits twice as long, up to
+   ``TANSU_FETCH_WAIT_MAX_MS``, and every answer that is not one takes a
+   quarter off it, back down to the setting (so it stays near the shortest
+   wait that reads, rather than swinging back below it). Apache Kafka answers with whatever is there
+   whatever the wait; this never runs without the quirk setting.
 """
 
 from __future__ import annotations
@@ -39,11 +50,55 @@ import logging
 from typing import Any
 
 from aiokafka.errors import IllegalStateError
+from aiokafka.structs import TopicPartition
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
 log = logging.getLogger("streamrec.transport")
 
 ROOM_POLL_SECONDS = 0.002  # how often the fetch loop looks for room in a full agent queue
+TANSU_FETCH_WAIT_MAX_MS = 1000  # the longest fetch wait the Tansu workaround asks for
+
+
+class TansuFetchWait:
+    """The fetch wait under ``--broker-quirks tansu`` (point 3 above): doubled after an answer with no
+    records although the partition had some past the fetch offset, a quarter shorter (not below the
+    setting) after any other answer."""
+
+    def __init__(self, base_ms: int, most_ms: int = TANSU_FETCH_WAIT_MAX_MS) -> None:
+        self.base_ms = base_ms
+        self.most_ms = max(base_ms, most_ms)
+        self.ms = base_ms
+
+    def after_fetch(self, empty_while_behind: bool) -> int:
+        if empty_while_behind:
+            self.ms = min(self.most_ms, max(2 * self.ms, 20))
+        else:
+            self.ms = max(self.base_ms, self.ms * 3 // 4)
+        return self.ms
+
+
+def adapt_fetch_wait(fetcher, wait: TansuFetchWait) -> None:
+    """Make aiokafka's ``fetcher`` set its fetch wait from ``wait`` after each fetch answer.
+
+    Wraps the fetcher's per-request coroutine on the instance: its fetch loop looks the method up
+    for every request, and builds each request from ``_fetch_max_wait_ms``.
+    """
+    fetch = fetcher._proc_fetch_request
+
+    async def fetch_and_adapt(assignment, node_id, request):
+        had_records = await fetch(assignment, node_id, request)
+        if assignment.active:
+            behind = False
+            for topic, partitions in request.topics:
+                for partition, offset, _ in partitions:
+                    tp = TopicPartition(topic, partition)
+                    state = assignment.state_value(tp)
+                    if tp not in fetcher._records and state.highwater is not None and state.highwater > offset:
+                        behind = True
+            fetcher._fetch_max_wait_ms = wait.after_fetch(behind)
+        return had_records
+
+    fetcher._proc_fetch_request = fetch_and_adapt
 
 
 class SkippedWhileRebalancing:
@@ -68,11 +123,12 @@ class SkippedWhileRebalancing:
         return first if first is not None and offset > first else None
 
 
-def stream_transport(fetch_max_wait_ms: int, bulk_delivery: bool = True) -> type:
+def stream_transport(fetch_max_wait_ms: int, bulk_delivery: bool = True, tansu_fetch_wait: bool = False) -> type:
     """A Faust Transport class whose consumer waits at most ``fetch_max_wait_ms`` per fetch.
 
     ``bulk_delivery=False`` keeps Faust's own per-record delivery loop (the
-    stream benchmark's baselines use it).
+    stream benchmark's baselines use it). ``tansu_fetch_wait`` turns on the
+    embedded broker's workaround (point 3 above; ``--broker-quirks tansu``).
     """
 
     class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
@@ -81,6 +137,11 @@ def stream_transport(fetch_max_wait_ms: int, bulk_delivery: bool = True) -> type
             # aiokafka hands this to its Fetcher in start(), which runs after this.
             consumer._fetch_max_wait_ms = fetch_max_wait_ms
             return consumer
+
+        async def on_start(self) -> None:
+            await super().on_start()
+            if tansu_fetch_wait:
+                adapt_fetch_wait(self._consumer._fetcher, TansuFetchWait(fetch_max_wait_ms))
 
     class Consumer(faust_aiokafka.Consumer):
         def _new_consumer_thread(self):

@@ -59,3 +59,52 @@ def test_single_record_batches_give_true_end_offsets(broker):
         return ends[tp]
 
     assert asyncio.run(run()) == 7
+
+
+def test_the_tansu_fetch_wait_reads_a_backlog_that_a_10_ms_fetch_never_gets(broker):
+    """Why --broker-quirks tansu adapts the fetch wait (stream.transport, point 3): on a store of many small
+    batches the embedded broker answers a 10 ms fetch with no records, however far behind the consumer is.
+    The control consumer (fixed 10 ms) must read next to nothing, or the test shows nothing; the adapted one reads all."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from stream.transport import TansuFetchWait, adapt_fetch_wait
+
+    partitions, batches = 4, 20_000
+    settings = Settings(broker=broker.url, partitions=partitions)
+    value = b'{"session_id":"s-12345","item_id":"i-1234","timestamp":1764680000.123}'
+
+    async def fill() -> None:
+        await ensure_topics(settings)
+        p = producer(settings, linger_ms=0)
+        await p.start()
+        pending = []
+        for _ in range(batches):
+            for partition in range(partitions):
+                batch = p.create_batch()
+                batch.append(key=b"k", value=value, timestamp=None)
+                pending.append(await p.send_batch(batch, settings.clicks_topic, partition=partition))
+            if len(pending) >= 2_000:
+                await asyncio.gather(*pending)
+                pending = []
+        await asyncio.gather(*pending)
+        await p.stop()
+
+    async def read(adapt: bool, seconds: float) -> int:
+        c = AIOKafkaConsumer(**settings.kafka_kwargs(), fetch_max_wait_ms=10, enable_auto_commit=False)
+        await c.start()
+        if adapt:
+            adapt_fetch_wait(c._fetcher, TansuFetchWait(10))
+        tps = [TopicPartition(settings.clicks_topic, p) for p in range(partitions)]
+        c.assign(tps)
+        for tp in tps:
+            c.seek(tp, batches - 2_000)
+        got, deadline = 0, asyncio.get_running_loop().time() + seconds
+        while got < partitions * 2_000 and asyncio.get_running_loop().time() < deadline:
+            got += sum(len(records) for records in (await c.getmany(*tps, timeout_ms=500)).values())
+        await c.stop()
+        return got
+
+    asyncio.run(fill())
+    backlog = partitions * 2_000
+    assert asyncio.run(read(adapt=False, seconds=5)) < backlog // 10  # 0 on the 2-core box, at any load seen
+    assert asyncio.run(read(adapt=True, seconds=60)) == backlog

@@ -230,3 +230,19 @@ def test_records_skipped_while_rebalancing_are_read_again_never_skipped_over():
     skipped.forget(["p3"])  # revoked: its next owner reads from the committed offset
     assert skipped.seek_back("p3", 20) is None
     assert skipped.first == {}
+
+
+def test_the_tansu_fetch_wait_grows_while_fetches_come_back_empty_and_returns_to_the_setting():
+    """--broker-quirks tansu (stream.transport, point 3): an answer with no records although the partition
+    has some doubles the next fetch's wait, up to a ceiling; other answers take a quarter off, down to the setting."""
+    from stream.transport import TANSU_FETCH_WAIT_MAX_MS, TansuFetchWait
+
+    wait = TansuFetchWait(10)
+    assert [wait.after_fetch(True) for _ in range(3)] == [20, 40, 80]
+    assert max(wait.after_fetch(True) for _ in range(20)) == TANSU_FETCH_WAIT_MAX_MS
+    assert [wait.after_fetch(False) for _ in range(2)] == [TANSU_FETCH_WAIT_MAX_MS * 3 // 4, TANSU_FETCH_WAIT_MAX_MS * 9 // 16]
+    while wait.ms > 10:
+        wait.after_fetch(False)
+    assert wait.after_fetch(False) == 10  # never below the setting
+    assert TansuFetchWait(0).after_fetch(True) == 20  # a zero setting still grows
+    assert TansuFetchWait(5000).after_fetch(True) == 5000  # a setting above the ceiling is kept
