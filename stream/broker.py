@@ -54,8 +54,9 @@ def kafka_api_ready(port: int, timeout: float = 1.0) -> bool:
 class EmbeddedBroker:
     """Tansu on a free loopback port with memory storage, for the lifetime of a ``with`` block."""
 
-    def __init__(self, port: int | None = None, log_path: Path | None = None, startup_timeout: float = 20.0):
+    def __init__(self, port: int | None = None, log_path: Path | None = None, startup_timeout: float = 20.0, advertised_port: int | None = None):
         self.port = port or free_port()
+        self.advertised_port = advertised_port or self.port  # another port when clients reach it through a relay
         self.log_path = log_path
         self.startup_timeout = startup_timeout
         self.process: subprocess.Popen | None = None
@@ -63,15 +64,15 @@ class EmbeddedBroker:
 
     @property
     def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"127.0.0.1:{self.advertised_port}"
 
     @property
     def url(self) -> str:
-        return f"kafka://127.0.0.1:{self.port}"
+        return f"kafka://127.0.0.1:{self.advertised_port}"
 
     def command(self) -> list[str]:
-        listener = f"tcp://127.0.0.1:{self.port}"
-        return [broker_binary(), "broker", "--listener-url", listener, "--advertised-listener-url", listener, "--storage-engine", "memory://tansu/"]
+        listener, advertised = f"tcp://127.0.0.1:{self.port}", f"tcp://127.0.0.1:{self.advertised_port}"
+        return [broker_binary(), "broker", "--listener-url", listener, "--advertised-listener-url", advertised, "--storage-engine", "memory://tansu/"]
 
     def start(self) -> "EmbeddedBroker":
         if kafka_api_ready(self.port, timeout=0.2):

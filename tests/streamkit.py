@@ -1,5 +1,6 @@
 """Helpers of the reliability tests: synthetic click streams, a paced sender thread, killing
-workers, offline reference answers from a bundle's own scorer, and a process's listening sockets.
+workers, offline reference answers from a bundle's own scorer, a process's listening sockets, and
+a TCP relay that cuts the clients off the broker.
 
 Everything is real: clicks go through aiokafka to the broker, workers are `streamrec serve`
 processes, reference answers come from ``export.scorer.load_scorer``.
@@ -228,3 +229,73 @@ def listening_sockets(pid: int) -> set[tuple[str, int]]:
                 raw = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
             out.add((socket.inet_ntop(family, raw), int(port, 16)))
     return out
+
+
+class BrokerLink(threading.Thread):
+    """A TCP relay between every client and the broker that a test can cut and restore.
+
+    Cut, the broker is gone as far as clients can tell: open connections are reset and new ones
+    refused. Restored, it answers again with all its topics, offsets and groups, which is what an
+    Apache Kafka broker does after a restart (the embedded one loses everything when restarted).
+    The broker must advertise the relay's port (``EmbeddedBroker(advertised_port=...)``).
+    """
+
+    def __init__(self, broker_port: int, port: int) -> None:
+        super().__init__(daemon=True)
+        self.broker_port, self.port = broker_port, port
+        self.loop = asyncio.new_event_loop()
+        self.server = None
+        self.connections: set = set()
+        self.started = threading.Event()
+
+    def run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self._listen())
+        self.started.set()
+        self.loop.run_forever()
+
+    async def _listen(self) -> None:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", self.port, reuse_address=True)
+
+    async def _relay(self, client_reader, client_writer) -> None:
+        try:
+            broker_reader, broker_writer = await asyncio.open_connection("127.0.0.1", self.broker_port)
+        except OSError:
+            client_writer.transport.abort()
+            return
+        pair = {client_writer, broker_writer}
+        self.connections |= pair
+
+        async def pipe(reader, writer) -> None:
+            try:
+                while data := await reader.read(1 << 16):
+                    writer.write(data)
+                    await writer.drain()
+            except OSError:
+                pass
+            finally:
+                writer.transport.abort()
+
+        await asyncio.gather(pipe(client_reader, broker_writer), pipe(broker_reader, client_writer))
+        self.connections -= pair
+
+    async def _cut(self) -> None:
+        self.server.close()
+        for writer in list(self.connections):
+            writer.transport.abort()
+        self.connections.clear()
+
+    def cut(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._cut(), self.loop).result(10)
+
+    def restore(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._listen(), self.loop).result(10)
+
+    def __enter__(self) -> "BrokerLink":
+        self.start()
+        self.started.wait(10)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cut()
+        self.loop.call_soon_threadsafe(self.loop.stop)
