@@ -315,16 +315,16 @@ def serve(settings: Settings, bundle_dir: Path) -> None:
     from faust.worker import Worker
 
     from export.scorer import load_scorer
+    from stream.swap import install, probe
 
     scorer = load_scorer(bundle_dir, threads=settings.scorer_threads)
     if settings.k > scorer.k:
         raise UserError(f"--k {settings.k} is more than the bundle's k ({scorer.k}); export the bundle with a larger --k")
+    probe(scorer, bundle_dir, settings.batch_size)  # also the warm-up: the scorer's buffers at serving size before the first click
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     partitions = loop.run_until_complete(ensure_topics(settings))
     worker = StreamWorker(settings, scorer, partitions)
-    from stream.swap import install
-
     install(worker, bundle_dir, loop)
     worker.watchdog.start()
     if settings.metrics_port:

@@ -96,6 +96,27 @@ def test_a_bundle_with_a_bad_checksum_is_refused(gru_bundle, tmp_path):
         load_verified(str(bundle), threads=1, k=10_000)
 
 
+def test_the_probe_scores_a_full_micro_batch_of_new_sessions(gru_bundle, markov_bundle):
+    """The probe before serving is as large as the largest micro-batch (the scorer's warm-up, stream.swap.probe)."""
+    from stream.swap import probe
+
+    for _, bundle in (gru_bundle, markov_bundle):
+        scorer = load_verified(str(bundle), threads=1, k=K, rows=256)
+        probe(scorer, bundle, 3)  # any size
+
+    class FeatureHungry:
+        """A window model that wants event features the stream does not carry: what the scorer raises."""
+
+        def popular(self):
+            return load_scorer(gru_bundle[1]).popular()
+
+        def step(self, batch):
+            raise ValueError("model 'bst' needs StepInput.features['category']: one array per row, aligned with history")
+
+    with pytest.raises(UserError, match=r"bst-bundle: the model cannot score clicks: model 'bst' needs StepInput.features"):
+        probe(FeatureHungry(), "bst-bundle", 256)
+
+
 @pytest.mark.broker
 def test_symlink_switch_swaps_the_model_while_serving(broker, stream_data, markov_bundle, gru_bundle, tmp_path):
     (_, bundle_a), (_, bundle_b) = markov_bundle, gru_bundle
