@@ -82,18 +82,29 @@ LITERATURE = {
 
 
 NOTES = {
-    "yoochoose": "Rows with empty `CPU s` and `load` were measured before those columns existed and were not re-run for them.",
+    "yoochoose": "Rows with empty `CPU s` and `load` were measured before those columns existed and were not re-run for them. "
+    "The `bst` row was trained before BST moved to the blockwise catalogue cross-entropy of the other window models (the "
+    "same loss and gradients up to float rounding) and was not re-run; the Diginetica and Beauty `bst` rows use it.",
     "diginetica": "Leave-one-out on the SR-GNN sample: each session is one sequence, its last click the test target and the "
     "one before it the validation target (sessions of 2 clicks only train). The 2-core filter (sessions and items with at "
     "least 2 clicks, repeated until stable) keeps targets that were seen in training; the session-time split used before "
-    "left 92 test events. Nobody publishes on this sample, so no figure is cited.",
-    "beauty": "Budget-limited rows: the shared 2-core box allowed one training thread for about 70 minutes in total for "
-    "this section, and full cross-entropy over 54,542 items costs minutes per epoch on one thread under that load, so the "
-    "epoch caps were set from a measured step time. Where `epochs` shows `(cap N)` the run hit its cap long before early "
-    "stopping could trigger (patience 5 for SASRec, 10 for BERT4Rec), so the row is a lower bound on what the model "
-    "reaches, far from the published models' best epochs (6 for SASRec+, 87 for BERT4Rec). Caser, BST and SR-GNN did "
-    "not fit the budget. `sasrec` uses our defaults, the SASRec paper's Beauty settings (hidden 50, dropout 0.5); "
-    "`sasrec:hidden_size=64,dropout=0.1` uses the settings of Klenitskiy & Vasilev's SASRec config.",
+    "left 92 test events. Nobody publishes on this sample, so no figure is cited. The `bst` row was re-run on 2026-12-02 "
+    "(`--models bst --max-epochs 30`) after BST moved to the blockwise catalogue cross-entropy (it was 0.1940 HR@10 / "
+    "0.1198 MRR@20 at 24/27 epochs before; the same loss up to float rounding, a different run).",
+    "beauty": "Budget-limited rows: the shared 2-core box allowed one training thread for about 70 minutes per session of "
+    "runs for this section (2026-11-28: `sasrec`, BERT4Rec, GRU4Rec; 2026-12-02: SR-GNN, BST, Caser, then `sasrec:hidden_size=64,dropout=0.1` re-run with cap 6), and full cross-entropy "
+    "over 54,542 items costs minutes per epoch on one thread under that load (`train s` and `CPU s` over the epochs run, "
+    "validation included), so the epoch caps were set from a step time measured before each run. Where `epochs` shows "
+    "`(cap N)` the run hit its cap long before early stopping could trigger (patience 5 for SASRec and Caser, 3 for BST "
+    "and SR-GNN, 10 for BERT4Rec; GRU4Rec has none and always runs to its cap), so the row is a lower bound on what the "
+    "model reaches; BERT4Rec's is far from the published best epoch (87), and `sasrec:hidden_size=64,dropout=0.1` ran "
+    "the 6 epochs of SASRec+'s best epoch but was still improving on validation in every epoch when its cap stopped it. `sasrec` uses our "
+    "defaults, the SASRec paper's Beauty settings (hidden 50, dropout 0.5); `sasrec:hidden_size=64,dropout=0.1` uses the "
+    "settings of Klenitskiy & Vasilev's SASRec config. Evaluating a window model on this file takes about half a minute "
+    "(`eval_s` in docs/accuracy.json: SR-GNN 31 s, BST 28 s, Caser 30 s, SASRec 35 s) because the window models score only each "
+    "sequence's last position; the 2026-11-28 `sasrec` and `bert4rec` rows scored every position and dropped all but the last "
+    "(5-6.5 min each, counted in the section's time above), which gives the same figures (an untrained SASRec scored "
+    "both ways on this file gives bit-identical HR, MRR, NDCG and coverage). GRU4Rec still scores every position.",
 }
 
 
@@ -190,12 +201,12 @@ def run_dataset(key: str, specs: list[str], max_epochs: int, threads: int, recor
 
 
 def merge(rows: list[dict]) -> list[dict]:
-    """Stored rows with this run's rows replacing those of the same (dataset, model)."""
+    """Stored rows with this run's rows replacing those of the same (dataset, model) in place; new rows go last."""
     stored = json.loads(STORE.read_text()) if STORE.exists() else []
-    fresh = {(r["dataset"], r["model"]) for r in rows}
-    kept = [r for r in stored if (r["dataset"], r["model"]) not in fresh]
+    fresh = {(r["dataset"], r["model"]): r for r in rows}
+    merged = [fresh.pop((r["dataset"], r["model"]), r) for r in stored] + list(fresh.values())
     order = {k: i for i, k in enumerate(DATASETS)}
-    return sorted(kept + rows, key=lambda r: order.get(r["dataset"], len(order)))
+    return sorted(merged, key=lambda r: order.get(r["dataset"], len(order)))
 
 
 COMMANDS = {
@@ -242,8 +253,10 @@ def markdown(rows: list[dict]) -> str:
     for key, part in grouped(rows, "dataset").items():
         minutes = sum(r["train_s"] + r["eval_s"] for r in part) / 60
         items = next((f", {r['n_items']:,} items" for r in part if "n_items" in r), "")
+        first, last = min(r["measured"] for r in part), max(r["measured"] for r in part)
+        measured = first if first == last else f"{first} to {last}"
         lines += [f"**{DATASETS[key][0]}**{items}, {part[0]['events']:,} evaluated events; training and evaluating these rows "
-                  f"took {minutes:.0f} min (measured {max(r['measured'] for r in part)}). Command: {COMMANDS[key]}", ""]
+                  f"took {minutes:.0f} min (measured {measured}). Command: {COMMANDS[key]}", ""]
         cells = []
         for r in part:
             ref = LITERATURE.get((key, r["model"]))

@@ -74,3 +74,23 @@ def test_training_recomputes_it_with_gradients():
     net.eval()
     with torch.no_grad():
         assert torch.equal(net.catalogue(), fresh(net))
+
+
+def test_blockwise_training_loss_equals_full_softmax_over_the_scores(monkeypatch):
+    """The loss BST trains with (catalogue_cross_entropy on the catalogue) has the value and gradients of cross-entropy on its scores."""
+    import training.models.window as window_module
+
+    monkeypatch.setattr(window_module, "CATALOGUE_BLOCK_BYTES", 4 * 31)  # one row per block
+    targets = torch.tensor([4, 30])
+    results = []
+    for blockwise in (False, True):
+        net = small_net().train()
+        if blockwise:
+            loss = window_module.catalogue_cross_entropy(net.features(*window()), net.catalogue(), targets)
+        else:
+            loss = torch.nn.functional.cross_entropy(net(*window()), targets)
+        loss.backward()
+        results.append((loss.detach(), net.item_embedding.weight.grad, net.item_feature_embeddings["category"].weight.grad, net.mlp[0].weight.grad))
+    for full, blocks in zip(*results):
+        assert blocks.abs().sum() > 0
+        torch.testing.assert_close(blocks, full, rtol=1e-5, atol=1e-6)

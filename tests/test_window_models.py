@@ -177,6 +177,25 @@ def test_every_position_is_scored_once(trained):
     np.testing.assert_array_equal(positions, next_positions(s))
 
 
+class ScoreNextOnly:
+    """A window model with ``score_positions`` hidden, so the evaluator scores every position and drops the rest."""
+
+    def __init__(self, model):
+        self.model, self.n_items = model, model.n_items
+
+    def score_next(self, sessions, batch_size=512):
+        return self.model.score_next(sessions, batch_size)
+
+
+def test_last_mode_scores_only_the_last_positions_with_the_same_figures(trained, data):
+    scored = np.concatenate([p for p, _ in trained.score_positions(data.test, np.array([5, 2, 9]), batch_size=2)])
+    np.testing.assert_array_equal(scored, [5, 2, 9])
+    popularity = np.bincount(data.train.items, minlength=data.n_items + 1)
+    direct = evaluate(trained, data.test, mode="last", popularity=popularity, batch_size=64, progress=False)
+    generic = evaluate(ScoreNextOnly(trained), data.test, mode="last", popularity=popularity, batch_size=64, progress=False)
+    assert direct == generic
+
+
 # ---------------------------------------------------------------- model specifics
 
 

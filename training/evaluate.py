@@ -17,9 +17,10 @@ Rules, chosen to match what the stream does and to avoid flattering a model:
 - ``mode="next"`` evaluates every position that has a next event (targets are
   ``items[p + 1]``); ``mode="last"`` only the last target of each session
   (leave-one-out protocols). Models that offer ``score_positions(sessions,
-  positions, batch_size)`` (the non-neural baselines) are asked for the
-  evaluated positions only; others go through ``score_next`` and the rest is
-  dropped.
+  positions, batch_size)`` (the non-neural baselines and the window models)
+  are asked for the evaluated positions only; others (GRU4Rec) go through
+  ``score_next`` and the rest is dropped. In "last" mode that is most of the
+  cost: on Amazon Beauty 40,226 of 313,736 positions are evaluated.
 """
 
 from __future__ import annotations
@@ -145,8 +146,9 @@ def evaluate(
 
     cons_all, opt_all, pos_all = [], [], []
     covered = {k: np.zeros(n_items + 1, dtype=bool) for k in ks}
-    pop_sum = {k: 0.0 for k in ks}
-    div_sum = {(k, name): 0.0 for k in ks for name in (item_features or {})}
+    # per-event list means, averaged at the end: the figures do not depend on how events were batched
+    pop_rows: dict[int, list[np.ndarray]] = {k: [] for k in ks}
+    div_rows: dict[tuple[int, str], list[np.ndarray]] = {(k, name): [] for k in ks for name in (item_features or {})}
     n_skipped = 0
     n_unknown = 0
     pop_norm = popularity / popularity[1:].max() if popularity is not None and n_items and popularity[1:].max() > 0 else popularity
@@ -183,9 +185,9 @@ def evaluate(
         for k in ks:
             covered[k][top[:, :k]] = True
             if pop_norm is not None:
-                pop_sum[k] += float(pop_norm[top[:, :k]].mean(1).sum())
+                pop_rows[k].append(pop_norm[top[:, :k]].mean(1))
             for name, f in (item_features or {}).items():
-                div_sum[(k, name)] += float(_diversity(top[:, :k], f).sum())
+                div_rows[(k, name)].append(_diversity(top[:, :k], f))
 
     cons = np.concatenate(cons_all) if cons_all else np.zeros(0, dtype=np.int64)
     opt = np.concatenate(opt_all) if opt_all else np.zeros(0, dtype=np.int64)
@@ -197,9 +199,9 @@ def evaluate(
     for k in ks:
         out[f"coverage@{k}"] = float(covered[k][1:].mean()) if n_items else 0.0
         if pop_norm is not None:
-            out[f"popularity@{k}"] = pop_sum[k] / n if n else 0.0
+            out[f"popularity@{k}"] = float(np.concatenate(pop_rows[k]).mean()) if n else 0.0
         for name in item_features or {}:
-            out[f"diversity@{k}" + (f"_{name}" if name else "")] = div_sum[(k, name)] / n if n else 0.0
+            out[f"diversity@{k}" + (f"_{name}" if name else "")] = float(np.concatenate(div_rows[(k, name)]).mean()) if n else 0.0
     out["n_events"] = n
     out["n_skipped"] = n_skipped
     out["n_unknown_inputs"] = n_unknown

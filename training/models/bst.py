@@ -10,8 +10,9 @@ the paper's LeakyReLU MLP (1024-512-256), projected to the embedding size.
 Unlike the paper, which puts the candidate item inside the sequence and
 predicts a click probability (a CTR head), here the MLP output is dotted with
 every item's representation (item embedding + its side-feature embeddings) and
-trained with full cross-entropy over all items: the stream needs one pass
-that ranks the whole catalogue. The paper's position feature is the time gap
+trained with full cross-entropy over all items (``catalogue_cross_entropy``, a
+block of rows at a time, as the other window models): the stream needs one
+pass that ranks the whole catalogue. The paper's position feature is the time gap
 to the candidate; the serving window carries no times, so positions are slots
 counted from the window's first item. Without features the model still works
 (item + position only). Adam with lr 1e-3 replaces the paper's Adagrad with
@@ -28,12 +29,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from training.data import PreparedData
 from training.errors import UserError
-from training.models.window import TransformerBlock, WindowModel, attention_mask, mask_padding_column, relative_positions, shuffled, training_split
+from training.models.window import TransformerBlock, WindowModel, attention_mask, catalogue_cross_entropy, mask_padding_column, relative_positions, shuffled, training_split
 from training.trainer import TrainerConfig, fit
 from training.windows import next_item_pairs
 
@@ -187,8 +187,7 @@ class BST(WindowModel):
 
         def loss_fn(batch) -> torch.Tensor:
             window, target, event_features = batch
-            logits = mask_padding_column(net.features(window, *event_features) @ net.catalogue().T)
-            return F.cross_entropy(logits, target)
+            return catalogue_cross_entropy(net.features(window, *event_features), net.catalogue(), target)
 
         model.fit_result = fit(net, config, lambda epoch: shuffled(config, epoch, len(windows), make), loss_fn, validate=validate, run_dir=run_dir, progress=progress)
         return model

@@ -250,10 +250,14 @@ class WindowModel(SessionModel):
         return tuple(self.net_args.get("event_features", {}))
 
     def score_next(self, sessions: Sessions, batch_size: int = 512) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        return self.score_positions(sessions, next_positions(sessions), batch_size)
+
+    def score_positions(self, sessions: Sessions, positions: np.ndarray, batch_size: int = 512) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``score_next`` restricted to some positions: leave-one-out evaluation scores one position per sequence, not all."""
         missing = [name for name in self.event_features if name not in sessions.features]
         if missing:
             raise UserError(f"{self.name} was trained with event features {', '.join(self.event_features)}; these sessions lack {', '.join(missing)}")
-        positions = next_positions(sessions)
+        positions = np.asarray(positions, dtype=np.int64)
         known = KnownEvents.of(sessions)
         self.net.eval()
         with torch.no_grad():
