@@ -39,8 +39,9 @@
    the fetch offset) the next fetch waits twice as long, up to
    ``TANSU_FETCH_WAIT_MAX_MS``, and every answer that is not one takes a
    quarter off it, back down to the setting (so it stays near the shortest
-   wait that reads, rather than swinging back below it). Apache Kafka answers with whatever is there
-   whatever the wait; this never runs without the quirk setting.
+   wait that reads, rather than swinging back below it). Apache Kafka
+   answers with whatever is there whatever the wait; this never runs without
+   the quirk setting.
 """
 
 from __future__ import annotations
