@@ -52,6 +52,4 @@ def test_the_worker_survives_the_broker_going_away_and_coming_back(stream_data, 
         expected = {(session, j + 1) for session, items in sessions_of(sent).items() for j in range(len(items))}
         assert set(answers) == expected  # every click answered, no answer for a click never sent
         assert n_records - len(expected) <= 2 * 100, f"{n_records - len(expected)} duplicates"  # at-least-once: about two seconds' worth at most
-        print(f"{len(expected)} clicks answered, {n_records - len(expected)} duplicates; worker log: {sum(1 for line in log_path.read_text().splitlines() if 'rebalanc' in line.lower())} lines on rebalancing")
         assert all(len({tuple(d["items"]) for d in docs}) == 1 for docs in answers.values())  # a duplicate repeats its answer
-
