@@ -20,6 +20,15 @@ from export import defaults
 @click.option("--parity-sessions", type=click.IntRange(min=1), default=defaults.PARITY_SESSIONS, show_default=True, help="Test sessions replayed for the parity check.")
 @click.option("--threads", type=click.IntRange(min=1), default=defaults.THREADS, show_default=True, help="CPU threads for export checks.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
+@click.option("--retrieval", type=click.Choice(["exact", "ann"]), default=defaults.RETRIEVAL, show_default=True, help="exact: score the whole catalogue; ann: take candidates from a faiss index and re-score them exactly (big catalogues; neural models).")
+@click.option("--min-recall", type=click.FloatRange(0, 1), default=defaults.MIN_RECALL, show_default=True, help="ann: refuse an index whose top-K recall against exact scoring on test prefixes is lower.")
+@click.option("--candidates", type=int, default=None, help=f"ann: candidates taken from the index per answer and re-scored exactly (default {defaults.CANDIDATES}; at least K + history_len).")
+@click.option("--ann-index", type=click.Choice(["hnsw", "ivf"]), default=None, help=f"ann: faiss index kind (default {defaults.ANN_INDEX}).")
+@click.option("--ann-m", type=int, default=None, help=f"hnsw: links per node (default {defaults.HNSW_M}).")
+@click.option("--ann-ef-construction", type=int, default=None, help=f"hnsw: build-time search width (default {defaults.HNSW_EF_CONSTRUCTION}).")
+@click.option("--ann-ef-search", type=int, default=None, help=f"hnsw: query-time search width (default {defaults.HNSW_EF_SEARCH}; never below --candidates).")
+@click.option("--ann-nlist", type=int, default=None, help="ivf: inverted lists (default 4 * sqrt(n_items)).")
+@click.option("--ann-nprobe", type=int, default=None, help=f"ivf: lists scanned per query (default {defaults.IVF_NPROBE}).")
 def export(run_dir: Path, out: Path, **options) -> None:
     """Export a trained run as a verified bundle (parity-checked against the trained model)."""
     from export.exporter import export_run
@@ -56,4 +65,5 @@ def verify(bundle_dir: Path) -> None:
     from export.scorer import load_scorer
 
     scorer = load_scorer(bundle_dir)
-    click.echo(f"{bundle_dir}: ok ({scorer.model}, {scorer.kind}, {scorer.n_items:,} items, version {scorer.model_version})")
+    retrieval = scorer.retrieval["mode"] + (f" {scorer.retrieval['index']}" if scorer.ann is not None else "")
+    click.echo(f"{bundle_dir}: ok ({scorer.model}, {scorer.kind}, {scorer.n_items:,} items, {retrieval} retrieval, version {scorer.model_version})")

@@ -35,6 +35,15 @@ def export_run(
     parity_sessions: int = defaults.PARITY_SESSIONS,
     threads: int = defaults.THREADS,
     force: bool = False,
+    retrieval: str = defaults.RETRIEVAL,
+    min_recall: float = defaults.MIN_RECALL,
+    candidates: int | None = None,
+    ann_index: str | None = None,
+    ann_m: int | None = None,
+    ann_ef_construction: int | None = None,
+    ann_ef_search: int | None = None,
+    ann_nlist: int | None = None,
+    ann_nprobe: int | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Export the trained run in ``run_dir`` to the bundle ``out``; returns the manifest."""
@@ -62,9 +71,12 @@ def export_run(
     kind = model.state_kind
     history_len = _history_len(model, kind, history_len)
     k = min(k, model.n_items)
-    candidates = min(k + history_len, model.n_items)
+    candidates_in_graph = min(k + history_len, model.n_items)
     if int8 and kind not in ("hidden", "window"):
         raise UserError(f"--int8 applies to ONNX models (state kinds hidden, window); '{model.name}' is served as '{kind}'")
+    ann = _ann_settings(model, retrieval, k, history_len, candidates, ann_index, ann_m, ann_ef_construction, ann_ef_search, ann_nlist, ann_nprobe)
+    if ann is not None and not 0 <= min_recall <= 1:
+        raise UserError(f"--min-recall must be between 0 and 1, got {min_recall}")
     torch.set_num_threads(threads)
 
     metrics_path = run_dir / "metrics.json"
@@ -91,9 +103,14 @@ def export_run(
         shutil.copyfile(run_dir / "vocab.json", writer.path("vocab.json"))
         np.save(writer.path("popularity.npy"), np.bincount(data.train.items, minlength=model.n_items + 1)[: model.n_items + 1].astype(np.int64))
         log(f"exporting {model.name} ({kind}, {model.n_items:,} items) from {run_dir}")
-        _write_model(model, kind, manifest, writer, k, candidates)
+        if ann is None:
+            manifest["retrieval"] = {"mode": "exact"}
+            _write_model(model, kind, manifest, writer, k, candidates_in_graph)
+        else:
+            manifest["retrieval"] = ann
+            _write_ann_model(model, kind, manifest, writer, threads, log)
         if manifest["model_file"] == "model.onnx":
-            manifest["onnx"] = {"candidates": candidates, "size_bytes": writer.path("model.onnx").stat().st_size}
+            manifest["onnx"] = {"candidates": candidates_in_graph if ann is None else 0, "size_bytes": writer.path("model.onnx").stat().st_size}
         writer.seal(manifest)
 
         sample = sample_sessions(data.test, parity_sessions)
@@ -101,6 +118,8 @@ def export_run(
         log(f"checking parity on {len(sample)} test sessions ({sample.n_events:,} events)")
         manifest["parity"] = check_parity(model, scorer, sample)
         log(f"parity ok: max score difference {manifest['parity']['max_score_diff']:.2g}, identical top-{k} lists at {manifest['parity']['exact_top_k_share']:.1%} of {manifest['parity']['positions']:,} positions")
+        if ann is not None:
+            _check_recall(manifest, min_recall, log)
         if int8:
             manifest["precision"] = "int8"
             manifest["int8"] = _int8(writer, manifest, scorer, sample, threads, min_overlap, log)
@@ -155,6 +174,75 @@ def _write_model(model, kind: str, manifest: dict, writer: BundleWriter, k: int,
         np.savez(writer.path("model.npz"), **model.arrays())
     else:
         raise UserError(f"model '{model.name}' has unknown state kind '{kind}'")
+
+
+def _ann_settings(model, retrieval: str, k: int, history_len: int, candidates: int | None, index: str | None, m, ef_construction, ef_search, nlist, nprobe) -> dict | None:
+    """The ``retrieval`` block for ``--retrieval ann`` (None for exact); index flags without ann are refused."""
+    from export.retrieval import ann_settings, check_model
+
+    given = {"--candidates": candidates, "--ann-index": index, "--ann-m": m, "--ann-ef-construction": ef_construction, "--ann-ef-search": ef_search, "--ann-nlist": nlist, "--ann-nprobe": nprobe}
+    if retrieval == "exact":
+        if any(v is not None for v in given.values()):
+            raise UserError(f"{', '.join(f for f, v in given.items() if v is not None)} only apply with --retrieval ann")
+        return None
+    if retrieval != "ann":
+        raise UserError(f"--retrieval must be exact or ann, got {retrieval!r}")
+    check_model(model.name)
+    index = index or defaults.ANN_INDEX
+    if index not in ("hnsw", "ivf"):
+        raise UserError(f"--ann-index must be hnsw or ivf, got {index!r}")
+    if index == "hnsw" and (nlist is not None or nprobe is not None) or index == "ivf" and any(v is not None for v in (m, ef_construction, ef_search)):
+        raise UserError(f"--ann-index {index}: --ann-m/--ann-ef-construction/--ann-ef-search are hnsw settings, --ann-nlist/--ann-nprobe ivf ones")
+    for flag, value in given.items():
+        if flag != "--ann-index" and value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
+    needed = min(k + history_len, model.n_items)
+    candidates = min(defaults.CANDIDATES if candidates is None else candidates, model.n_items)
+    if candidates < needed:
+        raise UserError(f"--candidates {candidates} is too few: exclude-seen needs K + history_len = {k} + {history_len} candidates so that K remain")
+    return ann_settings(index, model.n_items, candidates, m or defaults.HNSW_M, ef_construction or defaults.HNSW_EF_CONSTRUCTION, ef_search or defaults.HNSW_EF_SEARCH, nlist, nprobe or defaults.IVF_NPROBE)
+
+
+def _write_ann_model(model, kind: str, manifest: dict, writer: BundleWriter, threads: int, log) -> None:
+    """The model cut before its catalogue product, the item vectors and the faiss index over them."""
+    import copy
+
+    from export.onnx_export import export_step_query_model, export_window_query_model
+    from export.retrieval import build_index, describe, item_vectors, query_module, write_index
+
+    settings = manifest["retrieval"]
+    net = copy.deepcopy(model.net).eval()
+    if kind == "hidden":
+        export_step_query_model(query_module(model.name, net), manifest["hidden_size"], writer.path("model.onnx"))
+    elif kind == "window":
+        features = dict(getattr(model, "net_args", {}).get("event_features") or {})
+        manifest["features"] = features
+        labels = manifest["training"]["dataset"]["stats"].get("feature_vocab", {})
+        manifest["feature_vocab"] = {name: labels[name] for name in features if name in labels}
+        export_window_query_model(query_module(model.name, net), manifest["history_len"], list(features), writer.path("model.onnx"))
+    else:
+        _write_model(model, kind, manifest, writer, 0, 0)  # SR-GNN: the torch model; the scorer cuts it at the query
+    vectors = item_vectors(model.name, net)
+    np.save(writer.path(settings["vectors_file"]), vectors)
+    log(f"building {describe(settings)} over {model.n_items:,} items of {vectors.shape[1]} dims")
+    index, seconds = build_index(vectors, settings, threads)
+    write_index(index, writer.path(settings["index_file"]))
+    settings["dim"] = int(vectors.shape[1])
+    settings["build_seconds"] = round(seconds, 3)
+    settings["index_size_bytes"] = writer.path(settings["index_file"]).stat().st_size
+    log(f"index built in {seconds:.1f} s, {settings['index_size_bytes'] / 1e6:.1f} MB")
+
+
+def _check_recall(manifest: dict, min_recall: float, log) -> None:
+    """Refuse an ann bundle whose top-K recall against exact scoring (measured by the parity replay) is too low."""
+    from export.retrieval import describe
+
+    settings, parity, k = manifest["retrieval"], manifest["parity"], manifest["k"]
+    recall = parity["top_k_recall"]
+    settings["recall"] = {"k": k, "recall": recall, "positions": parity["positions"], "min_recall": min_recall}
+    log(f"ann recall@{k} against exact scoring: {recall:.2%} at {parity['positions']:,} test prefixes")
+    if recall < min_recall:
+        raise UserError(f"ann index recall@{k} is {recall:.2%} against exact scoring on {parity['positions']:,} test prefixes, under --min-recall {min_recall:.2%} ({describe(settings)}); raise --ann-ef-search / --ann-nprobe or --candidates; nothing written")
 
 
 def _int8(writer: BundleWriter, manifest: dict, fp32_scorer, sample, threads: int, min_overlap: float, log) -> dict:

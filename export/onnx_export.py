@@ -126,3 +126,18 @@ def export_window_model(module: nn.Module, window_len: int, features: list[str],
     feats = tuple(torch.zeros(2, window_len, dtype=torch.int64) for _ in features)
     shapes = ({0: BATCH}, tuple({0: BATCH} for _ in features)) if features else ({0: BATCH},)  # *features is one nested tuple
     export_onnx(WindowTopK(module, k, candidates), (window, *feats), shapes, ["window", *features], list(WINDOW_OUTPUTS), path)
+
+
+def export_step_query_model(module: nn.Module, hidden_size: int, path: Path) -> None:
+    """hidden kind, ann retrieval: ``module(item_idx, hidden) -> (next_hidden, query [B, D])``; no catalogue product in the graph."""
+    example = (torch.ones(2, dtype=torch.int64), torch.zeros(2, hidden_size))
+    export_onnx(module, example, ({0: BATCH}, {0: BATCH}), list(STEP_INPUTS), ["next_hidden", "query"], path)
+
+
+def export_window_query_model(module: nn.Module, window_len: int, features: list[str], path: Path) -> None:
+    """window kind, ann retrieval: ``module(window, *features) -> query [B, D]``."""
+    window = torch.zeros(2, window_len, dtype=torch.int64)
+    window[:, -2:] = 1
+    feats = tuple(torch.zeros(2, window_len, dtype=torch.int64) for _ in features)
+    shapes = ({0: BATCH}, tuple({0: BATCH} for _ in features)) if features else ({0: BATCH},)
+    export_onnx(module, (window, *feats), shapes, ["window", *features], ["query"], path)

@@ -11,6 +11,12 @@ position with the model's own ``score_next`` row for that position:
 
 which together say "the served list is a top-K of the reference row", ties
 aside. The share of positions whose item lists match exactly is reported too.
+
+An ``ann`` bundle (candidates from an index, re-scored exactly) must pass the
+second check only: its top K may miss items the index did not propose. How
+many it misses is ``top_k_recall``: the share of served items whose reference
+score reaches the reference's K-th best (ties count as hits), 1.0 for exact
+scoring; the exporter refuses an ann bundle under ``--min-recall``.
 """
 
 from __future__ import annotations
@@ -93,10 +99,12 @@ def replay(scorer: Scorer, sessions: Sessions, exclude_seen: bool = False, batch
 def check_parity(model, scorer: Scorer, sessions: Sessions, tol: float = TOLERANCE) -> dict:
     """Compare ``scorer`` with ``model.score_next`` on ``sessions``; raise UserError on a mismatch, else a report."""
     served = replay(scorer, sessions)
+    approximate = getattr(scorer, "ann", None) is not None
     where = np.full(sessions.n_events, -1, dtype=np.int64)
     where[served.positions] = np.arange(len(served.positions))
     k = served.top_items.shape[1]
     n_checked = n_exact = n_bad = 0
+    hits = 0.0
     worst = 0.0
     for positions, scores in model.score_next(sessions):
         rows = where[positions]
@@ -108,14 +116,15 @@ def check_parity(model, scorer: Scorer, sessions: Sessions, tol: float = TOLERAN
         items, got = served.top_items[rows[keep]], served.top_scores[rows[keep]]
         best = -np.sort(-ref, axis=1)[:, :k]
         at_served = np.take_along_axis(ref, items, 1)
-        diff = np.maximum(_gap(got, best).max(1), _gap(got, at_served).max(1))
+        diff = _gap(got, at_served).max(1) if approximate else np.maximum(_gap(got, best).max(1), _gap(got, at_served).max(1))
+        hits += float((at_served >= best[:, -1:] - tol).sum())
         worst = max(worst, float(diff.max()))
         n_bad += int((diff > tol).sum())
         n_exact += int((items == _stable_top(ref, k)).all(1).sum())
         n_checked += len(ref)
     if n_checked == 0:
         raise UserError("parity check found no test position to compare (every test item unknown?)")
-    report = {"positions": n_checked, "sessions": len(sessions), "max_score_diff": worst, "exact_top_k_share": n_exact / n_checked, "tolerance": tol}
+    report = {"positions": n_checked, "sessions": len(sessions), "max_score_diff": worst, "exact_top_k_share": n_exact / n_checked, "top_k_recall": hits / (n_checked * k), "tolerance": tol}
     if n_bad:
         raise UserError(f"parity check failed: {n_bad} of {n_checked} test prefixes differ from the trained model (max score difference {worst:.3g} > {tol:g}); nothing written")
     return report

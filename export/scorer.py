@@ -17,6 +17,12 @@ count as seen: the ``history`` rows passed in. The ONNX graphs return
 seen set is the last ``history_len`` items of each history (exactly what the
 stream keeps). ``graph`` and ``items`` kinds rank the whole catalogue and drop
 every item of the history.
+
+An ``ann`` bundle (``manifest["retrieval"]["mode"] == "ann"``, see export/retrieval.py)
+serves the same four-kind interface: the model computes the query vector, a faiss
+index proposes ``retrieval.candidates`` items, they are re-scored exactly and
+sorted, and exclude-seen drops the last ``history_len`` history items from them,
+for every kind (SR-GNN too).
 """
 
 from __future__ import annotations
@@ -64,6 +70,25 @@ class Scorer:
         self.model = m["model"]
         self.model_version = m["model_version"]
         self._popular = _top_k_rows(bundle.popularity.astype(np.float32)[None, :], self.k)
+        self.retrieval = dict(m.get("retrieval") or {"mode": "exact"})  # bundles made before ann have no key: exact
+        if self.retrieval.get("mode") not in ("exact", "ann"):
+            raise UserError(f"{bundle.path}: unknown retrieval mode {self.retrieval.get('mode')!r} (known: exact, ann)")
+        if self.retrieval["mode"] == "ann" and m["state_kind"] == "items":
+            raise UserError(f"{bundle.path}: retrieval ann is for neural models, not state kind 'items'")
+        self.ann = None  # AnnIndex, loaded by the kinds that support it
+
+    def _load_ann(self, threads: int) -> None:
+        if self.retrieval["mode"] == "ann":
+            from export.retrieval import AnnIndex
+
+            self.ann = AnnIndex(self.bundle, threads)
+
+    def _answer(self, query: np.ndarray, batch: StepInput, exclude_seen: bool) -> tuple[np.ndarray, np.ndarray]:
+        """ann: candidates for the query rows, exactly scored, seen items dropped, the first K."""
+        items, scores = self.ann.search(np.asarray(query, dtype=np.float32))
+        if exclude_seen:
+            return drop_seen(items, scores, batch.history, self.history_len, self.k)
+        return np.ascontiguousarray(items[:, : self.k]), np.ascontiguousarray(scores[:, : self.k])
 
     def popular(self) -> tuple[np.ndarray, np.ndarray]:
         """(top_items [K] int64, top_scores [K] float32): the most clicked training items."""
@@ -92,6 +117,7 @@ class HiddenScorer(Scorer):
     def __init__(self, bundle: Bundle, threads: int):
         super().__init__(bundle)
         self.session = onnx_session(bundle.file(bundle.manifest["model_file"]), threads)
+        self._load_ann(threads)
 
     def step(self, batch: StepInput, exclude_seen: bool = False) -> StepOutput:
         items = self._check(batch, exclude_seen)
@@ -101,6 +127,9 @@ class HiddenScorer(Scorer):
             raise ValueError(f"StepInput.hidden must be [{b}, {self.hidden_size}], got {hidden.shape}")
         if b == 0:
             return StepOutput(hidden, *_empty(self.k))
+        if self.ann is not None:
+            next_hidden, query = self.session.run(["next_hidden", "query"], {"item_idx": items, "hidden": hidden})
+            return StepOutput(next_hidden, *self._answer(query, batch, exclude_seen))
         outputs = ["next_hidden", "candidate_items", "candidate_scores"] if exclude_seen else ["next_hidden", "top_items", "top_scores"]
         next_hidden, top_items, top_scores = self.session.run(outputs, {"item_idx": items, "hidden": hidden})
         if exclude_seen:
@@ -117,6 +146,7 @@ class WindowScorer(Scorer):
         super().__init__(bundle)
         self.session = onnx_session(bundle.file(bundle.manifest["model_file"]), threads)
         self.features = dict(bundle.manifest.get("features") or {})  # event feature name -> cardinality, in forward order
+        self._load_ann(threads)
 
     def step(self, batch: StepInput, exclude_seen: bool = False) -> StepOutput:
         items = self._check(batch, exclude_seen)
@@ -129,6 +159,9 @@ class WindowScorer(Scorer):
             if rows is None or len(rows) != len(items):
                 raise ValueError(f"model '{self.model}' needs StepInput.features['{name}']: one array per row, aligned with history")
             feeds[name] = left_padded(rows, self.history_len)
+        if self.ann is not None:
+            (query,) = self.session.run(["query"], feeds)
+            return StepOutput(None, *self._answer(query, batch, exclude_seen))
         outputs = ["candidate_items", "candidate_scores"] if exclude_seen else ["top_items", "top_scores"]
         top_items, top_scores = self.session.run(outputs, feeds)
         if exclude_seen:
@@ -151,6 +184,11 @@ class GraphScorer(Scorer):
         torch.set_num_threads(threads)  # process-wide: the scorer is the stream worker's only torch user
         cls = get_model(bundle.manifest["model"])
         self.module = cls.load(bundle.path).export_module().eval()
+        self._load_ann(threads)
+        if self.ann is not None:
+            from export.retrieval import query_module
+
+            self.query = query_module(self.model, self.module)
 
     def step(self, batch: StepInput, exclude_seen: bool = False) -> StepOutput:
         torch = self.torch
@@ -158,6 +196,10 @@ class GraphScorer(Scorer):
         if len(items) == 0:
             return StepOutput(None, *_empty(self.k))
         window = left_padded(batch.history, self.history_len)
+        if self.ann is not None:
+            with torch.inference_mode():
+                query = self.query(torch.from_numpy(window)).float().numpy()
+            return StepOutput(None, *self._answer(query, batch, exclude_seen))
         with torch.inference_mode():
             scores = self.module(torch.from_numpy(window)).float()
             if exclude_seen:

@@ -1,0 +1,221 @@
+"""Approximate retrieval for big catalogues: a faiss index proposes candidates, the scorer re-scores them exactly.
+
+Every neural model here ends with ``query @ items.T + bias`` over the whole
+catalogue, a cost that grows with the catalogue (9 ms per event at 1M items for
+GRU4Rec). An ``ann`` bundle splits that last step off:
+
+- the served model (ONNX, or torch for SR-GNN) stops at the query vector ``q [B, D]``;
+- ``item_vectors.npy`` holds ``[w_i, b_i]`` for every item (row 0 = padding, never returned),
+  so a score is the inner product of ``[q, 1]`` with a row, bias included;
+- ``index.faiss`` (faiss's own binary format, no pickle) is an inner-product index over
+  rows 1..n_items, searched for C candidates (``retrieval.candidates``, well above K);
+- the candidates are re-scored exactly from ``item_vectors.npy`` and sorted, then
+  exclude-seen drops the session's recent items (C >= K + history_len, so K remain).
+
+Which part of each model is the query and which the item table is written down
+here, per model, because the models compute both inside one forward; the export's
+parity check compares every re-scored answer with the trained model's own scores,
+so a model whose forward changes without this file following is caught at export.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from training.errors import UserError
+
+INDEX_FILE = "index.faiss"
+VECTORS_FILE = "item_vectors.npy"
+ANN_MODELS = ("gru4rec", "sasrec", "bert4rec", "caser", "bst", "srgnn")
+
+
+class GRU4RecQuery(nn.Module):
+    """hidden kind: (item_idx [B], hidden [B, sum(layers)]) -> (next_hidden, query [B, H_last])."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+        self.sizes = list(net.layers)
+
+    def forward(self, item_idx: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        new_parts, out = self.net.step(item_idx, list(torch.split(hidden, self.sizes, dim=1)))
+        return torch.cat(new_parts, dim=1), out
+
+
+class SASRecQuery(nn.Module):
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, window: torch.Tensor) -> torch.Tensor:
+        return self.net.hidden(window)[:, -1]
+
+
+class BERT4RecQuery(SASRecQuery):
+    def forward(self, window: torch.Tensor) -> torch.Tensor:
+        mask = torch.full_like(window[:, :1], self.net.mask_token)
+        return self.net.head(self.net.hidden(torch.cat([window[:, 1:], mask], 1))[:, -1])
+
+
+class CaserQuery(SASRecQuery):
+    def forward(self, window: torch.Tensor) -> torch.Tensor:
+        return self.net.features(window)
+
+
+class BSTQuery(SASRecQuery):
+    def forward(self, window: torch.Tensor, *features: torch.Tensor) -> torch.Tensor:
+        return self.net.features(window, *features)
+
+
+class SRGNNQuery(SASRecQuery):
+    def forward(self, window: torch.Tensor) -> torch.Tensor:
+        return self.net.session_vectors(window)
+
+
+def _zeros(weight: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(len(weight), dtype=weight.dtype)
+
+
+QUERIES = {"gru4rec": GRU4RecQuery, "sasrec": SASRecQuery, "bert4rec": BERT4RecQuery, "caser": CaserQuery, "bst": BSTQuery, "srgnn": SRGNNQuery}
+# net -> (item table [n_items + 1, D], bias [n_items + 1]): what the query is scored against
+TABLES = {
+    "gru4rec": lambda net: (net.item_out, net.item_bias[:, 0]),
+    "sasrec": lambda net: (net.item_embedding.weight, _zeros(net.item_embedding.weight)),
+    "bert4rec": lambda net: (net.item_embedding.weight[: net.n_items + 1], net.output_bias),
+    "caser": lambda net: (net.output_embedding.weight, net.output_bias),
+    "bst": lambda net: (net.item_side(torch.arange(net.item_embedding.num_embeddings)), torch.zeros(net.item_embedding.num_embeddings)),
+    "srgnn": lambda net: (net.item_embedding.weight, _zeros(net.item_embedding.weight)),
+}
+
+
+def check_model(name: str) -> None:
+    if name not in QUERIES:
+        raise UserError(f"--retrieval ann applies to models that end with a dot product with item embeddings ({', '.join(ANN_MODELS)}); '{name}' ranks items another way")
+
+
+def query_module(name: str, net: nn.Module) -> nn.Module:
+    """The model's network cut before its catalogue product, in eval mode."""
+    check_model(name)
+    return QUERIES[name](net).eval()
+
+
+def item_vectors(name: str, net: nn.Module) -> np.ndarray:
+    """``[n_items + 1, D + 1]`` float32: every item's output vector with its bias appended (row 0 = padding)."""
+    check_model(name)
+    with torch.no_grad():
+        net.eval()
+        weight, bias = TABLES[name](net)
+        return np.ascontiguousarray(torch.cat([weight.float(), bias.float()[:, None]], 1).numpy())
+
+
+def faiss_version() -> str:
+    import faiss
+
+    return faiss.__version__
+
+
+def build_index(vectors: np.ndarray, settings: dict, threads: int = 1):
+    """A faiss inner-product index over rows 1.. of ``vectors`` (faiss id i = item i + 1); returns (index, seconds)."""
+    import faiss
+
+    faiss.omp_set_num_threads(threads)
+    rows = np.ascontiguousarray(vectors[1:], dtype=np.float32)
+    dim = rows.shape[1]
+    started = time.perf_counter()
+    if settings["index"] == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, int(settings["hnsw_m"]), faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = int(settings["ef_construction"])
+    elif settings["index"] == "ivf":
+        quantizer = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIVFFlat(quantizer, dim, int(settings["nlist"]), faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = 0
+        index.train(rows)  # faiss's Python wrapper keeps the quantizer alive with the index
+    else:
+        raise UserError(f"unknown ann index {settings['index']!r} (known: hnsw, ivf)")
+    index.add(rows)
+    return index, time.perf_counter() - started
+
+
+def ann_settings(index: str, n_items: int, candidates: int, hnsw_m: int, ef_construction: int, ef_search: int, nlist: int | None, nprobe: int) -> dict:
+    """The manifest's ``retrieval`` block for an ann bundle (before the build time and recall are known)."""
+    settings = {"mode": "ann", "library": "faiss-cpu", "library_version": faiss_version(), "index": index, "metric": "inner_product", "candidates": candidates, "index_file": INDEX_FILE, "vectors_file": VECTORS_FILE}
+    if index == "hnsw":
+        settings.update(hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search)
+    else:
+        settings.update(nlist=min(nlist or max(1, int(4 * math.sqrt(n_items))), n_items), nprobe=nprobe)
+    return settings
+
+
+def describe(settings: dict) -> str:
+    """One phrase naming the index and its search knobs, for logs and errors."""
+    if settings["index"] == "hnsw":
+        knobs = f"M={settings['hnsw_m']}, ef_construction={settings['ef_construction']}, ef_search={settings['ef_search']}"
+    else:
+        knobs = f"nlist={settings['nlist']}, nprobe={settings['nprobe']}"
+    return f"faiss {settings['index']} ({knobs}), {settings['candidates']} candidates"
+
+
+def write_index(index, path: Path) -> None:
+    import faiss
+
+    faiss.write_index(index, str(path))
+
+
+class AnnIndex:
+    """A bundle's index and item vectors: query rows in, exactly scored candidates out (best first)."""
+
+    def __init__(self, bundle, threads: int = 1):
+        import faiss
+
+        settings = bundle.manifest["retrieval"]
+        self.settings = settings
+        n_items = int(bundle.manifest["n_items"])
+        faiss.omp_set_num_threads(threads)  # process-wide, like torch's: the scorer is the worker's only user
+        try:
+            self.index = faiss.read_index(str(bundle.file(settings["index_file"])))
+        except (RuntimeError, KeyError) as e:
+            raise UserError(f"{bundle.path}: cannot read the ann index ({str(e).splitlines()[0] if str(e) else e!r})") from None
+        try:
+            self.vectors = np.load(bundle.file(settings["vectors_file"]), mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, KeyError) as e:
+            raise UserError(f"{bundle.path}: cannot read the ann item vectors ({e})") from None
+        if self.vectors.ndim != 2 or self.vectors.shape[0] != n_items + 1 or self.vectors.dtype != np.float32:
+            raise UserError(f"{bundle.path}: {settings['vectors_file']} has shape {self.vectors.shape} {self.vectors.dtype}, expected ({n_items + 1}, D) float32")
+        if self.index.ntotal != n_items or self.index.d != self.vectors.shape[1]:
+            raise UserError(f"{bundle.path}: the ann index holds {self.index.ntotal} vectors of {self.index.d} dims, expected {n_items} of {self.vectors.shape[1]}")
+        if settings["index"] == "hnsw":
+            self.index.hnsw.efSearch = int(settings["ef_search"])
+        else:
+            self.index.nprobe = int(settings["nprobe"])
+        self.candidates = min(int(settings["candidates"]), n_items)
+        self.fill = np.argsort(-bundle.popularity[1:], kind="stable")[: self.candidates].astype(np.int64)  # ids for slots the index leaves empty
+
+    def search(self, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(items [B, C] int64, exact scores [B, C] float32), best first, never item 0."""
+        b = len(query)
+        q = np.empty((b, self.vectors.shape[1]), dtype=np.float32)
+        q[:, :-1] = query
+        q[:, -1] = 1.0
+        _, ids = self.index.search(q, self.candidates)
+        missing = ids < 0
+        if missing.any():  # an IVF index with few lists probed can return fewer than C: fill with popular items
+            ids = np.where(missing, np.broadcast_to(self.fill, ids.shape), ids)
+        items = ids + 1
+        scores = np.matmul(self.vectors[items], q[:, :, None])[:, :, 0]
+        if missing.any():
+            dup = np.zeros_like(missing)
+            srt = np.sort(items, axis=1)
+            if (srt[:, 1:] == srt[:, :-1]).any():
+                for row in np.flatnonzero(missing.any(1)):
+                    _, first = np.unique(items[row], return_index=True)
+                    dup[row] = True
+                    dup[row, first] = False
+                scores = np.where(dup, -np.inf, scores)
+        order = np.argsort(-scores, axis=1, kind="stable")
+        return np.take_along_axis(items, order, 1), np.take_along_axis(scores, order, 1).astype(np.float32)

@@ -1,0 +1,233 @@
+"""`streamrec export --retrieval ann`: a faiss index proposes candidates, the scorer re-scores them exactly.
+
+Small synthetic catalogue (training/synth.py, 400 items), models trained one short epoch. The
+candidate count is set to its least (K + history_len) so the index really chooses: with the
+default 200 candidates half of this catalogue would come back on every search.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from export.bundle import open_bundle
+from export.exporter import export_run
+from export.parity import replay, sample_sessions
+from export.quantize import top_k_overlap
+from export.scorer import StepInput, load_scorer
+from stream.swap import model_tag
+from stream.topics import consume_all
+from tests.streamkit import answers_by_key, assert_same_answer, click_stream, offline_answers
+from tests.test_bundle import make_run, run_cli
+from tests.test_hot_swap import positions, switch, version_of
+from tests.test_stream_support import gru_bundle, metric, metrics_text, running_worker, send, stream_data, wait_for, worker_settings  # noqa: F401
+from training.data import PreparedData
+from training.errors import UserError
+from training.models import get_model, load_run
+from training.models.base import config_from_options
+
+K = 20
+ANN_MODELS = ["gru4rec", "sasrec", "bert4rec", "caser", "bst", "srgnn"]
+SMALL = {"epochs": "1", "threads": "1", "patience": "0", "batch_size": "64", "layers": "[32]", "n_sample": "64", "hidden_size": "32", "embedding_size": "32", "mlp": "[64]", "history_len": "8", "blocks": "1", "heads": "2"}
+QUIET = dict(parity_sessions=60, log=lambda line: None)
+
+
+@pytest.fixture(scope="module")
+def synth_data(tmp_path_factory):
+    from training.synth import synthesize
+
+    out = tmp_path_factory.mktemp("ann-data")
+    synthesize(n_items=400, n_sessions=1500, seed=5, test_fraction=0.2).save(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(synth_data, tmp_path_factory):
+    """name -> run directory of a briefly trained model, built once."""
+    cache: dict[str, object] = {}
+    root = tmp_path_factory.mktemp("ann-runs")
+
+    def get(name: str):
+        if name not in cache:
+            torch.manual_seed(0)
+            cls = get_model(name)
+            fields = {f.name for f in dataclasses.fields(cls.Config)}
+            model = cls.train(PreparedData.load(synth_data), config_from_options(cls.Config, {k: v for k, v in SMALL.items() if k in fields}), progress=False)
+            run_dir = root / f"run-{name}"
+            model.save(run_dir)
+            shutil.copyfile(synth_data / "vocab.json", run_dir / "vocab.json")
+            doc = json.loads((run_dir / "config.json").read_text())
+            doc["data"] = {"path": str(synth_data)}
+            (run_dir / "config.json").write_text(json.dumps(doc))
+            cache[name] = run_dir
+        return cache[name]
+
+    return get
+
+
+def least_candidates(run_dir) -> int:
+    model = load_run(run_dir)
+    return K + (int(model.history_len) if model.state_kind in ("window", "graph") else 50)
+
+
+@pytest.mark.parametrize("name", ANN_MODELS)
+def test_an_ann_bundle_round_trips_and_answers_like_the_exact_one(name, trained, synth_data, tmp_path, monkeypatch, capsys):
+    run_dir = trained(name)
+    candidates = least_candidates(run_dir)
+    exact = export_run(run_dir, tmp_path / "exact", **QUIET)
+    ann = export_run(run_dir, tmp_path / "ann", retrieval="ann", candidates=candidates, **QUIET)
+
+    assert exact["retrieval"] == {"mode": "exact"}
+    r = ann["retrieval"]
+    assert r["mode"] == "ann" and r["library"] == "faiss-cpu" and r["index"] == "hnsw" and r["metric"] == "inner_product"
+    assert r["candidates"] == candidates and r["dim"] > 1 and r["build_seconds"] >= 0
+    assert r["recall"]["k"] == K and r["recall"]["recall"] >= r["recall"]["min_recall"] == 0.99
+    assert {"index.faiss", "item_vectors.npy"} <= set(ann["files"])  # inside the checksums
+    assert ann["parity"]["max_score_diff"] <= 1e-4
+    if ann["model_file"] == "model.onnx":  # the catalogue product is no longer in the graph
+        assert ann["onnx"]["size_bytes"] < exact["onnx"]["size_bytes"]
+
+    code, out, err = run_cli(monkeypatch, capsys, "bundle", "verify", str(tmp_path / "ann"))
+    assert code == 0 and out.strip().endswith(f"version {ann['model_version']})") and "ann hnsw retrieval" in out, err
+    code, out, _ = run_cli(monkeypatch, capsys, "bundle", "inspect", str(tmp_path / "ann"))
+    assert code == 0 and "checksums ok" in out and "mode: ann" in out and "index.faiss" in out
+
+    sessions = sample_sessions(PreparedData.load(synth_data).test, 80, seed=2)
+    exact_scorer, ann_scorer = load_scorer(tmp_path / "exact"), load_scorer(tmp_path / "ann")
+    assert exact_scorer.ann is None and ann_scorer.ann is not None and ann_scorer.kind == exact_scorer.kind
+    want, got = replay(exact_scorer, sessions, batch_size=7), replay(ann_scorer, sessions, batch_size=7)
+    np.testing.assert_array_equal(want.positions, got.positions)
+    assert top_k_overlap(want, got) >= 0.99
+    same = (np.sort(want.top_items, 1) == np.sort(got.top_items, 1)).all(1)
+    assert same.mean() >= 0.9
+    np.testing.assert_allclose(got.top_scores[same], want.top_scores[same], atol=1e-4)  # re-scored exactly
+    assert (got.top_items > 0).all() and (np.diff(got.top_scores, axis=1) <= 0).all()
+
+    index = tmp_path / "ann" / "index.faiss"
+    data = bytearray(index.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    index.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"index\.faiss is corrupted \(sha256 does not match the manifest\)"):
+        load_scorer(tmp_path / "ann")
+
+
+def test_the_recall_check_refuses_an_index_that_misses_the_exact_top_k(trained, tmp_path, monkeypatch, capsys):
+    """An IVF index of 64 lists searched in one list sees a sixtieth of the catalogue: its recall is far under 0.99."""
+    run_dir = trained("gru4rec")
+    with pytest.raises(UserError, match=r"ann index recall@20 is .* under --min-recall 99\.00% \(faiss ivf \(nlist=64, nprobe=1\), 70 candidates\).*nothing written") as refused:
+        export_run(run_dir, tmp_path / "bad", retrieval="ann", candidates=70, ann_index="ivf", ann_nlist=64, ann_nprobe=1, **QUIET)
+    assert "\n" not in str(refused.value)
+    assert list(tmp_path.iterdir()) == []
+    code, _, err = run_cli(monkeypatch, capsys, "export", "--run", str(run_dir), "--out", str(tmp_path / "bad"), "--retrieval", "ann", "--candidates", "70", "--ann-index", "ivf", "--ann-nlist", "64", "--ann-nprobe", "1", "--parity-sessions", "40")
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and errors == [err.strip().splitlines()[-1]] and errors[0].startswith("error: ann index recall@20 is ") and "Traceback" not in err
+    assert not (tmp_path / "bad").exists()
+    # the same index searched in every list finds everything: the check measures, it does not always refuse
+    manifest = export_run(run_dir, tmp_path / "good", retrieval="ann", candidates=70, ann_index="ivf", ann_nlist=64, ann_nprobe=64, **QUIET)
+    assert manifest["retrieval"]["recall"]["recall"] == pytest.approx(1.0)
+
+
+def test_bad_retrieval_flags_are_refused_in_one_line(trained, synth_data, tmp_path, monkeypatch, capsys):
+    run_dir = trained("gru4rec")
+    for args, message in [
+        (["--ann-ef-search", "64"], "--ann-ef-search only apply with --retrieval ann"),
+        (["--retrieval", "ann", "--candidates", "30"], "--candidates 30 is too few: exclude-seen needs K + history_len = 20 + 50"),
+        (["--retrieval", "ann", "--ann-nprobe", "4"], "--ann-index hnsw: --ann-m/--ann-ef-construction/--ann-ef-search are hnsw settings"),
+        (["--retrieval", "ann", "--ann-m", "0"], "--ann-m must be at least 1"),
+    ]:
+        code, _, err = run_cli(monkeypatch, capsys, "export", "--run", str(run_dir), "--out", str(tmp_path / "b"), *args)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith(f"error: {message}") and "Traceback" not in err, (args, err)
+    markov_dir = tmp_path / "markov"
+    make_run("markov", synth_data, markov_dir)
+    with pytest.raises(UserError, match="--retrieval ann applies to models that end with a dot product"):
+        export_run(markov_dir, tmp_path / "m", retrieval="ann", **QUIET)
+    assert not (tmp_path / "b").exists() and not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("name", ["gru4rec", "sasrec", "srgnn"])
+def test_exclude_seen_with_ann_drops_the_history_and_keeps_exact_scores(name, trained, synth_data, tmp_path):
+    run_dir = trained(name)
+    export_run(run_dir, tmp_path / "ann", retrieval="ann", candidates=least_candidates(run_dir), **QUIET)
+    scorer, model = load_scorer(tmp_path / "ann"), load_run(run_dir)
+    sessions = sample_sessions(PreparedData.load(synth_data).test, 40, seed=3)
+    plain, excluding = replay(scorer, sessions), replay(scorer, sessions, exclude_seen=True)
+    np.testing.assert_array_equal(plain.positions, excluding.positions)
+    assert excluding.top_items.shape[1] == scorer.k
+    reference = {int(p): row for positions, scores in model.score_next(sessions) for p, row in zip(positions, scores)}
+    plain_had_seen = misses = checked = 0
+    for p, before, items, got in zip(excluding.positions, plain.top_items, excluding.top_items, excluding.top_scores):
+        start = sessions.offsets[np.searchsorted(sessions.offsets, p, side="right") - 1]
+        seen = sessions.items[start : p + 1][-scorer.history_len :]
+        plain_had_seen += bool(np.isin(before, seen).any())
+        assert not np.isin(items, seen).any() and (items > 0).all()
+        if int(p) not in reference:  # a session's last click has no reference row
+            continue
+        checked += 1
+        row = np.asarray(reference[int(p)], dtype=np.float32).copy()
+        np.testing.assert_allclose(got, row[items], atol=1e-4)  # every served score is the exact one
+        row[0] = -np.inf
+        row[seen] = -np.inf
+        misses += int((got < -np.sort(-row)[: scorer.k][-1] - 1e-4).sum())
+    assert plain_had_seen > 0  # without exclusion some answers repeated the session's items: exclusion was exercised
+    assert checked > 40 and misses <= 0.01 * checked * scorer.k
+
+
+def test_int8_applies_to_the_query_model_of_an_ann_bundle(trained, tmp_path):
+    run_dir = trained("sasrec")
+    manifest = export_run(run_dir, tmp_path / "int8", retrieval="ann", candidates=28, int8=True, min_overlap=0.5, **QUIET)
+    assert manifest["precision"] == "int8" and manifest["retrieval"]["mode"] == "ann"
+    assert 0.5 <= manifest["int8"]["top_k_overlap"] <= 1.0
+    bundle = open_bundle(tmp_path / "int8")
+    assert bundle.manifest["onnx"]["size_bytes"] == (tmp_path / "int8" / "model.onnx").stat().st_size
+    scorer = load_scorer(tmp_path / "int8")
+    out = scorer.step(StepInput(items=np.array([1, 2]), history=[np.array([1]), np.array([3, 2])]), exclude_seen=True)
+    assert out.top_items.shape == (2, K) and (out.top_items > 0).all() and not np.isin([3, 2], out.top_items[1]).any()
+
+
+@pytest.mark.broker
+def test_symlink_switch_from_exact_to_ann_loses_no_click(broker, stream_data, gru_bundle, tmp_path):
+    """The worker serves GRU4Rec exact; mid-stream the symlink moves to the same run exported with ann retrieval."""
+    run_dir, bundle_a = gru_bundle
+    bundle_b = tmp_path / "ann"
+    export_run(run_dir, bundle_b, data_dir=stream_data.path, retrieval="ann", candidates=K + 50, parity_sessions=50, log=lambda _: None)
+    current = tmp_path / "current"
+    switch(current, bundle_a)
+    settings = worker_settings(broker, bundle_poll_seconds=0.3)
+    messages, sessions = click_stream(stream_data.vocab.item_ids, n_sessions=40, clicks=12, seed=13)
+    half = len(messages) // 2
+    version_a, version_b = version_of(bundle_a), version_of(bundle_b)
+
+    with running_worker(settings, current, tmp_path / "worker.log"):
+        send(settings, messages[:half])
+        asyncio.run(consume_all(settings, [settings.recommendations_topic], expect={settings.recommendations_topic: half}, timeout=60))
+        switch(current, bundle_b)
+        assert wait_for(lambda: metric(metrics_text(settings), "streamrec_model_swaps_total") == 1), "the ann bundle was not swapped in"
+        send(settings, messages[half:])
+        records = asyncio.run(consume_all(settings, [settings.recommendations_topic, settings.dlq_topic], expect={settings.recommendations_topic: len(messages)}, timeout=60))
+        text = wait_for(lambda: (t := metrics_text(settings)) and metric(t, 'streamrec_events_total{outcome="answered"}') == len(messages) and t)
+        assert text, "the answered counter never reached the number of clicks"
+
+    assert not records[settings.dlq_topic]
+    by_key, total = answers_by_key(records[settings.recommendations_topic])
+    assert total == len(messages) and set(by_key) == set(positions(messages))  # nothing lost, nothing twice
+    expected_a, expected_b = offline_answers(bundle_a, sessions, K), offline_answers(bundle_b, sessions, K)
+    keys = positions(messages)
+    for key in keys[:half]:
+        (doc,) = by_key[key]
+        assert doc["model_version"] == version_a
+        assert_same_answer(doc, expected_a[key])
+    continued = 0
+    for key in keys[half:]:
+        (doc,) = by_key[key]
+        assert doc["model_version"] == version_b and doc["model"] == "gru4rec"
+        assert_same_answer(doc, expected_b[key])
+        continued += key[1] > 1
+    assert continued > len(messages) // 3  # most answers after the swap belong to sessions begun before it
+    assert f'version="{version_b}"' in text and f'version="{version_a}"' not in text
+    assert model_tag(load_scorer(bundle_a)) != model_tag(load_scorer(bundle_b))
