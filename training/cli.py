@@ -31,7 +31,9 @@ def _parse_sets(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for training.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Any other model setting; repeatable.")
 @click.option("--resume", is_flag=True, help="Continue from RUN_DIR/checkpoint.pt (neural models).")
-def train(model_name: str, data_dir: Path, run_dir: Path, epochs, seed, threads, sets, resume) -> None:
+@click.option("--device", default=None, help="auto (CUDA when present, the default), cpu, cuda or cuda:N (neural models).")
+@click.option("--precision", default=None, help="fp32 (default) or bf16: bfloat16 autocast in the forward pass (neural models).")
+def train(model_name: str, data_dir: Path, run_dir: Path, epochs, seed, threads, sets, resume, device, precision) -> None:
     """Train a model on a prepared dataset and save it to RUN_DIR."""
     import dataclasses
 
@@ -40,10 +42,9 @@ def train(model_name: str, data_dir: Path, run_dir: Path, epochs, seed, threads,
     from training.models.base import config_from_options
 
     cls = get_model(model_name)
-    data = PreparedData.load(data_dir)
     options = _parse_sets(sets)
     fields = {f.name for f in dataclasses.fields(cls.Config)}
-    for name, value in (("epochs", epochs), ("seed", seed), ("threads", threads), ("resume", resume or None)):
+    for name, value in (("epochs", epochs), ("seed", seed), ("threads", threads), ("resume", resume or None), ("device", device), ("precision", precision)):
         if value is None:
             continue
         if name not in fields:
@@ -51,6 +52,9 @@ def train(model_name: str, data_dir: Path, run_dir: Path, epochs, seed, threads,
             continue
         options[name] = str(value)
     config = config_from_options(cls.Config, options)
+    if hasattr(config, "check"):
+        config.check()  # a bad setting (e.g. --device cuda without CUDA) fails before the data is read
+    data = PreparedData.load(data_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     click.echo(f"training {model_name} on {data_dir} ({data.n_items:,} items, {len(data.train):,} sessions, {data.train.n_events:,} events)", err=True)
     started = time.perf_counter()
@@ -61,6 +65,9 @@ def train(model_name: str, data_dir: Path, run_dir: Path, epochs, seed, threads,
     doc = json.loads((run_dir / "config.json").read_text())
     doc["data"] = {"path": str(Path(data_dir).resolve()), "stats": data.stats}
     doc["train_seconds"] = round(seconds, 2)
+    fit_result = getattr(model, "fit_result", None)
+    if fit_result is not None:
+        doc["trained_on"] = fit_result.device
     (run_dir / "config.json").write_text(json.dumps(doc, indent=2))
     click.echo(f"trained {model_name} in {seconds:.1f}s -> {run_dir}", err=True)
 

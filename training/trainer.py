@@ -22,15 +22,27 @@ How a model uses it (the whole API)::
 What ``fit`` does, in order:
   - ``seed_everything(config.seed)``, ``torch.set_num_threads(config.threads)`` and
     ``keep_freed_memory()`` (no page faults for re-allocated tensors) before anything else;
+  - ``config.device`` (``auto`` = CUDA when ``torch.cuda.is_available()``, else the CPU; ``cpu``; ``cuda``
+    or ``cuda:N``) decides where ``module`` trains: it is moved there and every mini-batch is moved there
+    (tensors, also inside tuples, lists and dicts) before ``loss_fn`` sees it. ``cuda`` on a machine
+    without CUDA is a one-line UserError. ``config.precision`` ``bf16`` runs ``loss_fn`` under
+    ``torch.autocast`` with bfloat16 (CUDA, or the CPU, where it is usually slower unless the CPU has
+    bf16 instructions); weights, optimizer state, backward's accumulation and validation stay float32;
   - each epoch: ``module.train()``, iterate ``batches(epoch)`` with a tqdm bar showing the running loss,
     for each batch ``zero_grad -> loss_fn(batch).backward() -> clip -> step``; a NaN/inf loss stops with
-    a UserError (lower the learning rate);
+    a UserError (lower the learning rate). On the CPU every step's loss is checked; on a GPU the losses
+    are summed on the device and checked every ``SYNC_EVERY`` steps, so the host never waits for the
+    GPU step by step and builds the next batch while the GPU computes;
   - after each epoch, if ``validate`` is given: ``module.eval()`` + ``torch.no_grad()``, call it, keep the
     best epoch's weights; stop when ``config.patience`` (> 0) epochs pass without improvement. The best
     weights are loaded back into ``module`` before ``fit`` returns;
-  - with ``run_dir``: ``train_log.jsonl`` (one JSON line per epoch: epoch, loss, val_mrr20, seconds, lr),
-    ``checkpoint.pt`` (weights, optimizer state, epoch, best weights, history; loadable with
-    ``torch.load(..., weights_only=True)``) and ``learning_curve.png`` after every epoch.
+  - with ``run_dir``: ``train_log.jsonl`` (one JSON line per epoch: epoch, loss, val_mrr20, seconds, lr,
+    device, step_ms = training wall time per optimizer step, batch_ms = of which building and moving the
+    batch, and on CUDA gpu_util = mean ``torch.cuda.utilization()`` in %, null where it cannot be read),
+    ``checkpoint.pt`` (weights, optimizer state, epoch, best weights, history; all tensors on the CPU,
+    loadable with ``torch.load(..., weights_only=True)`` on a machine without a GPU) and
+    ``learning_curve.png`` after every epoch.
+  - the module is back on the CPU when ``fit`` returns, so saving, evaluation and export need no GPU.
     ``config.resume`` (``streamrec train --resume``) continues from ``checkpoint.pt`` when it exists
     (a finished run returns at once); without it an existing log is started afresh.
 
@@ -53,10 +65,13 @@ Learning-rate schedules (``config.lr_schedule``): ``constant``, ``linear`` (to 0
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import itertools
 import json
 import math
 import random
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -71,6 +86,10 @@ from training.sessions import Sessions
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "adagrad")
 LR_SCHEDULES = ("constant", "linear", "cosine")
+DEVICES = ("auto", "cpu", "cuda")  # and cuda:N
+PRECISIONS = ("fp32", "bf16")
+SYNC_EVERY = 20  # GPU steps between two reads of the loss (divergence check, progress bar)
+_END = object()
 
 
 @dataclass
@@ -91,6 +110,8 @@ class TrainerConfig:
     threads: int = 2  # torch intra-op threads
     patience: int = 0  # epochs without validation gain before stopping, 0 = run all epochs
     resume: bool = False  # continue from run_dir/checkpoint.pt
+    device: str = "auto"  # auto = CUDA when available, else cpu; cpu; cuda; cuda:N
+    precision: str = "fp32"  # bf16 = autocast to bfloat16 in the forward pass and loss
 
     def check(self) -> None:
         """One-line errors for impossible settings (called by fit; models may call it early)."""
@@ -104,6 +125,66 @@ class TrainerConfig:
         for name in ("lr", "momentum", "weight_decay", "grad_clip", "warmup_steps", "patience"):
             if getattr(self, name) < 0:
                 raise UserError(f"setting '{name}' must not be negative, got {getattr(self, name)}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"precision '{self.precision}' unknown (known: {', '.join(PRECISIONS)})")
+        resolve_device(self.device)
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device a ``device`` setting names; one-line errors for unknown or absent devices."""
+    if name not in DEVICES and not re.fullmatch(r"cuda:\d+", name):
+        raise UserError(f"device '{name}' unknown (known: auto, cpu, cuda, cuda:N)")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"device '{name}' asked for, but this machine has no CUDA device (torch.cuda.is_available() is false); use --device cpu or auto")
+        device = torch.device(name)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"device '{name}' asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return device
+    return torch.device(name)
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` with every tensor in it (also inside tuples, named tuples, lists and dicts) on ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(to_device(b, device) for b in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def to_cpu(value: Any) -> Any:
+    """``value`` with every tensor moved to the CPU (checkpoints load on machines without a GPU)."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_cpu(v) for v in value)
+    return value
+
+
+def autocast(device: torch.device, precision: str):
+    """The context ``loss_fn`` runs in: bfloat16 autocast for ``precision="bf16"``, else nothing."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def gpu_utilization(device: torch.device) -> float | None:
+    """GPU utilisation in % (``torch.cuda.utilization``, which needs NVML), or None where it cannot be read."""
+    if device.type != "cuda":
+        return None
+    try:
+        return float(torch.cuda.utilization(device))
+    except Exception:  # pynvml missing or NVML unavailable: report nothing rather than fail training
+        return None
 
 
 @dataclass
@@ -114,6 +195,7 @@ class FitResult:
     best_epoch: int = -1
     best_score: float = float("nan")
     stopped_early: bool = False
+    device: str = "cpu"  # where it trained
 
 
 class AdagradMomentum(torch.optim.Optimizer):
@@ -242,14 +324,15 @@ def epoch_rng(config: TrainerConfig, epoch: int) -> np.random.Generator:
     return np.random.default_rng([config.seed, epoch])
 
 
-def mrr_at_k(model, sessions: Sessions, k: int = 20, batch_size: int = 512) -> float:
-    """MRR@k of ``model`` (anything with ``score_next``) over every next-item position of ``sessions``.
+def mrr_at_k(model, sessions: Sessions, k: int = 20, batch_size: int = 512, mode: str = "next") -> float:
+    """MRR@k of ``model`` (anything with ``score_next``) over the positions ``mode`` evaluates: every
+    next-item position ("next") or each sequence's last target ("last", leave-one-out).
 
     Full ranking with conservative ties, by ``training.evaluate.evaluate``.
     """
     from training.evaluate import evaluate
 
-    return evaluate(model, sessions, ks=(k,), batch_size=batch_size, progress=False)[f"MRR@{k}"]
+    return evaluate(model, sessions, ks=(k,), mode=mode, batch_size=batch_size, progress=False)[f"MRR@{k}"]
 
 
 def _save_curve(history: list[dict], path: Path) -> None:
@@ -290,9 +373,12 @@ def fit(
     from tqdm.auto import tqdm
 
     config.check()
+    device = resolve_device(config.device)
+    on_cpu = device.type == "cpu"
     seed_everything(config.seed)
     torch.set_num_threads(config.threads)
     keep_freed_memory()
+    module.to(device)
     optimizer = make_optimizer(module.parameters(), config)
     result = FitResult()
     best_state: dict | None = None
@@ -303,10 +389,12 @@ def fit(
         Path(run_dir).mkdir(parents=True, exist_ok=True)
 
     if config.resume and ckpt_path is not None and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, weights_only=True)
+        ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu")
         module.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        optimizer.load_state_dict(ckpt["optimizer"])  # moves the state to the parameters' device
         torch.set_rng_state(ckpt["torch_rng"])
+        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
         start_epoch, step, since_best = ckpt["epoch"] + 1, ckpt["step"], ckpt["since_best"]
         result = FitResult(ckpt["history"], ckpt["best_epoch"], ckpt["best_score"], ckpt["stopped_early"])
         best_state = ckpt["best_model"]
@@ -319,28 +407,57 @@ def fit(
         module.train()
         epoch_batches = batches(epoch)
         n_steps = len(epoch_batches) if hasattr(epoch_batches, "__len__") else None
-        bar = tqdm(epoch_batches, total=n_steps, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False, mininterval=0.5)
+        bar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False, mininterval=0.5)
         started = time.perf_counter()
-        loss_sum, n_batches, lr = 0.0, 0, config.lr
-        for i, batch in enumerate(bar):
+        loss_sum, n_batches, lr, batch_seconds = 0.0, 0, config.lr, 0.0
+        pending = None if on_cpu else torch.zeros((), device=device)  # GPU: losses since the last read
+        utilization: list[float] = []
+        iterator = iter(epoch_batches)
+        for i in itertools.count():
+            waited = time.perf_counter()
+            batch = next(iterator, _END)
+            if batch is _END:
+                break
+            if not on_cpu:
+                batch = to_device(batch, device)
+            batch_seconds += time.perf_counter() - waited
             frac = (epoch + (i / n_steps if n_steps else 0.0)) / config.epochs
             lr = config.lr * lr_factor(config, step, frac)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(batch)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise UserError(f"training diverged at epoch {epoch + 1}, step {i + 1} (loss {value}); lower 'lr'")
+            with autocast(device, config.precision):
+                loss = loss_fn(batch)
+            if on_cpu:
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise UserError(f"training diverged at epoch {epoch + 1}, step {i + 1} (loss {value}); lower 'lr'")
+                loss_sum += value
+            else:
+                pending += loss.detach().float()
             loss.backward()
             if config.grad_clip:
                 nn.utils.clip_grad_norm_(module.parameters(), config.grad_clip)
             optimizer.step()
             step += 1
-            loss_sum += value
             n_batches += 1
-            if progress and n_batches % 20 == 0:
-                bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}", refresh=False)
+            bar.update(1)
+            if not on_cpu and (n_batches % SYNC_EVERY == 0 or (n_steps is not None and n_batches == n_steps)):
+                value = float(pending)
+                if not math.isfinite(value):
+                    raise UserError(f"training diverged at epoch {epoch + 1}, at or before step {i + 1} (loss {value}); lower 'lr'")
+                loss_sum += value
+                pending.zero_()
+                util = gpu_utilization(device)
+                if util is not None:
+                    utilization.append(util)
+            if progress and n_batches % SYNC_EVERY == 0:
+                bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}", ms_step=f"{1000 * (time.perf_counter() - started) / n_batches:.1f}", refresh=False)
+        if pending is not None:
+            value = float(pending)  # waits for the GPU: the epoch's time below is its real time
+            if not math.isfinite(value):
+                raise UserError(f"training diverged at epoch {epoch + 1} (loss {value}); lower 'lr'")
+            loss_sum += value
         bar.close()
         seconds = time.perf_counter() - started
 
@@ -356,11 +473,15 @@ def fit(
                 since_best += 1
         else:
             result.best_epoch = epoch
-        line = {"epoch": epoch, "loss": loss_sum / max(n_batches, 1), "val_mrr20": score, "seconds": round(seconds, 3), "lr": lr}
+        line = {"epoch": epoch, "loss": loss_sum / max(n_batches, 1), "val_mrr20": score, "seconds": round(seconds, 3), "lr": lr,
+                "device": str(device), "step_ms": round(1000 * seconds / max(n_batches, 1), 3), "batch_ms": round(1000 * batch_seconds / max(n_batches, 1), 3)}
+        if device.type == "cuda":
+            line["gpu_util"] = round(sum(utilization) / len(utilization), 1) if utilization else None
         result.history.append(line)
         if progress:
             val = f", val MRR@20 {score:.4f}" if score is not None else ""
-            tqdm.write(f"epoch {epoch + 1}/{config.epochs}: loss {line['loss']:.4f}{val} ({seconds:.1f} s)")
+            gpu = f", GPU {line['gpu_util']:.0f}%" if line.get("gpu_util") is not None else ""
+            tqdm.write(f"epoch {epoch + 1}/{config.epochs}: loss {line['loss']:.4f}{val} ({seconds:.1f} s, {line['step_ms']:.1f} ms/step on {device}{gpu})")
         stop = validate is not None and config.patience > 0 and since_best >= config.patience
         result.stopped_early = stop and epoch + 1 < config.epochs
 
@@ -368,9 +489,10 @@ def fit(
             with log_path.open("a") as f:
                 f.write(json.dumps(line) + "\n")
             ckpt = {
-                "model": module.state_dict(),
-                "optimizer": optimizer.state_dict(),
+                "model": to_cpu(module.state_dict()),
+                "optimizer": to_cpu(optimizer.state_dict()),
                 "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                 "epoch": epoch,
                 "step": step,
                 "since_best": since_best,
@@ -378,7 +500,7 @@ def fit(
                 "best_epoch": result.best_epoch,
                 "best_score": result.best_score,
                 "stopped_early": result.stopped_early,
-                "best_model": best_state,
+                "best_model": to_cpu(best_state),
                 "config": asdict(config),
             }
             torch.save(ckpt, ckpt_path.with_suffix(".tmp"))
@@ -389,5 +511,7 @@ def fit(
 
     if best_state is not None:
         module.load_state_dict(best_state)
+    module.to("cpu")
     module.eval()
+    result.device = str(device)
     return result

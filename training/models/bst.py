@@ -108,11 +108,11 @@ class BSTNet(nn.Module):
         tracing always compute it, so gradients flow and the exported graph keeps the computation.
         """
         if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
-            return self.item_side(torch.arange(self.item_embedding.num_embeddings))
+            return self.item_side(torch.arange(self.item_embedding.num_embeddings, device=self.item_embedding.weight.device))
         weights = [self.item_embedding.weight, *self.item_feature_embeddings.parameters(), *(getattr(self, f"item_feature_{name}") for name in self.item_cards)]
         versions = tuple((t.data_ptr(), t._version) for t in weights)
         if self._catalogue_cache is None or self._catalogue_cache[0] != versions:
-            self._catalogue_cache = (versions, self.item_side(torch.arange(self.item_embedding.num_embeddings)))
+            self._catalogue_cache = (versions, self.item_side(torch.arange(self.item_embedding.num_embeddings, device=self.item_embedding.weight.device)))
         return self._catalogue_cache[1]
 
     def train(self, mode: bool = True) -> "BSTNet":

@@ -125,7 +125,7 @@ class Caser(WindowModel):
             z = net.features(window)
             real = target > 0
             if config.loss == "ce":
-                rows = torch.arange(len(z))[:, None].expand_as(target)
+                rows = torch.arange(len(z), device=z.device)[:, None].expand_as(target)
                 return catalogue_cross_entropy(z[rows[real]], net.output_embedding.weight, target[real], net.output_bias)
             pos = (z[:, None] * net.output_embedding(target)).sum(-1) + net.output_bias[target]
             neg = (z[:, None] * net.output_embedding(negatives)).sum(-1) + net.output_bias[negatives]

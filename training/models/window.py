@@ -55,6 +55,11 @@ class _CatalogueCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, states, weight, bias, targets, block):
         want_grads = any(ctx.needs_input_grad[:3])
+        device = states.device.type
+        if torch.is_autocast_enabled(device):  # bf16 products, float32 softmax and gradient sums
+            low = torch.get_autocast_dtype(device)
+            with torch.autocast(device, enabled=False):
+                return _CatalogueCrossEntropy._low_precision(ctx, states, weight, bias, targets, block, want_grads, low)
         n = max(len(states), 1)
         total = states.new_zeros(())
         grad_states, grad_weight, grad_bias = torch.empty_like(states), torch.zeros_like(weight), torch.zeros_like(bias)
@@ -62,7 +67,7 @@ class _CatalogueCrossEntropy(torch.autograd.Function):
             rows = slice(start, start + block)
             logits = torch.addmm(bias, states[rows], weight.T)
             lse = torch.logsumexp(logits, 1)
-            picked = torch.arange(len(logits))
+            picked = torch.arange(len(logits), device=logits.device)
             total += (lse - logits[picked, targets[rows]]).sum()
             if want_grads:
                 probs = logits.sub_(lse[:, None]).exp_()
@@ -72,6 +77,32 @@ class _CatalogueCrossEntropy(torch.autograd.Function):
                 grad_weight.addmm_(probs.T, states[rows])
                 grad_bias += probs.sum(0)
         ctx.save_for_backward(grad_states, grad_weight, grad_bias)
+        return total / n
+
+    @staticmethod
+    def _low_precision(ctx, states, weight, bias, targets, block, want_grads, low):
+        """``forward`` under autocast: the three products in ``low`` (bf16), logits, softmax and sums in float32."""
+        n = max(len(states), 1)
+        bias = bias.float()
+        states_low, weight_low = states.to(low), weight.to(low)
+        total = torch.zeros((), device=states.device)
+        grad_states = torch.empty_like(states)
+        grad_weight, grad_bias = torch.zeros_like(weight, dtype=torch.float32), torch.zeros_like(bias)
+        for start in range(0, len(states), block):
+            rows = slice(start, start + block)
+            logits = (states_low[rows] @ weight_low.T).float().add_(bias)
+            lse = torch.logsumexp(logits, 1)
+            picked = torch.arange(len(logits), device=logits.device)
+            total += (lse - logits[picked, targets[rows]]).sum()
+            if want_grads:
+                probs = logits.sub_(lse[:, None]).exp_()
+                probs[picked, targets[rows]] -= 1.0
+                probs.div_(n)
+                probs_low = probs.to(low)
+                grad_states[rows] = (probs_low @ weight_low).to(states.dtype)
+                grad_weight += (probs_low.T @ states_low[rows]).float()
+                grad_bias += probs.sum(0)
+        ctx.save_for_backward(grad_states, grad_weight.to(weight.dtype), grad_bias)
         return total / n
 
     @staticmethod
@@ -268,11 +299,17 @@ class WindowModel(SessionModel):
                 yield chunk, scores.numpy()
 
     def scores(self, window: torch.Tensor, *features: torch.Tensor) -> torch.Tensor:
-        """The network's scores for a batch of windows, skipping all-padding columns where that is exact."""
+        """The network's scores (on the CPU) for a batch of windows, skipping all-padding columns where that is exact.
+
+        The inputs go to the network's device first: validation during a GPU run scores there.
+        """
         if self.padding_columns_needed is not None:
             start = first_column(window, self.padding_columns_needed)
             window, features = window[:, start:], tuple(f[:, start:] for f in features)
-        return self.net(window, *features)
+        device = next(self.net.parameters()).device
+        if device.type == "cpu":
+            return self.net(window, *features)
+        return self.net(window.to(device), *(f.to(device) for f in features)).float().cpu()
 
     def export_module(self) -> nn.Module:
         """A copy of the network in eval mode: ``forward(window, *features) -> scores [B, n_items + 1]``."""
@@ -296,7 +333,7 @@ class WindowModel(SessionModel):
         if not weights.is_file():
             raise UserError(f"{run_dir}: model.pt missing")
         try:
-            model.net.load_state_dict(torch.load(weights, weights_only=True))
+            model.net.load_state_dict(torch.load(weights, weights_only=True, map_location="cpu"))
         except (RuntimeError, OSError, ValueError) as e:
             raise UserError(f"{weights}: does not fit a {cls.name} with this config ({str(e).splitlines()[0]})") from None
         model.net.eval()
