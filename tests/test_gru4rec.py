@@ -221,3 +221,60 @@ def test_bad_settings_are_one_line_errors():
         GRU4Rec.train(data, Config(loss="top2"), progress=False)
     with pytest.raises(UserError, match="dropout_p_hidden"):
         GRU4Rec.train(data, Config(dropout_p_hidden=1.5), progress=False)
+
+
+class ScoreNextOnly:
+    """A GRU4Rec seen only through ``score_next``: what the evaluator did before ``score_positions`` existed."""
+
+    def __init__(self, model: GRU4Rec):
+        self.n_items, self.score_next = model.n_items, model.score_next
+
+
+def leave_one_out_data():
+    from training.protocols import leave_one_out
+    from training.synth import generate_log
+
+    return leave_one_out(generate_log(n_items=200, n_sessions=600, seed=5), min_core=0)
+
+
+def test_on_leave_one_out_data_validation_scores_only_the_held_out_validation_targets():
+    data = leave_one_out_data()
+    train, valid, mode = GRU4Rec.training_split(data)
+    assert mode == "last" and len(valid) == len(data.valid)
+    # the validation targets (each validation user's last train item) are not trained on
+    assert train.n_events == data.train.n_events - len(data.valid)
+    model = GRU4Rec.train(data, Config(**SMALL), progress=False)
+    logged = model.fit_result.history[0]["val_mrr20"]
+    last = evaluate(model, data.valid, ks=(20,), mode="last", progress=False)
+    every = evaluate(model, data.valid, ks=(20,), mode="next", progress=False)
+    assert last["n_events"] == len(data.valid) < every["n_events"]
+    assert logged == pytest.approx(last["MRR@20"], abs=1e-12)
+    assert logged != pytest.approx(every["MRR@20"], abs=1e-6)
+
+
+def test_evaluation_on_leave_one_out_data_scores_only_each_sequences_last_position():
+    data = leave_one_out_data()
+    model = GRU4Rec.train(data, Config(**SMALL), progress=False)
+    last = data.test.offsets[1:][data.test.lengths >= 2] - 2
+    scored = [(p, s) for p, s in model.score_positions(data.test, last)]
+    positions = np.concatenate([p for p, _ in scored])
+    assert sorted(positions.tolist()) == sorted(last.tolist())  # one row per sequence, nothing else ranked
+    by_position = dict(zip(positions.tolist(), np.concatenate([s for _, s in scored])))
+    for p, s in model.score_next(data.test):  # the scores the full pass gives there, up to float rounding of a smaller product
+        for q, row in zip(p.tolist(), s):
+            if q in by_position:
+                np.testing.assert_allclose(by_position[q], row, rtol=1e-5, atol=1e-5)
+    fast = evaluate(model, data.test, mode="last", progress=False)
+    slow = evaluate(ScoreNextOnly(model), data.test, mode="last", progress=False)
+    assert fast["n_events"] == slow["n_events"] == len(last)
+    for key in ("HR@20", "MRR@20", "NDCG@20"):
+        assert fast[key] == pytest.approx(slow[key], abs=2 / len(last)), key
+
+
+def test_every_position_evaluation_is_unchanged_by_scoring_only_wanted_positions():
+    data = synthesize(n_items=150, n_sessions=400, seed=4, test_fraction=0.2)
+    model = GRU4Rec.train(data, Config(**SMALL), progress=False)
+    popularity = np.bincount(data.train.items, minlength=data.n_items + 1)
+    fast = evaluate(model, data.test, mode="next", popularity=popularity, progress=False)
+    slow = evaluate(ScoreNextOnly(model), data.test, mode="next", popularity=popularity, progress=False)
+    assert fast == slow and fast["n_events"] > len(data.test)

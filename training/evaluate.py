@@ -17,8 +17,9 @@ Rules, chosen to match what the stream does and to avoid flattering a model:
 - ``mode="next"`` evaluates every position that has a next event (targets are
   ``items[p + 1]``); ``mode="last"`` only the last target of each session
   (leave-one-out protocols). Models that offer ``score_positions(sessions,
-  positions, batch_size)`` (the non-neural baselines and the window models)
-  are asked for the evaluated positions only; others (GRU4Rec) go through
+  positions, batch_size)`` (the non-neural baselines, the window models and
+  GRU4Rec, which still steps through every click but ranks only the wanted
+  positions) are asked for the evaluated positions only; others go through
   ``score_next`` and the rest is dropped. In "last" mode that is most of the
   cost: on Amazon Beauty 40,226 of 313,736 positions are evaluated.
 """

@@ -86,6 +86,7 @@ from torch.nn import functional as F
 from training.data import PreparedData
 from training.errors import UserError
 from training.models.base import SessionModel, write_run_config
+from training.protocols import early_stopping_split
 from training.sessions import Sessions
 from training.trainer import TrainerConfig, epoch_rng, fit, mrr_at_k
 
@@ -210,7 +211,7 @@ class GRU4RecNet(nn.Module):
         self.drop_hidden = nn.Dropout(config.dropout_p_hidden)
 
     def init_hidden(self, batch: int) -> list[torch.Tensor]:
-        return [torch.zeros(batch, h) for h in self.layers]
+        return [torch.zeros(batch, h, device=self.item_out.device) for h in self.layers]
 
     def step(self, items: torch.Tensor, hidden: list[torch.Tensor], x: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
         """One click per row: (items [B], hidden per layer) -> (new hidden per layer, output [B, H_last]).
@@ -279,7 +280,7 @@ def sampled_loss(scores: torch.Tensor, config: Config, log_q: torch.Tensor | Non
     """
     scores = final_activation(scores, config)
     batch = scores.shape[0]
-    diag = torch.arange(batch)
+    diag = torch.arange(batch, device=scores.device)
     if config.loss == "cross-entropy":
         if log_q is not None and config.logq > 0:
             scores = scores - config.logq * log_q
@@ -408,14 +409,31 @@ class GRU4Rec(SessionModel):
         config.check()
         torch.manual_seed(config.seed)
         model = cls(data.n_items, config)
-        if data.train.n_events == 0 or (data.train.lengths >= 2).sum() == 0:
+        train, valid, mode = cls.training_split(data)
+        if train.n_events == 0 or (train.lengths >= 2).sum() == 0:
             raise UserError("training data has no session with two or more events")
-        schedule = SessionParallelBatches.build(data.train, config.batch_size)
-        support = np.bincount(data.train.items, minlength=data.n_items + 1).astype(np.float64)
+        schedule = SessionParallelBatches.build(train, config.batch_size)
+        support = np.bincount(train.items, minlength=data.n_items + 1).astype(np.float64)
         batches, loss_fn = model.training_closures(schedule, support)
-        validate = (lambda: mrr_at_k(model, data.valid)) if data.valid is not None and len(data.valid) else None
+        validate = (lambda: mrr_at_k(model, valid, mode=mode)) if valid is not None else None
         model.fit_result = fit(model.net, config, batches, loss_fn, validate=validate, run_dir=run_dir, progress=progress)
         return model
+
+    @staticmethod
+    def training_split(data: PreparedData) -> tuple[Sessions, Sessions | None, str]:
+        """(sessions to train on, validation sessions or None, validation mode).
+
+        Leave-one-out ("last"): train without each validation user's last item, which is the
+        validation target, and validate on those targets only, as the window models do; the other
+        positions of a validation sequence are training data and would flatter the model.
+        "next" datasets keep all of train and every position of the validation sessions.
+        """
+        if data.valid is None or len(data.valid) == 0:
+            return data.train, None, "next"
+        if data.stats.get("eval_mode", "next") == "last":
+            fit_sessions, valid = early_stopping_split(data)
+            return fit_sessions, valid, "last"
+        return data.train, data.valid, "next"
 
     def training_closures(self, schedule: SessionParallelBatches, support: np.ndarray):
         """``batches(epoch)`` and ``loss_fn(batch)`` for ``training.trainer.fit``.
@@ -424,7 +442,7 @@ class GRU4Rec(SessionModel):
         between calls and resets it where ``carry`` is -1.
         """
         config, net = self.config, self.net
-        log_support = torch.from_numpy(np.log(np.maximum(support, 1.0))).float()
+        log_supports = {torch.device("cpu"): torch.from_numpy(np.log(np.maximum(support, 1.0))).float()}  # per device
         use_logq = config.loss == "cross-entropy" and config.logq > 0
 
         def batches(epoch: int):
@@ -451,30 +469,57 @@ class GRU4Rec(SessionModel):
             state["hidden"] = [h.detach() for h in new_hidden]
             weight = (targets > 0).float()
             log_q = None
+            if use_logq and targets.device not in log_supports:
+                log_supports[targets.device] = log_supports[torch.device("cpu")].to(targets.device)
+            log_support = log_supports.get(targets.device)
             if use_logq:  # each column's own proposal: targets ~ support, extra samples ~ support^alpha
                 log_q = log_support[targets] if samples is None else torch.cat([log_support[targets], config.sample_alpha * log_support[samples]])
             return sampled_loss(scores, config, log_q, weight)
 
         return batches, loss_fn
 
-    @torch.no_grad()
     def score_next(self, sessions: Sessions, batch_size: int = 512) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Run each session through the GRU once; sessions are batched and stepped in parallel."""
+        return self._score(sessions, None, batch_size)
+
+    def score_positions(self, sessions: Sessions, positions: np.ndarray, batch_size: int = 512) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``score_next`` restricted to some positions: each session runs up to its last wanted position and only
+        wanted positions are ranked against the catalogue (leave-one-out: one per sequence, not every click)."""
+        return self._score(sessions, np.asarray(positions, dtype=np.int64), batch_size)
+
+    @torch.no_grad()
+    def _score(self, sessions: Sessions, positions: np.ndarray | None, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         self.net.eval()
+        device = self.net.item_out.device
         lengths = sessions.lengths
-        usable = np.flatnonzero(lengths >= 2)
-        order = usable[np.argsort(-lengths[usable], kind="stable")]  # longest first: active rows form a prefix
+        if positions is None:
+            wanted = None
+            steps_all = np.maximum(lengths - 1, 0)  # positions with a next event
+        else:
+            wanted = np.zeros(sessions.n_events, dtype=bool)
+            wanted[positions] = True
+            owner = np.searchsorted(sessions.offsets, positions, side="right") - 1
+            steps_all = np.zeros(len(lengths), dtype=np.int64)
+            np.maximum.at(steps_all, owner, positions - sessions.offsets[owner] + 1)
+        usable = np.flatnonzero(steps_all >= 1)
+        order = usable[np.argsort(-steps_all[usable], kind="stable")]  # longest first: active rows form a prefix
         for lo in range(0, len(order), batch_size):
             chunk = order[lo : lo + batch_size]
             starts = sessions.offsets[chunk]
-            steps = lengths[chunk] - 1  # positions with a next event
+            steps = steps_all[chunk]
             hidden = self.net.init_hidden(len(chunk))
             for t in range(int(steps[0])):
                 active = int((steps > t).sum())
                 hidden = [h[:active] for h in hidden]
-                items = torch.from_numpy(sessions.items[starts[:active] + t])
+                items = torch.from_numpy(sessions.items[starts[:active] + t]).to(device)
                 hidden, out = self.net.step(items, hidden)
-                yield starts[:active] + t, self.net.score_all(out).numpy()
+                at = starts[:active] + t
+                if wanted is not None and not wanted[at].all():
+                    keep = wanted[at]
+                    if not keep.any():
+                        continue
+                    at, out = at[keep], out[torch.from_numpy(keep).to(device)]
+                yield at, self.net.score_all(out).float().cpu().numpy()
 
     def export_module(self) -> nn.Module:
         """The one-click serving step (state kind "hidden"), in eval mode, for ONNX export."""
@@ -493,7 +538,7 @@ class GRU4Rec(SessionModel):
             doc = json.loads((run_dir / "config.json").read_text())
             config = Config(**doc["config"])
             model = cls(int(doc["n_items"]), config)
-            model.net.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
+            model.net.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True, map_location="cpu"))
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
             raise UserError(f"{run_dir}: cannot load GRU4Rec run ({e})") from None
         model.net.eval()
