@@ -87,6 +87,19 @@ def test_last_mode():
     assert m["MRR@2"] == pytest.approx((0.5 + 1) / 3)
 
 
+def test_exclude_seen_removes_the_sessions_earlier_items_and_a_repeated_target_is_a_miss():
+    # [1,3,4]: (1->3) rank 2 either way; (3->4) rank 4, or 2 once items 1 and 3 are gone
+    # [2,1,2]: (2->1) rank 4, or 3 without item 2; (1->2) rank 2, or a miss: 2 was seen
+    sessions = Sessions.from_lists([[1, 3, 4], [2, 1, 2]])
+    table = TABLE.copy()
+    kept = evaluate(TableModel(), sessions, ks=(3,), progress=False)
+    dropped = evaluate(TableModel(), sessions, ks=(3,), progress=False, exclude_seen=True)
+    assert kept["HR@3"] == pytest.approx(2 / 4) and kept["MRR@3"] == pytest.approx((1 / 2 + 1 / 2) / 4)
+    assert dropped["HR@3"] == pytest.approx(3 / 4) and dropped["MRR@3"] == pytest.approx((1 / 2 + 1 / 2 + 1 / 3) / 4)
+    assert dropped["exclude_seen"] is True and kept["exclude_seen"] is False
+    assert np.array_equal(TABLE, table)  # the model's scores are not written to
+
+
 def test_diversity_from_categories_and_embeddings():
     categories = np.array([0, 0, 0, 1, 1])
     m = evaluate(TableModel(), SESSIONS, ks=(2,), popularity=POPULARITY, item_features=categories, progress=False)

@@ -77,7 +77,8 @@ def train(model_name: str, data_dir: Path, run_dir: Path, epochs, seed, threads,
 @click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path), help="Prepared DATA_DIR.")
 @click.option("--split", default="test", show_default=True, type=click.Choice(["test", "valid"]))
 @click.option("--mode", type=click.Choice(["next", "last"]), default=None, help="Every position, or the last item only (default: the dataset's protocol).")
-def evaluate(run_dir: Path, data_dir: Path, split: str, mode: str | None) -> None:
+@click.option("--exclude-seen", is_flag=True, help="Remove the session's own earlier items from the ranking (as Klenitskiy & Vasilev do on leave-one-out data).")
+def evaluate(run_dir: Path, data_dir: Path, split: str, mode: str | None, exclude_seen: bool) -> None:
     """Full-ranking evaluation of a trained run; writes RUN_DIR/metrics.json."""
     import numpy as np
 
@@ -93,7 +94,7 @@ def evaluate(run_dir: Path, data_dir: Path, split: str, mode: str | None) -> Non
     mode = mode or data.stats.get("eval_mode", "next")
     popularity = np.bincount(data.train.items, minlength=data.n_items + 1)
     started = time.perf_counter()
-    metrics = run_evaluation(model, data.split(split), mode=mode, popularity=popularity, item_features=data.item_features or None)
+    metrics = run_evaluation(model, data.split(split), mode=mode, popularity=popularity, item_features=data.item_features or None, exclude_seen=exclude_seen)
     metrics["split"] = split
     metrics["mode"] = mode
     metrics["data"] = str(Path(data_dir).resolve())

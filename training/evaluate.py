@@ -22,6 +22,11 @@ Rules, chosen to match what the stream does and to avoid flattering a model:
   positions) are asked for the evaluated positions only; others go through
   ``score_next`` and the rest is dropped. In "last" mode that is most of the
   cost: on Amazon Beauty 40,226 of 313,736 positions are evaluated.
+- ``exclude_seen=True`` removes the session's own items up to the evaluated
+  position from the ranking (their scores become -inf), as Klenitskiy &
+  Vasilev's ``filter_seen`` and the stream's exclude-seen do; a target that
+  repeats one of them is then a miss. Off by default: session-based data has
+  real repeats, and the figures in docs/results.md say which setting they use.
 """
 
 from __future__ import annotations
@@ -111,6 +116,7 @@ def evaluate(
     item_features: np.ndarray | dict[str, np.ndarray] | None = None,
     batch_size: int = 512,
     progress: bool = True,
+    exclude_seen: bool = False,
 ) -> dict:
     """Full-ranking metrics of ``model`` on ``sessions`` (see module docstring for the rules).
 
@@ -177,7 +183,12 @@ def evaluate(
         n_unknown += int(unknown.sum())
         if popularity is not None and unknown.any():
             scores = scores if copied else scores.copy()  # the model's array is left alone
+            copied = True
             scores[unknown] = popularity
+        if exclude_seen:
+            scores = scores if copied else scores.copy()
+            rows, items = seen_items(sessions, positions)
+            scores[rows, items] = -np.inf
         cons, opt = ranks(scores, targets)
         cons_all.append(cons)
         opt_all.append(opt)
@@ -207,6 +218,7 @@ def evaluate(
     out["n_skipped"] = n_skipped
     out["n_unknown_inputs"] = n_unknown
     out["mode"] = mode
+    out["exclude_seen"] = exclude_seen
     lengths = session_length[pos]
     by_length = []
     for lo, hi in LENGTH_BUCKETS:
@@ -217,6 +229,16 @@ def evaluate(
             by_length.append(row)
     out["by_length"] = by_length
     return out
+
+
+def seen_items(sessions: Sessions, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row, item) pairs: for row j, every item of its session from the start up to ``positions[j]``."""
+    owner = np.searchsorted(sessions.offsets, positions, side="right") - 1
+    start = sessions.offsets[owner]
+    counts = positions - start + 1
+    rows = np.repeat(np.arange(len(positions)), counts)
+    within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    return rows, sessions.items[np.repeat(start, counts) + within]
 
 
 def rank_metrics(r: np.ndarray, ks: tuple[int, ...], suffix: str = "") -> dict[str, float]:
