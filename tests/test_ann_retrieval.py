@@ -190,6 +190,31 @@ def test_int8_applies_to_the_query_model_of_an_ann_bundle(trained, tmp_path):
     assert out.top_items.shape == (2, K) and (out.top_items > 0).all() and not np.isin([3, 2], out.top_items[1]).any()
 
 
+def test_a_processor_swapped_exact_to_ann_and_back_answers_every_click_as_each_bundle(stream_data, gru_bundle, tmp_path):
+    """No broker: the stream's batch processor serves exact, then ann, then exact again over the same session states."""
+    from stream.processor import BatchProcessor, Record
+    from stream.state import SessionState
+
+    run_dir, exact = gru_bundle
+    ann = tmp_path / "ann"
+    export_run(run_dir, ann, data_dir=stream_data.path, retrieval="ann", candidates=K + 50, parity_sessions=50, log=lambda _: None)
+    messages, sessions = click_stream(stream_data.vocab.item_ids, n_sessions=30, clicks=12, seed=14)
+    third = len(messages) // 3
+    store: dict[bytes, bytes] = {}
+    docs = []
+    for lo, hi, bundle in ((0, third, exact), (third, 2 * third, ann), (2 * third, len(messages), exact)):
+        records = [Record(k, v, "clicks", 0, lo + i, 1.7e9) for i, (k, v) in enumerate(messages[lo:hi])]
+        result = BatchProcessor(load_scorer(bundle), K).process(records, lambda key: SessionState.decode(store[key]) if key in store else None)
+        store.update({key: state.encode() for key, state in result.states.items()})
+        docs.extend((bundle, json.loads(v)) for _, v in result.recommendations)
+    expected = {exact: offline_answers(exact, sessions, K), ann: offline_answers(ann, sessions, K)}
+    assert len(docs) == len(messages)
+    for (bundle, doc), key in zip(docs, positions(messages)):
+        assert (doc["session_id"], doc["position"]) == key and doc["model_version"] == version_of(bundle)
+        assert_same_answer(doc, expected[bundle][key])
+    assert sum(bundle == ann for bundle, _ in docs) == third
+
+
 @pytest.mark.broker
 def test_symlink_switch_from_exact_to_ann_loses_no_click(broker, stream_data, gru_bundle, tmp_path):
     """The worker serves GRU4Rec exact; mid-stream the symlink moves to the same run exported with ann retrieval."""
