@@ -317,3 +317,24 @@ def test_srgnn_forward_has_no_python_loop_over_sessions():
             net(window)
         counts.append(Count.calls)
     assert counts[0] == counts[1], counts
+
+
+def test_sasrec_normal_init_draws_every_weight_from_n_0_002_as_klenitskiy_and_vasilev_do():
+    from training.models.sasrec import SASRecConfig, SASRecNet
+
+    torch.manual_seed(0)
+    ours = SASRecNet(2000, SASRecConfig(hidden_size=64))
+    theirs = SASRecNet(2000, SASRecConfig(hidden_size=64, init="normal"))
+    assert float(ours.position_embedding.weight.std()) == pytest.approx(1.0, rel=0.1)
+    assert float(theirs.position_embedding.weight.std()) == pytest.approx(0.02, rel=0.1)
+    assert float(theirs.item_embedding.weight[1:].std()) == pytest.approx(0.02, rel=0.1)
+    assert float(theirs.item_embedding.weight[0].abs().max()) == 0.0  # padding row stays zero
+    linear = theirs.blocks[0].attention.qkv
+    assert float(linear.weight.std()) == pytest.approx(0.02, rel=0.1) and float(linear.bias.abs().max()) == 0.0
+    assert float(theirs.blocks[0].norm1.weight.min()) == 1.0  # layer norms keep their identity start
+
+
+def test_sasrec_unknown_init_is_a_one_line_error():
+    data = synthesize(n_items=50, n_sessions=60, seed=1, test_fraction=0.2)
+    with pytest.raises(UserError, match="init 'xavier' unknown"):
+        get_model("sasrec").train(data, get_model("sasrec").Config(init="xavier", epochs=1), progress=False)

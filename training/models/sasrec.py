@@ -12,6 +12,13 @@ under full ranking). ``loss="bce"`` is the paper's binary cross-entropy with
 one uniformly sampled negative per target (the paper excludes the user's own
 items from negatives; we sample from the whole catalogue).
 
+Initialisation (``init``): ``default`` draws item embeddings from N(0, 1/d) and leaves the
+other layers at PyTorch's defaults (position embeddings N(0, 1), Linear layers Kaiming-uniform);
+``normal`` draws every Linear and Embedding weight from N(0, 0.02) with zero biases, as
+Klenitskiy & Vasilev's SASRec does (``_init_weights`` in their src/models.py, after GPT-2 and
+RecBole). With ``default`` the position embeddings start as large as the scaled item embeddings;
+with ``normal`` they start 8x smaller (d = 64), so the first epochs learn mostly from the items.
+
 Implementation notes: the attention is hand-written (``window.SelfAttention``)
 with a mask that always allows the diagonal. ``nn.TransformerEncoder`` with a
 causal mask plus key padding gave NaN scores for heavily padded windows, both
@@ -38,6 +45,7 @@ from training.trainer import TrainerConfig, fit
 from training.windows import sequence_chunks
 
 LOSSES = ("ce", "bce")
+INITS = ("default", "normal")
 
 
 @dataclass
@@ -50,6 +58,7 @@ class SASRecConfig(TrainerConfig):
     heads: int = 1
     dropout: float = 0.5
     loss: str = "ce"
+    init: str = "default"  # "normal": N(0, 0.02) everywhere, Klenitskiy & Vasilev's SASRec
     epochs: int = 100
     batch_size: int = 128
     lr: float = 1e-3
@@ -68,6 +77,12 @@ class SASRecNet(nn.Module):
         self.blocks = nn.ModuleList(TransformerBlock(size, config.heads, config.dropout) for _ in range(config.blocks))
         self.norm = nn.LayerNorm(size)
         nn.init.normal_(self.item_embedding.weight, std=size**-0.5)
+        if config.init == "normal":
+            for module in self.modules():
+                if isinstance(module, (nn.Linear, nn.Embedding)):
+                    nn.init.normal_(module.weight, std=0.02)
+                if isinstance(module, nn.Linear) and module.bias is not None:
+                    nn.init.zeros_(module.bias)
         with torch.no_grad():
             self.item_embedding.weight[0].zero_()
 
@@ -100,6 +115,8 @@ class SASRec(WindowModel):
         config.check()
         if config.loss not in LOSSES:
             raise UserError(f"sasrec loss '{config.loss}' unknown (known: {', '.join(LOSSES)})")
+        if config.init not in INITS:
+            raise UserError(f"sasrec init '{config.init}' unknown (known: {', '.join(INITS)})")
         torch.manual_seed(config.seed)
         model = cls(config, data.n_items)
         net = model.net
