@@ -128,6 +128,13 @@ def test_the_recall_check_refuses_an_index_that_misses_the_exact_top_k(trained, 
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert code == 2 and errors == [err.strip().splitlines()[-1]] and errors[0].startswith("error: ann index recall@20 is ") and "Traceback" not in err
     assert not (tmp_path / "bad").exists()
+    # accepted when asked to (--min-recall 0): the slots the index leaves empty hold popular items, each once, never item 0
+    export_run(run_dir, tmp_path / "poor", retrieval="ann", candidates=70, ann_index="ivf", ann_nlist=64, ann_nprobe=1, min_recall=0.0, **QUIET)
+    scorer = load_scorer(tmp_path / "poor")
+    out = scorer.step(StepInput(items=np.arange(1, 41), history=[np.array([i]) for i in range(1, 41)]), exclude_seen=True)
+    assert (out.top_items > 0).all() and all(len(set(row)) == K for row in out.top_items)
+    assert np.isfinite(out.top_scores).all() and (np.diff(out.top_scores, axis=1) <= 0).all()
+    shutil.rmtree(tmp_path / "poor")
     # the same index searched in every list finds everything: the check measures, it does not always refuse
     manifest = export_run(run_dir, tmp_path / "good", retrieval="ann", candidates=70, ann_index="ivf", ann_nlist=64, ann_nprobe=64, **QUIET)
     assert manifest["retrieval"]["recall"]["recall"] == pytest.approx(1.0)
