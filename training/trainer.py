@@ -42,9 +42,9 @@ What ``fit`` does, in order:
     ``checkpoint.pt`` (weights, optimizer state, epoch, best weights, history; all tensors on the CPU,
     loadable with ``torch.load(..., weights_only=True)`` on a machine without a GPU) and
     ``learning_curve.png`` after every epoch.
-  - the module is back on the CPU when ``fit`` returns, so saving, evaluation and export need no GPU.
     ``config.resume`` (``streamrec train --resume``) continues from ``checkpoint.pt`` when it exists
-    (a finished run returns at once); without it an existing log is started afresh.
+    (a finished run returns at once, on any device); without it an existing log is started afresh;
+  - the module is back on the CPU when ``fit`` returns, so saving, evaluation and export need no GPU.
 
 Contracts for the callbacks:
   - ``batches(epoch)`` must be deterministic given ``(config.seed, epoch)`` (draw from
@@ -55,6 +55,9 @@ Contracts for the callbacks:
     ``batches`` says what to carry, ``loss_fn`` carries it (detached).
   - ``validate()`` returns a float, higher is better (MRR@20 by convention; ``mrr_at_k`` computes it
     from any model's ``score_next``).
+  - Both run while the module is on ``config.device``: tensors that ``loss_fn`` makes itself are made on
+    its batch's device, and scoring moves its inputs to the network's device (``WindowModel.scores``,
+    GRU4Rec's ``_score``) and returns CPU arrays.
 
 Optimizers (``config.optimizer``): ``adam``, ``adamw``, ``sgd`` (with ``momentum``) and ``adagrad``
 (Adagrad with optional momentum, GRU4Rec's default; ``momentum`` 0 = plain Adagrad). For ``sgd`` and

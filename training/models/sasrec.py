@@ -16,7 +16,8 @@ Initialisation (``init``): ``default`` draws item embeddings from N(0, 1/d) and 
 other layers at PyTorch's defaults (position embeddings N(0, 1), Linear layers Kaiming-uniform);
 ``normal`` draws every Linear and Embedding weight from N(0, 0.02) with zero biases, as
 Klenitskiy & Vasilev's SASRec does (``_init_weights`` in their src/models.py, after GPT-2 and
-RecBole). With ``default`` the position embeddings start as large as the scaled item embeddings;
+RecBole; their attention's input projection, a ``nn.MultiheadAttention`` parameter, keeps
+Xavier, ours is a Linear and gets N(0, 0.02) too). With ``default`` the position embeddings start as large as the scaled item embeddings;
 with ``normal`` they start 8x smaller (d = 64), so the first epochs learn mostly from the items.
 
 Implementation notes: the attention is hand-written (``window.SelfAttention``)
