@@ -54,6 +54,8 @@ def kafka_api_ready(port: int, timeout: float = 1.0) -> bool:
 class EmbeddedBroker:
     """Tansu on a free loopback port with memory storage, for the lifetime of a ``with`` block."""
 
+    quirks = QUIRKS  # what its clients pass as --broker-quirks
+
     def __init__(self, port: int | None = None, log_path: Path | None = None, startup_timeout: float = 20.0, advertised_port: int | None = None):
         self.port = port or free_port()
         self.advertised_port = advertised_port or self.port  # another port when clients reach it through a relay

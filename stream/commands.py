@@ -35,24 +35,45 @@ def serve(bundle_dir: Path, **options) -> None:
 
 
 @click.command()
-@click.option("--port", type=click.IntRange(1, 65535), default=9092, show_default=True, envvar="STREAMREC_BROKER_PORT", help="Loopback port to listen on.")
-def broker(port: int) -> None:
-    """Run the embedded Kafka-protocol broker (Tansu, in memory) in the foreground; Ctrl-C stops it.
+@click.option("--engine", type=click.Choice(["kafka", "tansu"]), default="kafka", show_default=True, envvar="STREAMREC_BROKER_ENGINE", help="kafka: Apache Kafka in KRaft mode (needs Java 17 and `make kafka`); tansu: the embedded broker, in memory, no Java (clients pass --broker-quirks tansu).")
+@click.option("--port", type=click.IntRange(1, 65535), default=9092, show_default=True, envvar="STREAMREC_BROKER_PORT", help="Loopback port to listen on (with --nodes N, node i listens on PORT+i-1).")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="kafka: keep the storage here across restarts (default: a temporary folder, removed at stop).")
+@click.option("--nodes", type=click.IntRange(1, 9), default=1, show_default=True, help="kafka: brokers on loopback (3: a controller quorum, replication factor 3, min.insync.replicas 2).")
+def broker(engine: str, port: int, data_dir: Path | None, nodes: int) -> None:
+    """Run a broker on loopback in the foreground; Ctrl-C or SIGTERM stops it.
 
-    Clients must pass --broker-quirks tansu (see docs/stream.md).
+    \b
+    Examples:
+      streamrec broker --port 9092                                  # Apache Kafka, one node
+      streamrec broker --port 9092 --nodes 3 --data-dir kafka-data  # three nodes, kept on disk
+      streamrec broker --engine tansu --port 9092                   # embedded, in memory, no Java
     """
     from stream.broker import EmbeddedBroker
+    from stream.kafka import KafkaCluster
 
+    if engine == "tansu" and (data_dir is not None or nodes != 1):
+        raise UserError("--data-dir and --nodes are for --engine kafka: the embedded broker is one node in memory")
+    if port + nodes - 1 > 65535:
+        raise UserError(f"--port {port} with --nodes {nodes} runs past port 65535")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with EmbeddedBroker(port=port) as b:
-        click.echo(f"embedded broker listening on {b.url} (memory storage; use --broker {b.url} --broker-quirks tansu); Ctrl-C stops it", err=True)
-        while not stop.is_set() and b.process.poll() is None:
+    if engine == "tansu":
+        b, what = EmbeddedBroker(port=port), "embedded broker (Tansu, memory storage)"
+    else:
+        b = KafkaCluster(nodes=nodes, ports=[port + i for i in range(nodes)], data_dir=data_dir)
+        what = f"Apache Kafka (KRaft, {nodes} node{'s' if nodes > 1 else ''}, data in {b.data_dir}{'' if data_dir else ', removed at stop'})"
+    with b:
+        quirks = f" --broker-quirks {b.quirks}" if b.quirks != "none" else ""
+        click.echo(f"{what} listening; bootstrap {b.bootstrap}; clients use --broker {b.url}{quirks}; Ctrl-C stops it", err=True)
+        click.echo(b.bootstrap)  # stdout: the bootstrap address alone, for scripts
+        processes = [n.process for n in b.nodes] if engine == "kafka" else [b.process]
+        while not stop.is_set() and all(p.poll() is None for p in processes):
             stop.wait(0.5)
-        if b.process.poll() is not None:
-            raise UserError(f"the embedded broker exited (status {b.process.returncode})")
-    click.echo("embedded broker stopped", err=True)
+        dead = [p for p in processes if p.poll() is not None]
+        if dead and not stop.is_set():
+            raise UserError(f"the broker exited (status {dead[0].returncode})")
+    click.echo("broker stopped", err=True)
 
 
 @click.command()
@@ -142,11 +163,12 @@ def publish_model(bundle_dir: Path, worker_path, **options) -> None:
 @click.option("--rate", type=float, default=2000.0, show_default=True, help="Clicks per second replayed to the worker.")
 @click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True, help="GRU4Rec training epochs.")
 @click.option("--workdir", type=click.Path(path_type=Path), default=None, help="Keep data, run, bundle and logs here (default: a temporary directory, removed).")
-def demo(data_kind: str, rate: float, epochs: int, workdir) -> None:
+@click.option("--engine", type=click.Choice(["tansu", "kafka"]), default="tansu", show_default=True, help="tansu: the embedded broker (nothing beyond pip); kafka: Apache Kafka (Java 17, `make kafka`).")
+def demo(data_kind: str, rate: float, epochs: int, workdir, engine: str) -> None:
     """The whole path on this machine: broker, data, GRU4Rec, bundle, worker, replay, online vs offline accuracy."""
     from stream.demo import DemoConfig, run_demo
 
     if rate <= 0:
         raise UserError("--rate must be positive")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so that the broker and worker are stopped
-    run_demo(DemoConfig(data=data_kind, rate=rate, epochs=epochs), workdir)
+    run_demo(DemoConfig(data=data_kind, rate=rate, epochs=epochs, engine=engine), workdir)

@@ -1,6 +1,6 @@
 """`streamrec demo`: the whole path on one machine, each step a plain function.
 
-embedded broker -> click log (synthetic, or the YooChoose sample) -> GRU4Rec (a short run)
+broker (the embedded one by default, Apache Kafka with engine="kafka") -> click log (synthetic, or the YooChoose sample) -> GRU4Rec (a short run)
 -> verified bundle -> stream worker (child process) -> test sessions replayed as clicks
 -> recommendations read back -> throughput, latency and online accuracy beside the offline figures.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stream.broker import QUIRKS, EmbeddedBroker, free_port
+from stream.broker import EmbeddedBroker, free_port
 from stream.settings import Settings
 from training.data import PreparedData
 from training.errors import UserError
@@ -35,6 +35,7 @@ class DemoConfig:
     batch_size: int = 64
     rate: float = 2000.0  # clicks per second offered to the worker
     seed: int = 0
+    engine: str = "tansu"  # the embedded broker: nothing to install beyond pip; "kafka": Apache Kafka (Java)
 
 
 def say(message: str) -> None:
@@ -141,9 +142,16 @@ def run_demo(config: DemoConfig, workdir: Path | None = None) -> tuple[dict, dic
     workdir = Path(workdir) if keep else Path(tempfile.mkdtemp(prefix="streamrec-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        say("[1/6] starting the embedded broker")
-        with EmbeddedBroker(log_path=workdir / "broker.log") as broker:
-            settings = Settings(broker=broker.url, broker_quirks=QUIRKS, metrics_port=free_port(), group_session_timeout=2.0)
+        if config.engine == "kafka":
+            from stream.kafka import KafkaCluster
+
+            say("[1/6] starting Apache Kafka")
+            broker = KafkaCluster(data_dir=workdir / "kafka")
+        else:
+            say("[1/6] starting the embedded broker")
+            broker = EmbeddedBroker(log_path=workdir / "broker.log")
+        with broker:
+            settings = Settings(broker=broker.url, broker_quirks=broker.quirks, metrics_port=free_port(), group_session_timeout=2.0)
             say(f"      {broker.url}; worker metrics on http://127.0.0.1:{settings.metrics_port}/metrics")
             say(f"[2/6] preparing the {config.data} click log")
             data = prepare_data(config, workdir / "data")

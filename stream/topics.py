@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 
@@ -20,29 +23,59 @@ async def ensure_topics(settings: Settings, timeout: float = 30.0) -> int:
     Existing topics are left as they are; the session table always gets as many
     partitions as the clicks topic really has.
     """
-    admin = AIOKafkaAdminClient(**settings.kafka_kwargs(), request_timeout_ms=int(timeout * 1000))
+    admin = await _admin(settings, timeout)
     try:
-        await admin.start()
-    except (KafkaConnectionError, KafkaError, OSError) as e:
-        raise UserError(f"cannot reach the Kafka broker at {settings.broker} ({e})") from None
-    try:
-        names = [settings.clicks_topic, settings.recommendations_topic, settings.dlq_topic]
+        names = list(dict.fromkeys([settings.clicks_topic, settings.recommendations_topic, settings.dlq_topic]))
         existing = set(await admin.list_topics())
-        missing = [NewTopic(n, settings.partitions, settings.replication_factor) for n in dict.fromkeys(names) if n not in existing]
-        if settings.model_updates_topic and settings.model_updates_topic not in existing:
-            missing.append(NewTopic(settings.model_updates_topic, 1, settings.replication_factor, topic_configs=MODEL_UPDATES_CONFIG))
+        missing = [NewTopic(n, settings.partitions, settings.replication_factor) for n in names if n not in existing]
+        if settings.model_updates_topic:
+            names.append(settings.model_updates_topic)
+            if settings.model_updates_topic not in existing:
+                missing.append(NewTopic(settings.model_updates_topic, 1, settings.replication_factor, topic_configs=MODEL_UPDATES_CONFIG))
         if missing:
             try:
                 await admin.create_topics(missing)
             except TopicAlreadyExistsError:
                 pass  # created by another worker meanwhile
-        described = await admin.describe_topics([settings.clicks_topic])
-        partitions = len(described[0]["partitions"]) if described and described[0].get("partitions") else 0
-        if partitions == 0:
-            raise UserError(f"topic '{settings.clicks_topic}' has no partitions on {settings.broker}")
-        return partitions
+        partitions = (await _led_partitions(admin, names, timeout)).get(settings.clicks_topic)
+        if not partitions:
+            raise UserError(f"topic '{settings.clicks_topic}' has no partitions with a leader on {settings.broker}")
+        return len(partitions)
     finally:
         await admin.close()
+
+
+async def topic_partitions(settings: Settings, topics: list[str], timeout: float = 5.0) -> dict[str, list[int]]:
+    """The partitions of each of ``topics`` (an empty list for a topic that is not there within ``timeout``)."""
+    admin = await _admin(settings, timeout)
+    try:
+        return await _led_partitions(admin, topics, timeout)
+    finally:
+        await admin.close()
+
+
+async def _admin(settings: Settings, timeout: float):
+    admin = AIOKafkaAdminClient(**settings.kafka_kwargs(), request_timeout_ms=int(max(timeout, 5.0) * 1000))
+    try:
+        await admin.start()
+    except (KafkaConnectionError, KafkaError, OSError) as e:
+        raise UserError(f"cannot reach the Kafka broker at {settings.broker} ({e})") from None
+    return admin
+
+
+async def _led_partitions(admin, topics: list[str], timeout: float) -> dict[str, list[int]]:
+    """Each topic's partitions once every one of them has a leader, waiting up to ``timeout``: Apache Kafka's
+    brokers learn of a new topic from the controller a moment after it answers CreateTopics."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out = {}
+        for described in await admin.describe_topics(list(topics)):
+            partitions = described.get("partitions") or []
+            if described.get("error_code", 0) == 0 and partitions and all(p.get("leader", -1) >= 0 for p in partitions):
+                out[described["topic"]] = sorted(p["partition"] for p in partitions)
+        if len(out) == len(set(topics)) or time.monotonic() > deadline:
+            return {t: out.get(t, []) for t in topics}
+        await asyncio.sleep(0.1)
 
 
 async def publish_model_update(settings: Settings, bundle: str, model_version: str) -> tuple[int, int]:
@@ -77,21 +110,20 @@ async def consume_all(settings: Settings, topics: list[str], expect: dict[str, i
     run short, see --broker-quirks). Raises UserError after ``timeout`` seconds
     if ``expect`` is not met.
     """
-    import time
-
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     consumer = AIOKafkaConsumer(**settings.kafka_kwargs(), enable_auto_commit=False, auto_offset_reset="earliest", fetch_max_wait_ms=50)
     await consumer.start()
     out: dict[str, list] = {t: [] for t in topics}
     try:
-        await consumer.topics()  # refreshes the cluster metadata
-        tps = [TopicPartition(topic, p) for topic in topics for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        started = time.monotonic()
+        known = await topic_partitions(settings, topics, timeout=min(idle, timeout))
+        tps = [TopicPartition(topic, p) for topic, partitions in known.items() for p in partitions]
         if not tps:
             return out
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
-        started = last_new = time.monotonic()
+        last_new = time.monotonic()
         while True:
             batch = await consumer.getmany(timeout_ms=200, max_records=10000)
             now = time.monotonic()

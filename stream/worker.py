@@ -41,6 +41,13 @@ EXPIRY_CHUNK = 5000  # sessions examined between yields to the event loop
 OUTPUT_BATCH_BYTES = 512 * 1024  # largest record batch the worker sends
 DRAIN_SECONDS = 5.0  # how long a stopping worker waits for its last states and acks
 MAX_PENDING_BATCHES = 4  # micro-batches whose answers, states or acks may be outstanding before the agent waits
+# The producer of answers, dead letters and states (docs/reliability.md, "Producer settings"): a batch
+# counts as sent once every in-sync replica has it (acks=all; with min.insync.replicas 2 a leader's
+# death loses no confirmed answer or state), and the broker drops the copy a retry may write twice
+# (idempotence: retries after a lost answer or a leader change keep one copy, in order). aiokafka
+# retries a failed batch until request_timeout_ms (40 s) has passed; then the worker stops so that
+# its unacknowledged clicks are read again (see _ack_when_delivered). linger 0: sent at once.
+OUTBOX_PRODUCER = dict(acks="all", enable_idempotence=True, linger_ms=0)
 
 
 def expiry_interval(ttl: float) -> float:
@@ -144,7 +151,7 @@ class StreamWorker:
     async def _agent(self, stream) -> None:
         queue = self._queue = stream.channel.queue
         batch_size = self.settings.batch_size
-        producer = AIOKafkaProducer(**self.settings.kafka_kwargs(), linger_ms=0, max_batch_size=OUTPUT_BATCH_BYTES, client_id=f"{self.settings.app_id}-outbox")
+        producer = AIOKafkaProducer(**self.settings.kafka_kwargs(), **OUTBOX_PRODUCER, max_batch_size=OUTPUT_BATCH_BYTES, client_id=f"{self.settings.app_id}-outbox")
         await producer.start()
         changelog = self.table.changelog_topic_name
         # Once aiokafka tracks any topic it refreshes metadata for the tracked ones only, and a batch

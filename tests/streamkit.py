@@ -235,9 +235,9 @@ class BrokerLink(threading.Thread):
     """A TCP relay between every client and the broker that a test can cut and restore.
 
     Cut, the broker is gone as far as clients can tell: open connections are reset and new ones
-    refused. Restored, it answers again with all its topics, offsets and groups, which is what an
-    Apache Kafka broker does after a restart (the embedded one loses everything when restarted).
-    The broker must advertise the relay's port (``EmbeddedBroker(advertised_port=...)``).
+    refused. Restored, it answers again with all its topics, offsets and groups. The broker must
+    advertise the relay's port (Apache Kafka's ``advertised.listeners``, or
+    ``EmbeddedBroker(advertised_port=...)``).
     """
 
     def __init__(self, broker_port: int, port: int) -> None:

@@ -1,4 +1,5 @@
-"""The embedded broker: starts on a free loopback port, speaks Kafka, stops with its process group."""
+"""The embedded broker (Tansu, the no-Java option): starts on a free loopback port, speaks Kafka, stops with
+its process group; and the premises of the --broker-quirks tansu workarounds, shown on it."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ from stream.topics import consume_all, ensure_topics, producer
 pytestmark = pytest.mark.broker
 
 
-def test_broker_fixture_speaks_kafka(broker):
-    assert broker.bootstrap == f"127.0.0.1:{broker.port}" and broker.url == f"kafka://127.0.0.1:{broker.port}"
-    assert kafka_api_ready(broker.port)
-    settings = Settings(broker=broker.url, partitions=2)
+def test_broker_fixture_speaks_kafka(tansu_broker):
+    assert tansu_broker.bootstrap == f"127.0.0.1:{tansu_broker.port}" and tansu_broker.url == f"kafka://127.0.0.1:{tansu_broker.port}"
+    assert kafka_api_ready(tansu_broker.port)
+    settings = Settings(broker=tansu_broker.url, partitions=2)
     assert asyncio.run(ensure_topics(settings)) == 2
 
     async def round_trip():
@@ -38,11 +39,11 @@ def test_broker_stops_with_the_block():
     assert not kafka_api_ready(b.port, timeout=0.2)
 
 
-def test_single_record_batches_give_true_end_offsets(broker):
+def test_single_record_batches_give_true_end_offsets(tansu_broker):
     """The premise of --broker-quirks tansu: with one record per batch the end offset is right."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    settings = Settings(broker=broker.url, partitions=1)
+    settings = Settings(broker=tansu_broker.url, partitions=1)
 
     async def run():
         await ensure_topics(settings)
@@ -61,7 +62,7 @@ def test_single_record_batches_give_true_end_offsets(broker):
     assert asyncio.run(run()) == 7
 
 
-def test_the_tansu_fetch_wait_reads_a_backlog_that_a_10_ms_fetch_never_gets(broker):
+def test_the_tansu_fetch_wait_reads_a_backlog_that_a_10_ms_fetch_never_gets(tansu_broker):
     """Why --broker-quirks tansu adapts the fetch wait (stream.transport, point 3): on a store of many small
     batches the embedded broker answers a 10 ms fetch with no records, however far behind the consumer is.
     The control consumer (fixed 10 ms) must read next to nothing, or the test shows nothing; the adapted one reads all."""
@@ -70,7 +71,7 @@ def test_the_tansu_fetch_wait_reads_a_backlog_that_a_10_ms_fetch_never_gets(brok
     from stream.transport import TansuFetchWait, adapt_fetch_wait
 
     partitions, batches = 4, 20_000
-    settings = Settings(broker=broker.url, partitions=partitions)
+    settings = Settings(broker=tansu_broker.url, partitions=partitions)
     value = b'{"session_id":"s-12345","item_id":"i-1234","timestamp":1764680000.123}'
 
     async def fill() -> None:

@@ -47,8 +47,8 @@ def outward_address() -> str | None:
 
 @pytest.mark.broker
 def test_worker_listens_on_loopback_only_and_leaks_no_secret(broker, markov_bundle, tmp_path):
-    """A worker with a SASL user and password configured (unused: the embedded broker speaks no
-    SASL) at debug log level: one listening socket, on 127.0.0.1; the password nowhere to be read."""
+    """A worker with a SASL user and password configured (unused: the test broker's listener is
+    PLAINTEXT) at debug log level: one listening socket, on 127.0.0.1; the password nowhere to be read."""
     _, bundle = markov_bundle
     settings = worker_settings(broker, sasl_username="streamrec", sasl_password=SECRET, log_level="debug")
     assert settings.metrics_host == Settings().metrics_host == "127.0.0.1"  # the default, not set by the test
@@ -58,7 +58,8 @@ def test_worker_listens_on_loopback_only_and_leaks_no_secret(broker, markov_bund
         send_all(settings, [(PROBE_SESSION.encode(), click_value(PROBE_SESSION, "probe", 1.0))])
         assert wait_for(lambda: answered(settings) >= 1, timeout=60), log_path.read_text()[-2000:]
         assert listening_sockets(worker.pid) == {("127.0.0.1", settings.metrics_port)}  # no Faust web server, nothing else
-        assert listening_sockets(broker.process.pid) == {("127.0.0.1", broker.port)}  # the embedded broker too
+        node = broker.cluster.nodes[0]  # Apache Kafka as `streamrec broker` runs it: clients and controller, on loopback only
+        assert listening_sockets(broker.process.pid) == {("127.0.0.1", node.port), ("127.0.0.1", node.controller_port)}
         address = outward_address()
         if address is not None:
             with pytest.raises(OSError):

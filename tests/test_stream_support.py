@@ -16,7 +16,6 @@ import numpy as np
 import orjson
 import pytest
 
-from stream.broker import QUIRKS
 from stream.settings import Settings
 from stream.topics import consume_all, producer
 from training.data import PreparedData
@@ -63,10 +62,11 @@ def gru_bundle(stream_data, tmp_path_factory) -> tuple[Path, Path]:
 
 
 def worker_settings(broker, **changes) -> Settings:
-    """Worker settings for the embedded broker: quirks on, short group timeout, free metrics port."""
+    """Worker settings for a test's broker (conftest.BrokerSpace): its address, quirks and names, a short
+    group timeout, a free metrics port."""
     from stream.broker import free_port
 
-    base = dict(broker=broker.url, broker_quirks=QUIRKS, group_session_timeout=2.0, metrics_port=free_port(), partitions=3)
+    base = dict(**broker.settings(), group_session_timeout=2.0, metrics_port=free_port(), partitions=3)
     base.update(changes)
     return Settings(**base)
 
