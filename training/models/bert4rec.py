@@ -123,12 +123,12 @@ class BERT4Rec(WindowModel):
             masked = real & (rng.random(batch.shape) < config.mask_prob)
             # a sequence with nothing masked teaches nothing: hide its last item (what inference asks for)
             masked[~masked.any(1), -1] = True
-            return torch.from_numpy(np.where(masked, net.mask_token, batch)), torch.from_numpy(masked), torch.from_numpy(batch)
+            start = first_column(batch)  # all-padding columns dropped here, on the CPU: no GPU sync in loss_fn
+            sequence = np.where(masked, net.mask_token, batch)
+            return tuple(torch.from_numpy(np.ascontiguousarray(a[:, start:])) for a in (sequence, masked, batch))
 
         def loss_fn(batch) -> torch.Tensor:
             sequence, masked, original = batch
-            start = first_column(original)
-            sequence, masked, original = sequence[:, start:], masked[:, start:], original[:, start:]
             states = net.hidden(sequence)[masked]
             return catalogue_cross_entropy(net.head(states), net.item_embedding.weight[: net.n_items + 1], original[masked], net.output_bias)
 

@@ -130,19 +130,20 @@ class SASRec(WindowModel):
         def make(idx: np.ndarray, rng: np.random.Generator):
             batch = chunks[idx]
             negatives = rng.integers(1, n_items + 1, size=(len(idx), config.history_len)) if config.loss == "bce" else None
-            return torch.from_numpy(batch), None if negatives is None else torch.from_numpy(negatives)
+            start = first_column(batch)  # all-padding columns dropped here, on the CPU: no GPU sync in loss_fn
+            trimmed = np.ascontiguousarray(batch[:, start:])
+            return torch.from_numpy(trimmed), None if negatives is None else torch.from_numpy(np.ascontiguousarray(negatives[:, start:]))
 
         def loss_fn(batch) -> torch.Tensor:
             chunk, negatives = batch
-            start = first_column(chunk)
-            inputs, targets = chunk[:, start:-1], chunk[:, start + 1 :]
+            inputs, targets = chunk[:, :-1], chunk[:, 1:]
             hidden = net.hidden(inputs)
             real = targets > 0
             states = hidden[real]
             if config.loss == "ce":
                 return catalogue_cross_entropy(states, net.item_embedding.weight, targets[real])
             pos = (states * net.item_embedding(targets[real])).sum(-1)
-            neg = (states * net.item_embedding(negatives[:, start:][real])).sum(-1)
+            neg = (states * net.item_embedding(negatives[real])).sum(-1)
             return F.binary_cross_entropy_with_logits(torch.cat([pos, neg]), torch.cat([torch.ones_like(pos), torch.zeros_like(neg)]))
 
         model.fit_result = fit(net, config, lambda epoch: shuffled(config, epoch, len(chunks), make), loss_fn, validate=validate, run_dir=run_dir, progress=progress)

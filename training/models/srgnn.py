@@ -152,11 +152,13 @@ class SRGNN(WindowModel):
             raise UserError("srgnn: no training session has two known items")
 
         def make(idx: np.ndarray, rng: np.random.Generator):
-            return torch.from_numpy(windows[idx]), torch.from_numpy(targets[idx, 0])
+            window = windows[idx]
+            window = np.ascontiguousarray(window[:, first_column(window) :])  # on the CPU: no GPU sync in loss_fn
+            return torch.from_numpy(window), torch.from_numpy(targets[idx, 0])
 
         def loss_fn(batch) -> torch.Tensor:
             window, target = batch
-            return catalogue_cross_entropy(net.session_vectors(window[:, first_column(window) :]), net.item_embedding.weight, target)
+            return catalogue_cross_entropy(net.session_vectors(window), net.item_embedding.weight, target)
 
         model.fit_result = fit(net, config, lambda epoch: shuffled(config, epoch, len(windows), make), loss_fn, validate=validate, run_dir=run_dir, progress=progress)
         return model
