@@ -338,3 +338,16 @@ def test_sasrec_unknown_init_is_a_one_line_error():
     data = synthesize(n_items=50, n_sessions=60, seed=1, test_fraction=0.2)
     with pytest.raises(UserError, match="init 'xavier' unknown"):
         get_model("sasrec").train(data, get_model("sasrec").Config(init="xavier", epochs=1), progress=False)
+
+
+def test_bert4rec_normal_init_draws_its_linear_layers_from_n_0_002_like_hugging_faces_bert():
+    from training.models.bert4rec import BERT4RecConfig, BERT4RecNet
+
+    torch.manual_seed(0)
+    ours = BERT4RecNet(2000, BERT4RecConfig())
+    theirs = BERT4RecNet(2000, BERT4RecConfig(init="normal"))
+    ffn = theirs.blocks[0].ffn[0]
+    assert float(ffn.weight.std()) == pytest.approx(0.02, rel=0.1) and float(ffn.bias.abs().max()) == 0.0
+    assert float(ours.blocks[0].ffn[0].weight.std()) > 0.05  # PyTorch's default, about 1 / sqrt(3 * 64)
+    with pytest.raises(UserError, match="init 'xavier' unknown"):
+        get_model("bert4rec").train(synthesize(n_items=50, n_sessions=60, seed=1, test_fraction=0.2), BERT4RecConfig(init="xavier"), progress=False)
