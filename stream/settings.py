@@ -55,6 +55,7 @@ class Settings:
     scorer_threads: int = _s(1, "CPU threads of the scorer (ONNX Runtime / torch intra-op).", minimum=1)
     bundle_poll_seconds: float = _s(5.0, "How often the worker checks --bundle (a directory or a symlink to one) for a new model_version and swaps it in while serving (0 = never).", minimum=0)
     model_updates_topic: str = _s("model-updates", "Topic of model-update messages (`streamrec publish-model`): every worker reads every message, outside the consumer group, and swaps the bundle it names in while serving (empty = not read).")
+    bundle_root: str = _s("", "Directory that every bundle a model-updates message names must lie in, its path resolved with symlinks; a message naming any other path is refused (streamrec_model_updates_total{outcome=\"outside_root\"}). Empty = the directory that holds --bundle.")
     security_protocol: str = _s("PLAINTEXT", "Kafka security protocol of every client.", SECURITY_PROTOCOLS)
     sasl_mechanism: str = _s("PLAIN", "SASL mechanism (with SASL_* protocols).", SASL_MECHANISMS)
     sasl_username: str = _s("", "SASL user name.")
@@ -79,6 +80,8 @@ class Settings:
         if self.model_updates_topic in (self.clicks_topic, self.recommendations_topic, self.dlq_topic):
             raise UserError(f"--model-updates-topic must be a topic of its own, not '{self.model_updates_topic}'")
         self.bootstrap_servers()
+        if self.bundle_root and not Path(self.bundle_root).is_dir():
+            raise UserError(f"--bundle-root {self.bundle_root}: no such directory")
         if self.security_protocol.startswith("SASL") and not self.sasl_username:
             raise UserError(f"--security-protocol {self.security_protocol} needs --sasl-username (and --sasl-password)")
 

@@ -13,7 +13,10 @@ loop, between two micro-batches. A bundle that fails is refused with one log lin
   id, all partitions assigned, nothing committed): a group would hand the topic's partition to one
   worker only. The topic is compacted, so its newest message is the model the fleet should serve: a
   starting worker reads the topic to its end and swaps to the newest valid message before Faust
-  starts, then applies each new message as it comes.
+  starts, then applies each new message as it comes. A message is obeyed only for a bundle inside
+  ``--bundle-root`` (default: the directory that holds ``--bundle``), the named path resolved with
+  its symlinks: whoever can write the topic can choose among the bundles an operator put there, and
+  cannot point the workers at any other directory on their disks.
 
 Live sessions carry on. Every session state records the model and vocabulary it was made with
 (``SessionState.model_tag`` / ``vocab_tag``); on a session's first click after a swap
@@ -199,6 +202,21 @@ class BundleWatcher:
         return await self.swapper.swap_to(seen[0])
 
 
+def bundle_root(setting: str, bundle: Path) -> str:
+    """The resolved ``--bundle-root`` (``setting``, or the directory that holds ``bundle`` when empty); UserError if it is no directory."""
+    root = setting or os.path.dirname(os.path.abspath(bundle))
+    resolved = os.path.realpath(root)
+    if not os.path.isdir(resolved):
+        raise UserError(f"--bundle-root {root}: no such directory")
+    return resolved
+
+
+def inside_root(path: str, root: str) -> bool:
+    """True when ``path``, resolved (symlinks, ``..``), lies strictly inside the resolved directory ``root``."""
+    resolved = os.path.realpath(path)
+    return resolved != root and os.path.commonpath([resolved, root]) == root
+
+
 class UpdateError(ValueError):
     """A model-updates message that is not one."""
 
@@ -235,13 +253,16 @@ class ModelUpdates:
 
     Outcomes, counted in ``streamrec_model_updates_total{outcome}``: ``swapped``; ``unchanged``
     (that bundle and version serve already); ``refused`` (the bundle is missing, fails its checks, or
-    is not the version the message names: also a swap failure); ``invalid`` (not a model-updates message).
+    is not the version the message names: also a swap failure); ``outside_root`` (the path does not
+    resolve inside ``--bundle-root``: nothing is read from it, and it is no swap failure but a
+    message nobody should have sent); ``invalid`` (not a model-updates message).
     """
 
-    def __init__(self, swapper: ModelSwapper, settings):
+    def __init__(self, swapper: ModelSwapper, settings, root: str):
         self.swapper = swapper
         self.settings = settings
         self.topic = settings.model_updates_topic
+        self.root = root  # resolved (bundle_root)
         self.consumer = None
 
     async def start(self) -> None:
@@ -306,6 +327,10 @@ class ModelUpdates:
 
     async def apply(self, bundle: str, version: str | None) -> str:
         metrics = self.swapper.worker.metrics
+        if not inside_root(bundle, self.root):  # checked before the path is read at all
+            log.error("model swap refused: %s resolves to %s, not under --bundle-root %s (still serving %s)", bundle, os.path.realpath(bundle), self.root, self.swapper.serving[1])
+            metrics.model_updates.labels("outside_root").inc()
+            return "outside_root"
         seen = bundle_identity(Path(bundle))
         if seen == self.swapper.serving and version in (None, seen[1]):
             outcome = "unchanged"
@@ -334,7 +359,7 @@ def install(worker, bundle: Path, loop: asyncio.AbstractEventLoop) -> ModelSwapp
     if settings.bundle_poll_seconds:
         BundleWatcher(swapper, bundle).install(worker.app, settings.bundle_poll_seconds)
     if settings.model_updates_topic:
-        updates = ModelUpdates(swapper, settings)
+        updates = ModelUpdates(swapper, settings, bundle_root(settings.bundle_root, bundle))
         loop.run_until_complete(updates.start())
         worker.app.task(updates.listen)
     return swapper

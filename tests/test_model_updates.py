@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 
 import orjson
 import pytest
@@ -110,7 +111,7 @@ def test_a_model_update_message_swaps_every_worker_mid_stream(broker, stream_dat
     (_, bundle_a), (_, bundle_b) = markov_bundle, gru_bundle
     version_a, version_b = version_of(bundle_a), version_of(bundle_b)
     bad = corrupted_copy(bundle_b, tmp_path / "bad")
-    first = worker_settings(broker, bundle_poll_seconds=0)
+    first = worker_settings(broker, bundle_poll_seconds=0, bundle_root=os.path.commonpath([bundle_a, bundle_b, tmp_path]))  # the bundles live in different temporary folders
     second = first.replace(metrics_port=free_port())
     messages, sessions = click_stream(stream_data.vocab.item_ids, n_sessions=40, clicks=12, seed=21)
     phase1, phase2 = messages[:300], messages[300:]
