@@ -1,0 +1,322 @@
+"""Scoring cost against catalogue size: exact fp32, exact int8 and ann retrieval (faiss + exact re-ranking), GRU4Rec.
+
+For every catalogue size a GRU4Rec with 100 units (untrained GRU: serving cost does not
+depend on its weights) is exported three ways, and each bundle is timed through
+``Scorer.step`` in a fresh process of its own (so its RSS is its own) at batch 1, 32 and 256
+on random clicks with random hidden states. Item vectors are synthetic: by default 1,000
+random topic centres plus noise ("clustered"), because trained item embeddings cluster and a
+catalogue of uniformly random vectors (``--embeddings uniform``) is the worst case for any
+index. Recall@20 of the ann bundle is measured against the exact fp32 bundle on the same
+timed calls (an ann item counts when its exact score reaches the exact 20th best), and at
+export on the parity prefixes. Not measured here: the stream end to end, trained embeddings.
+
+Writes a section "## Catalogue scale" into docs/performance.md and docs/img/catalog_scale.png
+unless --no-write. Run it niced on a shared box:
+
+    OMP_NUM_THREADS=1 nice -n 15 python benchmarks/catalog_scale.py [--sizes 40000,200000,1000000] [--ann-index hnsw|ivf] [--search 512,1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from _report import environment, produced_by, pyplot, save_figure, table, write_section  # benchmarks/ is on sys.path
+
+BATCH_SIZES = (1, 32, 256)
+K = 20
+DOC = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
+PLOT = DOC.parent / "img" / "catalog_scale.png"
+SECTION = "## Catalogue scale"  # an --ann-index ivf run writes "## Catalogue scale: IVF" and its own plot
+MODES = ("exact fp32", "exact int8", "ann")  # "ann" is searched with the export's ef_search; --ef-search adds "ann, ef N" rows
+
+
+def synthetic_data(n_items: int, out: Path, rng: np.random.Generator):
+    """A prepared dataset over ``n_items`` items: random train sessions (popularity) and test sessions (parity)."""
+    from training.data import PreparedData, Vocab
+    from training.sessions import Sessions
+
+    def sessions(n: int) -> Sessions:
+        lengths = rng.integers(2, 10, size=n)
+        items = rng.integers(1, n_items + 1, size=int(lengths.sum()))
+        return Sessions.from_lists([list(s) for s in np.split(items, np.cumsum(lengths)[:-1])])
+
+    data = PreparedData(Vocab([f"i{i}" for i in range(n_items)]), sessions(5000), sessions(300))
+    data.save(out)
+    return PreparedData.load(out)
+
+
+def gru_run(data, data_dir: Path, run_dir: Path, embeddings: str, rng: np.random.Generator) -> None:
+    """An untrained GRU4Rec (100 units) run whose item vectors and biases are synthetic."""
+    import torch
+
+    from training.models import get_model
+
+    cls = get_model("gru4rec")
+    model = cls(data.n_items, cls.Config())
+    n, h = model.net.item_out.shape
+    if embeddings == "clustered":
+        centres = rng.standard_normal((1000, h)).astype(np.float32)
+        vectors = centres[rng.integers(0, 1000, n)] + 0.5 * rng.standard_normal((n, h), dtype=np.float32)
+    else:
+        vectors = rng.standard_normal((n, h), dtype=np.float32)
+    with torch.no_grad():
+        model.net.item_out.copy_(torch.from_numpy(0.1 * vectors))
+        model.net.item_bias.copy_(torch.from_numpy(0.01 * rng.standard_normal((n, 1), dtype=np.float32)))
+    model.save(run_dir)
+    (run_dir / "vocab.json").write_text((data_dir / "vocab.json").read_text())
+    doc = json.loads((run_dir / "config.json").read_text())
+    doc["data"] = {"path": str(data_dir)}
+    (run_dir / "config.json").write_text(json.dumps(doc))
+
+
+SEARCH_KNOB = {"hnsw": "ef_search", "ivf": "nprobe"}
+
+
+def same_index(ann: dict, width: int) -> dict:
+    """A copy of the ann bundle whose manifest asks for another search width (HNSW ``ef_search`` or IVF ``nprobe``;
+    search-time settings: same index file)."""
+    out = ann["bundle"].with_name(f"{ann['bundle'].name}-{width}")
+    shutil.copytree(ann["bundle"], out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["retrieval"][SEARCH_KNOB[manifest["retrieval"]["index"]]] = width
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return {"bundle": out, "manifest": manifest, "seconds": ann["seconds"]}
+
+
+def bundle_bytes(bundle: Path) -> int:
+    return sum(p.stat().st_size for p in bundle.iterdir())
+
+
+def export_all(run_dir: Path, data_dir: Path, work: Path, n_items: int, threads: int, ann_index: str, int8: bool) -> dict[str, dict]:
+    """mode -> {bundle, manifest, seconds} for the ways of serving."""
+    from export.exporter import export_run
+
+    log = lambda line: print(f"  [{n_items:,}] {line}", file=sys.stderr, flush=True)  # noqa: E731
+    out = {}
+    ways = [("exact fp32", {}), ("exact int8", {"int8": True, "min_overlap": 0.0}), ("ann", {"retrieval": "ann", "ann_index": ann_index, "min_recall": 0.0})]
+    for mode, options in ways if int8 else [ways[0], ways[2]]:
+        bundle = work / f"bundle-{n_items}-{mode.replace(' ', '-')}"
+        started = time.perf_counter()
+        manifest = export_run(run_dir, bundle, data_dir=data_dir, parity_sessions=30, threads=threads, log=log, **options)
+        out[mode] = {"bundle": bundle, "manifest": manifest, "seconds": time.perf_counter() - started}
+    return out
+
+
+def measure_bundle(bundle: Path, threads: int, events: int, exact: Path | None) -> dict:
+    """In this process: load the scorer, time it at every batch size, RSS; with ``exact``, recall against it."""
+    from export.scorer import StepInput, load_scorer
+
+    rng = np.random.default_rng(1)
+    rss_before = rss_mb()
+    started = time.perf_counter()
+    scorer = load_scorer(bundle, threads=threads)
+    load_seconds = time.perf_counter() - started
+    result = {"load_seconds": load_seconds, "ms": {}, "cpu_ms": {}}
+    calls_by_batch = {}
+    for b in BATCH_SIZES:
+        n = max(events // 4, b) if b == 1 else events
+        calls = []
+        for lo in range(0, n, b):
+            items = rng.integers(1, scorer.n_items + 1, size=min(b, n - lo))
+            hidden = (0.3 * rng.standard_normal((len(items), scorer.hidden_size))).astype(np.float32)
+            calls.append(StepInput(items=items, hidden=hidden, history=[np.array([i]) for i in items]))
+        calls_by_batch[b] = calls
+        scorer.step(calls[0])  # warm-up (ONNX Runtime's arena, faiss's buffers)
+        best, best_cpu = float("inf"), float("inf")
+        for _ in range(3):
+            wall, cpu = time.perf_counter(), time.process_time()
+            for call in calls:
+                scorer.step(call)
+            best, best_cpu = min(best, time.perf_counter() - wall), min(best_cpu, time.process_time() - cpu)
+        result["ms"][b] = 1000 * best / n
+        result["cpu_ms"][b] = 1000 * best_cpu / n
+    result["rss_mb"] = rss_mb()
+    result["rss_scorer_mb"] = result["rss_mb"] - rss_before
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if exact is not None:
+        reference = load_scorer(exact, threads=threads)
+        hits = total = 0
+        for call in calls_by_batch[256]:
+            want, got = reference.step(call), scorer.step(call)
+            hits += int((got.top_scores >= want.top_scores[:, -1:] - 1e-5).sum())
+            total += got.top_scores.size
+        result["recall"] = hits / total
+    return result
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def measure_in_child(bundle: Path, threads: int, events: int, exact: Path | None) -> dict:
+    """``measure_bundle`` in a fresh Python process, so that RSS and caches are the bundle's own."""
+    command = [sys.executable, __file__, "--measure", str(bundle), "--threads", str(threads), "--events", str(events)]
+    if exact is not None:
+        command += ["--exact", str(exact)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"measuring {bundle} failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["ms"] = {int(b): v for b, v in result["ms"].items()}
+    result["cpu_ms"] = {int(b): v for b, v in result["cpu_ms"].items()}
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="40000,200000,1000000", help="comma-separated catalogue sizes")
+    parser.add_argument("--embeddings", choices=["clustered", "uniform"], default="clustered", help="synthetic item vectors")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--events", type=int, default=1024, help="clicks timed per batch size (batch 1 uses a quarter)")
+    parser.add_argument("--ann-index", choices=["hnsw", "ivf"], default="hnsw", help="faiss index of the ann bundles")
+    parser.add_argument("--search", "--ef-search", default="", help="extra search widths to time on the same index, comma-separated (hnsw: ef_search, ivf: nprobe)")
+    parser.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True, help="also export and time exact int8")
+    parser.add_argument("--no-write", action="store_true", help="print the table only")
+    parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # internal: time one bundle in this process
+    parser.add_argument("--exact", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        print(json.dumps(measure_bundle(args.measure, args.threads, args.events, args.exact)))
+        return
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    rng = np.random.default_rng(0)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="streamrec-catalog-") as tmp:
+        work = Path(tmp)
+        for n_items in (int(s) for s in args.sizes.split(",")):
+            print(f"catalogue of {n_items:,} items ({args.embeddings} item vectors) ...", file=sys.stderr, flush=True)
+            data_dir, run_dir = work / f"data-{n_items}", work / f"run-{n_items}"
+            data = synthetic_data(n_items, data_dir, rng)
+            gru_run(data, data_dir, run_dir, args.embeddings, rng)
+            bundles = export_all(run_dir, data_dir, work, n_items, args.threads, args.ann_index, args.int8)
+            knob = {"hnsw": "ef", "ivf": "nprobe"}[args.ann_index]
+            for width in (int(e) for e in args.search.split(",") if e.strip()):
+                bundles[f"ann, {knob} {width}"] = same_index(bundles["ann"], width)
+            for mode in bundles:
+                b = bundles[mode]
+                m = measure_in_child(b["bundle"], args.threads, args.events, bundles["exact fp32"]["bundle"] if mode.startswith("ann") else None)
+                row = {"n_items": n_items, "mode": mode, **m, "bundle_mb": bundle_bytes(b["bundle"]) / 1e6, "export_seconds": b["seconds"], "manifest": b["manifest"]}
+                rows.append(row)
+                print(f"  [{n_items:,}] {mode}: " + " / ".join(f"{m['ms'][s]:.3f}" for s in BATCH_SIZES) + f" ms/event @{'/'.join(map(str, BATCH_SIZES))}, RSS {m['rss_mb']:.0f} MB", file=sys.stderr, flush=True)
+            for path in (data_dir, run_dir, *(b["bundle"] for b in bundles.values())):  # keep the disk small at 1M items
+                shutil.rmtree(path, ignore_errors=True)
+    section = render(rows, args)
+    print(section)
+    if not args.no_write:
+        heading, path = outputs(args)
+        plot(rows, path)
+        write_section(DOC, section)
+        print(f"wrote {DOC} ({heading}) and {path}", file=sys.stderr)
+
+
+def targets(rows: list[dict]) -> list[list[str]]:
+    """The issue's targets for every ann way of searching: cost growth from the smallest to the largest catalogue, recall."""
+    out = []
+    for mode in dict.fromkeys(r["mode"] for r in rows if r["mode"].startswith("ann")):
+        ann = {r["n_items"]: r for r in rows if r["mode"] == mode}
+        small, big = ann[min(ann)], ann[max(ann)]
+        ratio = big["ms"][256] / small["ms"][256]
+        out.append([f"{mode}: ms/event @256 at {big['n_items']:,} items <= 2x at {small['n_items']:,}", f"{ratio:.2f}x ({big['ms'][256]:.3f} vs {small['ms'][256]:.3f} ms)", "yes" if ratio <= 2 else "**no**"])
+        worst = min(r["recall"] for r in ann.values())
+        out.append([f"{mode}: recall@20 >= 0.99 against exact at every size", f"{worst:.4f} (lowest)", "yes" if worst >= 0.99 else "**no**"])
+    return out
+
+
+def render(rows: list[dict], args) -> str:
+    def index_cell(r):
+        if r["mode"] != "ann":  # the ef rows reuse its index
+            return ""
+        s = r["manifest"]["retrieval"]
+        return f"{s['build_seconds']:.1f}"
+
+    def recall_cell(r):
+        if not r["mode"].startswith("ann"):
+            return ""
+        return f"{r['recall']:.4f}" + (f" / {r['manifest']['retrieval']['recall']['recall']:.4f}" if r["mode"] == "ann" else "")
+
+    body = [
+        [f"{r['n_items']:,}", r["mode"], *(f"{r['ms'][b]:.3f} ({r['cpu_ms'][b]:.3f})" for b in BATCH_SIZES), f"{r['rss_mb']:.0f}", f"{r['bundle_mb']:.0f}", index_cell(r), f"{r['export_seconds']:.0f}" if r["mode"] == "ann" or not r["mode"].startswith("ann") else "", recall_cell(r)]
+        for r in rows
+    ]
+    lines = table(
+        ["items", "served as", *(f"ms/event @{b} (CPU)" for b in BATCH_SIZES), "RSS MB", "bundle MB", "index build s", "export s", "recall@20: timed calls / export prefixes"],
+        body,
+        align="--" + "r" * (len(BATCH_SIZES) + 5),
+    )
+    ann_settings = next((r["manifest"]["retrieval"] for r in rows if r["mode"] == "ann"), None)
+    from export.retrieval import describe
+
+    how = describe(ann_settings) if ann_settings else "ann"
+    return "\n".join(
+        [
+            outputs(args)[0],
+            "",
+            f"`Scorer.step` cost (top-20 answers) of GRU4Rec with 100 units against catalogue size, served exact in fp32, "
+            + ("exact in int8 (`--int8`) " if args.int8 else "")
+            + f"and with `--retrieval ann` ({how}; the candidates re-scored exactly), {args.threads} thread(s), best of 3 runs on random "
+            f"clicks with random hidden states, each bundle in a fresh process (rows \"ann, ef N\" / \"ann, nprobe N\": the same bundle and index searched with "
+            f"`ef_search` / `nprobe` N, a search-time setting of the manifest) ({environment('torch', 'onnxruntime', 'faiss-cpu')}; the load "
+            "average is taken at the end; the box is shared, so wall time swings with other jobs: CPU time in brackets). "
+            f"Item vectors are synthetic, {args.embeddings}: "
+            + ("1,000 random topic centres plus noise, as trained embeddings cluster (uniformly random vectors are the worst case for an index: "
+               "`--embeddings uniform`)" if args.embeddings == "clustered" else "uniformly random, the worst case for an index")
+            + "; the GRU is untrained (serving cost does not depend on its weights). RSS: the measuring process after loading the scorer and "
+            "timing it (Python, numpy, torch and ONNX Runtime included). Recall@20: share of the ann answer's items whose exact score reaches the "
+            "exact 20th best, on the timed batch-256 calls and on the export's parity prefixes. Not measured here: the stream end to end "
+            "(events/s through the worker, p90 at 1,000 clicks/s), trained embeddings (Beauty, trained synthetic catalogues), 5M items.",
+            "",
+            *produced_by(),
+            *lines,
+            "",
+            *table(["target", "this run", "met"], targets(rows)),
+            "",
+            f"![scorer cost against catalogue size](img/{outputs(args)[1].name})",
+            "",
+        ]
+    )
+
+
+def outputs(args) -> tuple[str, Path]:
+    """(section heading, plot path): the HNSW run owns "## Catalogue scale", an IVF run a section of its own."""
+    if args.ann_index == "hnsw":
+        return SECTION, PLOT
+    return f"{SECTION}: IVF", PLOT.with_name("catalog_scale_ivf.png")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, batch in zip(axes, (1, 256)):
+        for mode in dict.fromkeys(r["mode"] for r in rows):
+            pts = sorted((r["n_items"], r["ms"][batch]) for r in rows if r["mode"] == mode)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mode)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("catalogue size (items)")
+        ax.set_ylabel("ms per event")
+        ax.set_title(f"GRU4Rec H=100, Scorer.step at batch {batch}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    save_figure(fig, path)
+
+
+if __name__ == "__main__":
+    main()
