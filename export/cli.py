@@ -27,7 +27,7 @@ from export import defaults
 @click.option("--ann-m", type=int, default=None, help=f"hnsw: links per node (default {defaults.HNSW_M}).")
 @click.option("--ann-ef-construction", type=int, default=None, help=f"hnsw: build-time search width (default {defaults.HNSW_EF_CONSTRUCTION}).")
 @click.option("--ann-ef-search", type=int, default=None, help=f"hnsw: query-time search width (default {defaults.HNSW_EF_SEARCH}; never below --candidates).")
-@click.option("--ann-nlist", type=int, default=None, help="ivf: inverted lists (default 4 * sqrt(n_items)).")
+@click.option("--ann-nlist", type=int, default=None, help="ivf: inverted lists (default 4 * sqrt(n_items), at most n_items / 39).")
 @click.option("--ann-nprobe", type=int, default=None, help=f"ivf: lists scanned per query (default {defaults.IVF_NPROBE}).")
 def export(run_dir: Path, out: Path, **options) -> None:
     """Export a trained run as a verified bundle (parity-checked against the trained model)."""

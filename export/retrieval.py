@@ -148,7 +148,7 @@ def ann_settings(index: str, n_items: int, candidates: int, hnsw_m: int, ef_cons
     if index == "hnsw":
         settings.update(hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search)
     else:
-        settings.update(nlist=min(nlist or max(1, int(4 * math.sqrt(n_items))), n_items), nprobe=nprobe)
+        settings.update(nlist=min(nlist or max(1, min(int(4 * math.sqrt(n_items)), n_items // 39)), n_items), nprobe=nprobe)
     return settings
 
 

@@ -85,7 +85,7 @@ def test_an_ann_bundle_round_trips_and_answers_like_the_exact_one(name, trained,
 
     assert exact["retrieval"] == {"mode": "exact"}
     r = ann["retrieval"]
-    assert r["mode"] == "ann" and r["library"] == "faiss-cpu" and r["index"] == "hnsw" and r["metric"] == "inner_product"
+    assert r["mode"] == "ann" and r["library"] == "faiss-cpu" and r["index"] == "ivf" and r["nprobe"] == 64 and r["metric"] == "inner_product"
     assert r["candidates"] == candidates and r["dim"] > 1 and r["build_seconds"] >= 0
     assert r["recall"]["k"] == K and r["recall"]["recall"] >= r["recall"]["min_recall"] == 0.99
     assert {"index.faiss", "item_vectors.npy"} <= set(ann["files"])  # inside the checksums
@@ -94,7 +94,7 @@ def test_an_ann_bundle_round_trips_and_answers_like_the_exact_one(name, trained,
         assert ann["onnx"]["size_bytes"] < exact["onnx"]["size_bytes"]
 
     code, out, err = run_cli(monkeypatch, capsys, "bundle", "verify", str(tmp_path / "ann"))
-    assert code == 0 and out.strip().endswith(f"version {ann['model_version']})") and "ann hnsw retrieval" in out, err
+    assert code == 0 and out.strip().endswith(f"version {ann['model_version']})") and "ann ivf retrieval" in out, err
     code, out, _ = run_cli(monkeypatch, capsys, "bundle", "inspect", str(tmp_path / "ann"))
     assert code == 0 and "checksums ok" in out and "mode: ann" in out and "index.faiss" in out
 
@@ -115,6 +115,21 @@ def test_an_ann_bundle_round_trips_and_answers_like_the_exact_one(name, trained,
     index.write_bytes(bytes(data))
     with pytest.raises(UserError, match=r"index\.faiss is corrupted \(sha256 does not match the manifest\)"):
         load_scorer(tmp_path / "ann")
+
+
+@pytest.mark.parametrize("name", ["gru4rec", "bst"])
+def test_an_hnsw_index_round_trips_too(name, trained, synth_data, tmp_path, monkeypatch, capsys):
+    run_dir = trained(name)
+    manifest = export_run(run_dir, tmp_path / "ann", retrieval="ann", candidates=least_candidates(run_dir), ann_index="hnsw", ann_ef_search=128, **QUIET)
+    r = manifest["retrieval"]
+    assert r["index"] == "hnsw" and (r["hnsw_m"], r["ef_construction"], r["ef_search"]) == (32, 100, 128) and "nprobe" not in r
+    assert r["recall"]["recall"] >= 0.99 and manifest["parity"]["max_score_diff"] <= 1e-4
+    code, out, err = run_cli(monkeypatch, capsys, "bundle", "verify", str(tmp_path / "ann"))
+    assert code == 0 and "ann hnsw retrieval" in out, err
+    scorer = load_scorer(tmp_path / "ann")
+    assert scorer.ann.index.hnsw.efSearch == 128
+    got = replay(scorer, sample_sessions(PreparedData.load(synth_data).test, 30, seed=4), exclude_seen=True)
+    assert (got.top_items > 0).all() and (np.diff(got.top_scores, axis=1) <= 0).all()
 
 
 def test_the_recall_check_refuses_an_index_that_misses_the_exact_top_k(trained, tmp_path, monkeypatch, capsys):
@@ -145,8 +160,9 @@ def test_bad_retrieval_flags_are_refused_in_one_line(trained, synth_data, tmp_pa
     for args, message in [
         (["--ann-ef-search", "64"], "--ann-ef-search only apply with --retrieval ann"),
         (["--retrieval", "ann", "--candidates", "30"], "--candidates 30 is too few: exclude-seen needs K + history_len = 20 + 50"),
-        (["--retrieval", "ann", "--ann-nprobe", "4"], "--ann-index hnsw: --ann-m/--ann-ef-construction/--ann-ef-search are hnsw settings"),
-        (["--retrieval", "ann", "--ann-m", "0"], "--ann-m must be at least 1"),
+        (["--retrieval", "ann", "--ann-ef-search", "64"], "--ann-index ivf: --ann-m/--ann-ef-construction/--ann-ef-search are hnsw settings"),
+        (["--retrieval", "ann", "--ann-index", "hnsw", "--ann-nprobe", "4"], "--ann-index hnsw: --ann-m/--ann-ef-construction/--ann-ef-search are hnsw settings"),
+        (["--retrieval", "ann", "--ann-nprobe", "0"], "--ann-nprobe must be at least 1"),
     ]:
         code, _, err = run_cli(monkeypatch, capsys, "export", "--run", str(run_dir), "--out", str(tmp_path / "b"), *args)
         assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith(f"error: {message}") and "Traceback" not in err, (args, err)
@@ -160,7 +176,7 @@ def test_bad_retrieval_flags_are_refused_in_one_line(trained, synth_data, tmp_pa
 @pytest.mark.parametrize("name", ["gru4rec", "sasrec", "srgnn"])
 def test_exclude_seen_with_ann_drops_the_history_and_keeps_exact_scores(name, trained, synth_data, tmp_path):
     run_dir = trained(name)
-    export_run(run_dir, tmp_path / "ann", retrieval="ann", candidates=least_candidates(run_dir), **QUIET)
+    export_run(run_dir, tmp_path / "ann", retrieval="ann", candidates=least_candidates(run_dir), ann_index="hnsw", **QUIET)  # a graph search: approximate even on 400 items
     scorer, model = load_scorer(tmp_path / "ann"), load_run(run_dir)
     sessions = sample_sessions(PreparedData.load(synth_data).test, 40, seed=3)
     plain, excluding = replay(scorer, sessions), replay(scorer, sessions, exclude_seen=True)
