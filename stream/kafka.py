@@ -30,7 +30,8 @@ from training.errors import UserError
 #: The Apache Kafka release the project runs (deploy/kafka/pom.xml and the compose image tag say the same).
 KAFKA_VERSION = "4.4.0"
 INSTALL_HINT = "install Java 17 and Maven (Debian: apt-get install openjdk-17-jre-headless maven), then run `make kafka`"
-JVM_OPTIONS = ("-Xms256m", "-Xmx1g", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true")
+# IPv4 sockets: the broker listens on 127.0.0.1 only, not on an IPv6 socket mapped to it.
+JVM_OPTIONS = ("-Xms256m", "-Xmx1g", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true", "-Djava.net.preferIPv4Stack=true")
 
 # Settings of every node: quick to start and to form groups on a test box. The group session timeout
 # may go down to 0.5 s (the tests fail a worker over in 2 s; Apache Kafka's default minimum is 6 s).
@@ -308,7 +309,7 @@ class KafkaCluster:
     async def _metadata(self, timeout: float, topic: str | None = None) -> tuple[list[int], dict[int, int]]:
         from aiokafka.admin import AIOKafkaAdminClient
 
-        admin = AIOKafkaAdminClient(bootstrap_servers=[n.bootstrap for n in self.nodes if n.alive], request_timeout_ms=int(timeout * 1000), **self.client_kwargs())
+        admin = AIOKafkaAdminClient(bootstrap_servers=[n.bootstrap for n in self.nodes if n.alive], request_timeout_ms=int(timeout * 1000), **self.kafka_kwargs())
         try:
             await asyncio.wait_for(admin.start(), timeout)
             cluster = await asyncio.wait_for(admin.describe_cluster(), timeout)
@@ -323,8 +324,8 @@ class KafkaCluster:
         finally:
             await admin.close()
 
-    def client_kwargs(self) -> dict:
-        """Connection settings of a client of this cluster beyond its address (none on PLAINTEXT)."""
+    def kafka_kwargs(self) -> dict:
+        """The security settings of an aiokafka client of this cluster (none on PLAINTEXT); the address is the caller's."""
         return dict(self.client)
 
     def kill(self, node_id: int = 1) -> None:

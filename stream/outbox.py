@@ -46,7 +46,9 @@ class Outbox:
     async def send(self) -> list[asyncio.Future]:
         """Queue everything added so far; futures that resolve when the broker has each batch."""
         futures = []
-        now = time.time()
+        # Kafka record timestamps are epoch milliseconds: a record stamped in seconds reads as January
+        # 1970, and Apache Kafka's time retention deletes its segment at the next check (minutes).
+        now = int(time.time() * 1000)
         pending, self._pending = self._pending, {}
         for (topic, partition), records in pending.items():
             last_alone = topic in self.single_last and len(records) > 1
@@ -56,7 +58,7 @@ class Outbox:
                 futures += await self._send(topic, partition, records[-1:], now)
         return futures
 
-    async def _send(self, topic: str, partition: int, records, now: float) -> list[asyncio.Future]:
+    async def _send(self, topic: str, partition: int, records, now: int) -> list[asyncio.Future]:
         futures = []
         batch = self.producer.create_batch()
         for key, value in records:

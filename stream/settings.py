@@ -49,7 +49,7 @@ class Settings:
     metrics_host: str = _s("127.0.0.1", "Address the Prometheus metrics endpoint binds to.")
     metrics_port: int = _s(9108, "Port of the Prometheus metrics endpoint (0 = no endpoint).", minimum=0)
     faust_metrics: bool = _s(True, "Also export Faust's own consumer/stream metrics (faust PrometheusMonitor) on the same endpoint.")
-    broker_quirks: str = _s("none", "'tansu' when the broker is the embedded one: works around its ListOffsets answer and its empty answers to short fetches (see docs/stream.md).", BROKER_QUIRKS)
+    broker_quirks: str = _s("none", "'tansu' when the broker is the embedded one: works around its ListOffsets answer, its empty answers to short fetches and its missing idempotent producer (see docs/stream.md). Never with Apache Kafka.", BROKER_QUIRKS)
     group_session_timeout: float = _s(10.0, "Consumer group session timeout in seconds: how soon a dead worker's partitions move. Apache Kafka accepts it between the broker's group.min.session.timeout.ms and group.max.session.timeout.ms (6 s and 30 min by default).", minimum=0.5)
     standby_replicas: int = _s(0, "Faust table_standby_replicas: how many other workers also read each changelog partition. With the in-memory table store this does not shorten a takeover (see docs/stream.md, 'Scale-out and sizing'), so the default is 0.", minimum=0)
     scorer_threads: int = _s(1, "CPU threads of the scorer (ONNX Runtime / torch intra-op).", minimum=1)

@@ -269,10 +269,11 @@ class ModelUpdates:
         """Read the topic to its end and apply the newest valid message (before the worker starts serving)."""
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
+        from stream.topics import topic_partitions
+
+        partitions = (await topic_partitions(self.settings, [self.topic]))[self.topic]
         self.consumer = consumer = AIOKafkaConsumer(**self.settings.kafka_kwargs(), group_id=None, enable_auto_commit=False, auto_offset_reset="earliest", fetch_max_wait_ms=500)
         await consumer.start()
-        await consumer.topics()  # refreshes the cluster metadata
-        partitions = sorted(consumer.partitions_for_topic(self.topic) or ())
         if not partitions:
             raise UserError(f"topic '{self.topic}' (--model-updates-topic) does not exist on {self.settings.broker}")
         tps = [TopicPartition(self.topic, p) for p in partitions]

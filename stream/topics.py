@@ -23,24 +23,32 @@ async def ensure_topics(settings: Settings, timeout: float = 30.0) -> int:
     Existing topics are left as they are; the session table always gets as many
     partitions as the clicks topic really has.
     """
+    names = dict.fromkeys([settings.clicks_topic, settings.recommendations_topic, settings.dlq_topic])
+    topics = [NewTopic(n, settings.partitions, settings.replication_factor) for n in names]
+    if settings.model_updates_topic:
+        topics.append(_model_updates_topic(settings))
+    partitions = (await _create_missing(settings, topics, timeout)).get(settings.clicks_topic)
+    if not partitions:
+        raise UserError(f"topic '{settings.clicks_topic}' has no partitions with a leader on {settings.broker}")
+    return len(partitions)
+
+
+def _model_updates_topic(settings: Settings) -> NewTopic:
+    return NewTopic(settings.model_updates_topic, 1, settings.replication_factor, topic_configs=MODEL_UPDATES_CONFIG)
+
+
+async def _create_missing(settings: Settings, topics: list[NewTopic], timeout: float) -> dict[str, list[int]]:
+    """Create those of ``topics`` that do not exist (existing ones are left alone); every topic's partitions once each has a leader."""
     admin = await _admin(settings, timeout)
     try:
-        names = list(dict.fromkeys([settings.clicks_topic, settings.recommendations_topic, settings.dlq_topic]))
         existing = set(await admin.list_topics())
-        missing = [NewTopic(n, settings.partitions, settings.replication_factor) for n in names if n not in existing]
-        if settings.model_updates_topic:
-            names.append(settings.model_updates_topic)
-            if settings.model_updates_topic not in existing:
-                missing.append(NewTopic(settings.model_updates_topic, 1, settings.replication_factor, topic_configs=MODEL_UPDATES_CONFIG))
+        missing = [t for t in topics if t.name not in existing]
         if missing:
             try:
                 await admin.create_topics(missing)
             except TopicAlreadyExistsError:
                 pass  # created by another worker meanwhile
-        partitions = (await _led_partitions(admin, names, timeout)).get(settings.clicks_topic)
-        if not partitions:
-            raise UserError(f"topic '{settings.clicks_topic}' has no partitions with a leader on {settings.broker}")
-        return len(partitions)
+        return await _led_partitions(admin, [t.name for t in topics], timeout)
     finally:
         await admin.close()
 
@@ -84,7 +92,8 @@ async def publish_model_update(settings: Settings, bundle: str, model_version: s
 
     if not settings.model_updates_topic:
         raise UserError("--model-updates-topic is empty: there is no topic to publish to")
-    await ensure_topics(settings)
+    if not (await _create_missing(settings, [_model_updates_topic(settings)], 30.0))[settings.model_updates_topic]:
+        raise UserError(f"topic '{settings.model_updates_topic}' has no partition with a leader on {settings.broker}")
     p = producer(settings, acks="all")
     await p.start()
     try:

@@ -47,7 +47,9 @@ MAX_PENDING_BATCHES = 4  # micro-batches whose answers, states or acks may be ou
 # (idempotence: retries after a lost answer or a leader change keep one copy, in order). aiokafka
 # retries a failed batch until request_timeout_ms (40 s) has passed; then the worker stops so that
 # its unacknowledged clicks are read again (see _ack_when_delivered). linger 0: sent at once.
+# Under --broker-quirks tansu without idempotence: the embedded broker answers InitProducerId with an error.
 OUTBOX_PRODUCER = dict(acks="all", enable_idempotence=True, linger_ms=0)
+TANSU_OUTBOX_PRODUCER = dict(OUTBOX_PRODUCER, enable_idempotence=False)
 
 
 def expiry_interval(ttl: float) -> float:
@@ -151,7 +153,7 @@ class StreamWorker:
     async def _agent(self, stream) -> None:
         queue = self._queue = stream.channel.queue
         batch_size = self.settings.batch_size
-        producer = AIOKafkaProducer(**self.settings.kafka_kwargs(), **OUTBOX_PRODUCER, max_batch_size=OUTPUT_BATCH_BYTES, client_id=f"{self.settings.app_id}-outbox")
+        producer = AIOKafkaProducer(**self.settings.kafka_kwargs(), **(TANSU_OUTBOX_PRODUCER if self.settings.tansu_quirks else OUTBOX_PRODUCER), max_batch_size=OUTPUT_BATCH_BYTES, client_id=f"{self.settings.app_id}-outbox")
         await producer.start()
         changelog = self.table.changelog_topic_name
         # Once aiokafka tracks any topic it refreshes metadata for the tracked ones only, and a batch

@@ -98,6 +98,12 @@ def broker(kafka):
     return BrokerSpace(kafka, f"t{next(_spaces)}-")
 
 
+@pytest.fixture(params=["kafka", "tansu"])
+def each_broker(request):
+    """Apache Kafka, then the embedded broker: for the end-to-end tests that also keep the embedded path honest."""
+    return request.getfixturevalue("broker" if request.param == "kafka" else "tansu_broker")
+
+
 @pytest.fixture()
 def tansu_broker():
     """A fresh embedded Kafka-protocol broker (Tansu, memory storage) on a free loopback port."""

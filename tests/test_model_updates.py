@@ -138,7 +138,7 @@ def test_a_model_update_message_swaps_every_worker_mid_stream(broker, stream_dat
             assert f'version="{version_b}"' in text and metric(text, 'streamrec_model_updates_total{outcome="swapped"}') == 1
             assert metric(text, 'streamrec_model_updates_total{outcome="invalid"}') == 0  # old bad messages are history, not news
 
-            done = streamrec("publish-model", str(bundle_a), "--broker", first.broker)
+            done = streamrec("publish-model", str(bundle_a), "--broker", first.broker, "--model-updates-topic", first.model_updates_topic)
             assert done.returncode == 0, done.stderr
             assert wait_for(lambda: all(metric(metrics_text(s), "streamrec_model_swaps_total") == 2 for s in (first, second))), "not every worker swapped"
             send(first, phase2)

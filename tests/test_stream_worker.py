@@ -1,4 +1,4 @@
-"""The worker end to end through the embedded broker, with real trained bundles.
+"""The worker end to end through Apache Kafka (and, for two of the tests, the embedded broker too), with real trained bundles.
 
 Each test starts `streamrec serve` as a child process, produces clicks with
 aiokafka and reads the output topics back.
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+
+import time
 
 import numpy as np
 import orjson
@@ -76,9 +78,9 @@ def with_unknown_click(sessions: Sessions, n: int) -> Sessions:
     return Sessions.from_lists(lists, session_ids=[str(x) for x in sessions.session_ids[:n]])
 
 
-def test_every_click_answered_or_dead_lettered_and_answers_match_offline(broker, stream_data, markov_bundle, tmp_path):
+def test_every_click_answered_or_dead_lettered_and_answers_match_offline(each_broker, stream_data, markov_bundle, tmp_path):
     run_dir, bundle = markov_bundle
-    settings = worker_settings(broker)
+    settings = worker_settings(each_broker)
     sessions = with_unknown_click(stream_data.test, 40)
     good, flat = interleaved(sessions, stream_data.vocab)
     messages = list(good)
@@ -93,6 +95,9 @@ def test_every_click_answered_or_dead_lettered_and_answers_match_offline(broker,
 
     answers, letters = topics[settings.recommendations_topic], topics[settings.dlq_topic]
     assert len(answers) == len(good) and len(letters) == len(MALFORMED)  # nothing lost, nothing extra
+    # Kafka timestamps in epoch milliseconds of now: stamped in seconds they read as 1970, and Apache
+    # Kafka's time retention deleted the answers minutes after they were written
+    assert all(abs(r.timestamp / 1000 - time.time()) < 600 for r in answers + letters)
     expected_reasons = sorted(reason for _, _, reason in MALFORMED)
     docs = [orjson.loads(r.value) for r in letters]
     assert sorted(d["reason"] for d in docs) == expected_reasons
@@ -152,10 +157,10 @@ def test_replayed_test_split_scores_online_as_offline(broker, stream_data, gru_b
     assert metric(text, 'streamrec_online_mrr{k="20"}') == pytest.approx(got["MRR@20"], abs=1e-9)
 
 
-def test_state_survives_a_worker_handover(broker, stream_data, gru_bundle, tmp_path):
+def test_state_survives_a_worker_handover(each_broker, stream_data, gru_bundle, tmp_path):
     """Stop a worker mid-sessions; the next one recovers the GRU states from the changelog and answers as offline."""
     run_dir, bundle = gru_bundle
-    settings = worker_settings(broker)
+    settings = worker_settings(each_broker)
     sessions = stream_data.test.select(np.arange(len(stream_data.test)) < 60)
     messages, flat = interleaved(sessions, stream_data.vocab)
     position_in_session = np.arange(sessions.n_events) - np.repeat(sessions.offsets[:-1], sessions.lengths)
