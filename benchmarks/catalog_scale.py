@@ -1,7 +1,7 @@
-"""Scoring cost against catalogue size: exact fp32, exact int8 and ann retrieval (faiss + exact re-ranking), GRU4Rec.
+"""Scoring cost against catalogue size: exact fp32, exact int8 and ann retrieval (faiss + exact re-ranking), GRU4Rec or SASRec.
 
-For every catalogue size a GRU4Rec with 100 units (untrained GRU: serving cost does not
-depend on its weights) is exported three ways, and each bundle is timed through
+For every catalogue size a GRU4Rec with 100 units, or a SASRec with the paper's sizes
+(untrained apart from the item vectors: serving cost does not depend on the weights), is exported three ways, and each bundle is timed through
 ``Scorer.step`` in a fresh process of its own (so its RSS is its own) at batch 1, 32 and 256
 on random clicks with random hidden states. Item vectors are synthetic: by default 1,000
 random topic centres plus noise ("clustered"), because trained item embeddings cluster and a
@@ -13,7 +13,7 @@ export on the parity prefixes. Not measured here: the stream end to end, trained
 Writes a section "## Catalogue scale" into docs/performance.md and docs/img/catalog_scale.png
 unless --no-write. Run it niced on a shared box:
 
-    OMP_NUM_THREADS=1 nice -n 15 python benchmarks/catalog_scale.py [--sizes 40000,200000,1000000] [--ann-index hnsw|ivf] [--search 512,1024]
+    OMP_NUM_THREADS=1 nice -n 15 python benchmarks/catalog_scale.py [--sizes 40000,200000,1000000] [--model gru4rec|sasrec] [--ann-index hnsw|ivf] [--search 512,1024]
 """
 
 from __future__ import annotations
@@ -56,28 +56,44 @@ def synthetic_data(n_items: int, out: Path, rng: np.random.Generator):
     return PreparedData.load(out)
 
 
-def gru_run(data, data_dir: Path, run_dir: Path, embeddings: str, rng: np.random.Generator) -> None:
-    """An untrained GRU4Rec (100 units) run whose item vectors and biases are synthetic."""
+def model_run(name: str, data, data_dir: Path, run_dir: Path, embeddings: str, rng: np.random.Generator) -> None:
+    """An untrained GRU4Rec (100 units) or SASRec (paper defaults) run whose item vectors (and biases) are synthetic."""
     import torch
 
     from training.models import get_model
 
-    cls = get_model("gru4rec")
-    model = cls(data.n_items, cls.Config())
-    n, h = model.net.item_out.shape
+    cls = get_model(name)
+    if name == "gru4rec":
+        model = cls(data.n_items, cls.Config())
+        table, bias = model.net.item_out, model.net.item_bias
+    else:
+        model = cls(cls.Config(), data.n_items)
+        table, bias = model.net.item_embedding.weight, None
+    n, h = table.shape
     if embeddings == "clustered":
         centres = rng.standard_normal((1000, h)).astype(np.float32)
         vectors = centres[rng.integers(0, 1000, n)] + 0.5 * rng.standard_normal((n, h), dtype=np.float32)
     else:
         vectors = rng.standard_normal((n, h), dtype=np.float32)
+    vectors[0] = 0  # padding
     with torch.no_grad():
-        model.net.item_out.copy_(torch.from_numpy(0.1 * vectors))
-        model.net.item_bias.copy_(torch.from_numpy(0.01 * rng.standard_normal((n, 1), dtype=np.float32)))
+        table.copy_(torch.from_numpy(0.1 * vectors))
+        if bias is not None:
+            bias.copy_(torch.from_numpy(0.01 * rng.standard_normal((n, 1), dtype=np.float32)))
     model.save(run_dir)
     (run_dir / "vocab.json").write_text((data_dir / "vocab.json").read_text())
     doc = json.loads((run_dir / "config.json").read_text())
     doc["data"] = {"path": str(data_dir)}
     (run_dir / "config.json").write_text(json.dumps(doc))
+
+
+def model_label(name: str) -> str:
+    if name == "gru4rec":
+        return "GRU4Rec with 100 units"
+    from training.models import get_model
+
+    c = get_model(name).Config()
+    return f"SASRec (paper defaults: hidden {c.hidden_size}, {c.blocks} blocks, window {c.history_len})"
 
 
 SEARCH_KNOB = {"hnsw": "ef_search", "ivf": "nprobe"}
@@ -129,8 +145,12 @@ def measure_bundle(bundle: Path, threads: int, events: int, exact: Path | None) 
         calls = []
         for lo in range(0, n, b):
             items = rng.integers(1, scorer.n_items + 1, size=min(b, n - lo))
-            hidden = (0.3 * rng.standard_normal((len(items), scorer.hidden_size))).astype(np.float32)
-            calls.append(StepInput(items=items, hidden=hidden, history=[np.array([i]) for i in items]))
+            hidden = (0.3 * rng.standard_normal((len(items), scorer.hidden_size))).astype(np.float32) if scorer.kind == "hidden" else None
+            if scorer.kind == "hidden":
+                history = [np.array([i]) for i in items]
+            else:  # window models: 8 clicks so far, the last one this click
+                history = [np.append(rng.integers(1, scorer.n_items + 1, size=7), i) for i in items]
+            calls.append(StepInput(items=items, hidden=hidden, history=history))
         calls_by_batch[b] = calls
         scorer.step(calls[0])  # warm-up (ONNX Runtime's arena, faiss's buffers)
         best, best_cpu = float("inf"), float("inf")
@@ -183,6 +203,7 @@ def main() -> None:
     parser.add_argument("--embeddings", choices=["clustered", "uniform"], default="clustered", help="synthetic item vectors")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--events", type=int, default=1024, help="clicks timed per batch size (batch 1 uses a quarter)")
+    parser.add_argument("--model", choices=["gru4rec", "sasrec"], default="gru4rec", help="the model served (untrained, synthetic item vectors)")
     parser.add_argument("--ann-index", choices=["hnsw", "ivf"], default="hnsw", help="faiss index of the ann bundles")
     parser.add_argument("--search", "--ef-search", default="", help="extra search widths to time on the same index, comma-separated (hnsw: ef_search, ivf: nprobe)")
     parser.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True, help="also export and time exact int8")
@@ -205,7 +226,7 @@ def main() -> None:
             print(f"catalogue of {n_items:,} items ({args.embeddings} item vectors) ...", file=sys.stderr, flush=True)
             data_dir, run_dir = work / f"data-{n_items}", work / f"run-{n_items}"
             data = synthetic_data(n_items, data_dir, rng)
-            gru_run(data, data_dir, run_dir, args.embeddings, rng)
+            model_run(args.model, data, data_dir, run_dir, args.embeddings, rng)
             bundles = export_all(run_dir, data_dir, work, n_items, args.threads, args.ann_index, args.int8)
             knob = {"hnsw": "ef", "ivf": "nprobe"}[args.ann_index]
             for width in (int(e) for e in args.search.split(",") if e.strip()):
@@ -213,7 +234,7 @@ def main() -> None:
             for mode in bundles:
                 b = bundles[mode]
                 m = measure_in_child(b["bundle"], args.threads, args.events, bundles["exact fp32"]["bundle"] if mode.startswith("ann") else None)
-                row = {"n_items": n_items, "mode": mode, **m, "bundle_mb": bundle_bytes(b["bundle"]) / 1e6, "export_seconds": b["seconds"], "manifest": b["manifest"]}
+                row = {"model": {"gru4rec": "GRU4Rec H=100,", "sasrec": "SASRec,"}[args.model], "n_items": n_items, "mode": mode, **m, "bundle_mb": bundle_bytes(b["bundle"]) / 1e6, "export_seconds": b["seconds"], "manifest": b["manifest"]}
                 rows.append(row)
                 print(f"  [{n_items:,}] {mode}: " + " / ".join(f"{m['ms'][s]:.3f}" for s in BATCH_SIZES) + f" ms/event @{'/'.join(map(str, BATCH_SIZES))}, RSS {m['rss_mb']:.0f} MB", file=sys.stderr, flush=True)
             for path in (data_dir, run_dir, *(b["bundle"] for b in bundles.values())):  # keep the disk small at 1M items
@@ -269,7 +290,7 @@ def render(rows: list[dict], args) -> str:
         [
             outputs(args)[0],
             "",
-            f"`Scorer.step` cost (top-20 answers) of GRU4Rec with 100 units against catalogue size, served exact in fp32, "
+            f"`Scorer.step` cost (top-20 answers) of {model_label(args.model)} against catalogue size, served exact in fp32, "
             + ("exact in int8 (`--int8`) " if args.int8 else "")
             + f"and with `--retrieval ann` ({how}; the candidates re-scored exactly), {args.threads} thread(s), best of 3 runs on random "
             f"clicks with random hidden states, each bundle in a fresh process (rows \"ann, ef N\" / \"ann, nprobe N\": the same bundle and index searched with "
@@ -278,7 +299,7 @@ def render(rows: list[dict], args) -> str:
             f"Item vectors are synthetic, {args.embeddings}: "
             + ("1,000 random topic centres plus noise, as trained embeddings cluster (uniformly random vectors are the worst case for an index: "
                "`--embeddings uniform`)" if args.embeddings == "clustered" else "uniformly random, the worst case for an index")
-            + "; the GRU is untrained (serving cost does not depend on its weights). RSS: the measuring process after loading the scorer and "
+            + "; the other weights are untrained (serving cost does not depend on them); window models see 8-click histories. RSS: the measuring process after loading the scorer and "
             "timing it (Python, numpy, torch and ONNX Runtime included). Recall@20: share of the ann answer's items whose exact score reaches the "
             "exact 20th best, on the timed batch-256 calls and on the export's parity prefixes. Not measured here: the stream end to end "
             "(events/s through the worker, p90 at 1,000 clicks/s), trained embeddings (Beauty, trained synthetic catalogues), 5M items.",
@@ -296,9 +317,11 @@ def render(rows: list[dict], args) -> str:
 
 def outputs(args) -> tuple[str, Path]:
     """(section heading, plot path): the HNSW run owns "## Catalogue scale", an IVF run a section of its own."""
-    if args.ann_index == "hnsw":
+    parts = ([] if args.model == "gru4rec" else [args.model]) + ([] if args.ann_index == "hnsw" else [args.ann_index])
+    if not parts:
         return SECTION, PLOT
-    return f"{SECTION}: IVF", PLOT.with_name("catalog_scale_ivf.png")
+    heading = f"{SECTION}: " + ", ".join(p.upper() if p in ("ivf", "hnsw") else {"sasrec": "SASRec"}.get(p, p) for p in parts)
+    return heading, PLOT.with_name("catalog_scale_" + "_".join(parts) + ".png")
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -312,7 +335,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("catalogue size (items)")
         ax.set_ylabel("ms per event")
-        ax.set_title(f"GRU4Rec H=100, Scorer.step at batch {batch}")
+        ax.set_title(f"{rows[0]['model'] if rows else ''} Scorer.step at batch {batch} (wall)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     save_figure(fig, path)
