@@ -5,6 +5,11 @@ with checksums), load it back through ``load_scorer`` exactly as the stream
 will, check parity against the trained model on real test prefixes, optionally
 quantize and measure, seal again, and only then rename it into place. Any
 failure on the way leaves no bundle behind.
+
+``retrieval="ann"`` writes the model cut at its query vector, the item vectors
+and a faiss index over them (export/retrieval.py); the parity replay then also
+measures top-K recall against the trained model's exact scores, and a recall
+under ``min_recall`` refuses the bundle like a parity failure.
 """
 
 from __future__ import annotations
