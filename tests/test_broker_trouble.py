@@ -27,9 +27,10 @@ OUTAGE_SECONDS = 15.0  # longer than the group session timeout below: the broker
 def test_the_worker_survives_the_broker_going_away_and_coming_back(stream_data, markov_bundle, tmp_path):
     need_kafka()
     _, bundle = markov_bundle
-    relay_port = free_port()
-    with KafkaCluster(data_dir=tmp_path / "kafka", config={"advertised.listeners": f"PLAINTEXT://127.0.0.1:{relay_port}"}) as cluster, BrokerLink(cluster.port, relay_port) as link:
-        settings = worker_settings(BrokerSpace(cluster, ""), broker=f"kafka://127.0.0.1:{relay_port}", group_session_timeout=10.0)
+    broker_port, relay_port = free_port(), free_port()
+    advertise_relay = {"advertised.listeners": f"PLAINTEXT://127.0.0.1:{relay_port}"}  # every client, the cluster's own checks too, goes through the relay
+    with BrokerLink(broker_port, relay_port) as link, KafkaCluster(ports=[broker_port], data_dir=tmp_path / "kafka", config=advertise_relay) as cluster:
+        settings = worker_settings(BrokerSpace(cluster, ""), group_session_timeout=10.0).replace(broker=f"kafka://127.0.0.1:{relay_port}")
         messages, _ = click_stream(stream_data.vocab.item_ids, n_sessions=120, clicks=30, seed=31, prefix="o")  # 36 s' worth at 100/s
         sender = PacedSender(settings, messages, rate=100.0)
         log_path = tmp_path / "worker.log"
