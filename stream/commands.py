@@ -1,4 +1,4 @@
-"""`streamrec serve`, `broker`, `replay`, `score-online`, `publish-model` and `demo` (mounted by stream/cli.py)."""
+"""`streamrec serve`, `broker`, `replay`, `score-online`, `publish-model`, `experiment report` and `demo` (mounted by stream/cli.py)."""
 
 from __future__ import annotations
 
@@ -17,18 +17,31 @@ TOPICS = ("clicks_topic", "recommendations_topic", "dlq_topic", "partitions", "r
 
 
 @click.command()
-@click.option("--bundle", "bundle_dir", required=True, envvar="STREAMREC_BUNDLE", type=click.Path(path_type=Path), help="BUNDLE_DIR from `streamrec export`.")
+@click.option("--bundle", "bundle_dir", default=None, envvar="STREAMREC_BUNDLE", type=click.Path(path_type=Path), help="BUNDLE_DIR from `streamrec export` (required unless --arms names the bundles).")
 @settings_options()
-def serve(bundle_dir: Path, **options) -> None:
+def serve(bundle_dir: Path | None, **options) -> None:
     """Run the stream worker: clicks in, recommendations out (Ctrl-C stops it).
 
     \b
-    Example:
+    Examples:
       streamrec serve --bundle bundles/gru4rec --broker kafka://127.0.0.1:9092 --metrics-port 9108
+      streamrec serve --experiment gru-vs-pop --arms champion=bundles/pop:0.5,challenger=bundles/gru4rec:0.5 --broker ...
     """
+    import os
+
     from stream.worker import serve as run
 
     settings, _ = settings_from(options)
+    arms = settings.experiment_arms()
+    for arm in arms:
+        if not Path(arm.bundle).is_dir():
+            raise UserError(f"--arms: {arm.bundle} (arm {arm.name}): no such bundle directory (make one with `streamrec export`)")
+    if arms and bundle_dir is not None and os.path.realpath(bundle_dir) not in {os.path.realpath(a.bundle) for a in arms}:
+        raise UserError(f"--bundle {bundle_dir} is none of the --arms bundles: leave --bundle out under an experiment, or name one of them")
+    if bundle_dir is None:
+        if not arms:
+            raise UserError("--bundle is required (or --experiment with --arms)")
+        bundle_dir = Path(arms[0].bundle)  # anchors --bundle-root's default
     if not bundle_dir.is_dir():
         raise UserError(f"{bundle_dir}: no such bundle directory (make one with `streamrec export`)")
     run(settings, bundle_dir)
@@ -172,3 +185,49 @@ def demo(data_kind: str, rate: float, epochs: int, workdir, engine: str) -> None
         raise UserError("--rate must be positive")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so that the broker and worker are stopped
     run_demo(DemoConfig(data=data_kind, rate=rate, epochs=epochs, engine=engine), workdir)
+
+
+@click.group()
+def experiment() -> None:
+    """A/B experiments served with `streamrec serve --experiment NAME --arms ...` (docs/experiments.md)."""
+
+
+@experiment.command("report")
+@click.option("--experiment", "name", required=True, help="The experiment's name (as given to `streamrec serve --experiment`).")
+@click.option("--k", "k", type=click.IntRange(min=1), default=20, show_default=True, help="Cut-off of HR@K and MRR@K.")
+@click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path), default=None, help="A served bundle: clicks on items its vocabulary does not hold are skipped, as offline (give one when the arms share a vocabulary).")
+@click.option("--baseline", default=None, help="The arm the others are tested against (default: the arm with the most sessions).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the report as JSON to this file.")
+@click.option("--expect", type=click.IntRange(min=1), default=None, help="Wait until this many recommendations are on the topic.")
+@click.option("--idle", type=float, default=2.0, show_default=True, help="Stop reading after this many seconds without new records.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap and the permutations.")
+@settings_options(CONNECTION + TOPICS)
+def experiment_report(name: str, k: int, bundle_dir, baseline, json_path, expect, idle: float, seed: int, **options) -> None:
+    """Per arm: sessions, evaluated clicks, online HR@K and MRR@K with 95% intervals, and whether the arms differ.
+
+    Reads the clicks and recommendations topics from the start. Intervals: percentile bootstrap over
+    sessions; test: two-sided permutation test over sessions, each arm against the baseline.
+
+    \b
+    Example:
+      streamrec experiment report --broker kafka://127.0.0.1:9092 --experiment gru-vs-pop --json report.json
+    """
+    import asyncio
+    import json
+
+    from stream.experiment import report_from_topics
+    from stream.topics import consume_all
+
+    settings, _ = settings_from(options)
+    known = None
+    if bundle_dir is not None:
+        from export.bundle import open_bundle
+
+        known = set(open_bundle(bundle_dir).vocab.item_ids)
+    topics = asyncio.run(consume_all(settings, [settings.clicks_topic, settings.recommendations_topic], expect={settings.recommendations_topic: expect} if expect else None, idle=idle))
+    report = report_from_topics([(r.key, r.value) for r in topics[settings.clicks_topic]], [r.value for r in topics[settings.recommendations_topic]], name, k, known, baseline=baseline, seed=seed)
+    if not report.arms:
+        raise UserError(f"no answer on '{settings.recommendations_topic}' names experiment '{name}'")
+    click.echo(report.text())
+    if json_path is not None:
+        json_path.write_text(json.dumps(report.as_dict(), indent=2) + "\n")

@@ -5,6 +5,7 @@ Click (topic ``clicks``, key = session id as UTF-8):
 Recommendation (topic ``recommendations``, key = session id):
     {"schema": 1, "session_id", "items", "scores", "model", "model_version",
      "position", "event_timestamp", "published_at", "latency_ms"}
+    + "experiment", "arm" (optional: only while the worker runs an A/B experiment, stream.experiment)
 Dead letter (topic ``clicks-dlq``, key = the click's key):
     {"reason", "detail", "raw" (base64 of the value), "key" (base64 or null),
      "topic", "partition", "offset"}
@@ -103,23 +104,24 @@ def dead_letter(bad: BadEvent, key: bytes | None, value: bytes | None, topic: st
 
 
 def recommendation(
-    session_id: str, items: list[str], scores: np.ndarray, model: str, model_version: str, position: int, event_timestamp: float, published_at: float, latency_ms: float
+    session_id: str, items: list[str], scores: np.ndarray, model: str, model_version: str, position: int, event_timestamp: float, published_at: float, latency_ms: float,
+    experiment: str | None = None, arm: str | None = None,
 ) -> bytes:
-    return orjson.dumps(
-        {
-            "schema": SCHEMA,
-            "session_id": session_id,
-            "items": items,
-            "scores": scores,
-            "model": model,
-            "model_version": model_version,
-            "position": position,
-            "event_timestamp": event_timestamp,
-            "published_at": published_at,
-            "latency_ms": latency_ms,
-        },
-        option=orjson.OPT_SERIALIZE_NUMPY,
-    )
+    doc = {
+        "schema": SCHEMA,
+        "session_id": session_id,
+        "items": items,
+        "scores": scores,
+        "model": model,
+        "model_version": model_version,
+        "position": position,
+        "event_timestamp": event_timestamp,
+        "published_at": published_at,
+        "latency_ms": latency_ms,
+    }
+    if experiment is not None:  # optional fields: readers of schema 1 without experiments never see them
+        doc["experiment"], doc["arm"] = experiment, arm
+    return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def online_rank(top_items: np.ndarray, top_scores: np.ndarray, target: int) -> int:

@@ -3,6 +3,10 @@
 prometheus_client appends ``_total`` to counter names itself, so counters are
 declared without it. Each worker has its own registry, served on
 ``--metrics-host``:``--metrics-port``.
+
+Under an A/B experiment (``arms``) the online accuracy metrics and ``streamrec_model_info`` carry
+an ``arm`` label as well: the same names, one series per arm, so that a dashboard's
+``sum by (arm)`` works with and without an experiment.
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ MODEL_UPDATE_OUTCOMES = ("swapped", "unchanged", "refused", "outside_root", "inv
 
 
 class StreamMetrics:
-    def __init__(self, ks: tuple[int, ...], registry: CollectorRegistry | None = None):
+    def __init__(self, ks: tuple[int, ...], registry: CollectorRegistry | None = None, arms: tuple[str, ...] = ()):
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.ks = tuple(sorted(set(ks)))
+        self.arms = tuple(arms)
+        arm = ["arm"] if arms else []
         self.events = Counter("streamrec_events", "Click events processed, by outcome: each published exactly one answer or one dead letter. Redeliveries skipped are not counted here.", ["outcome"], registry=r)
         self.redelivered = Counter("streamrec_redelivered_events", "Click events consumed again (after a crash or rebalance) that their session's state already holds: skipped, nothing published.", registry=r)
         self.unknown_items = Counter("streamrec_unknown_items", "Clicks on items the model does not know (answered by popularity).", registry=r)
@@ -32,12 +38,12 @@ class StreamMetrics:
         self.batch_size = Histogram("streamrec_batch_size", "Events per micro-batch.", buckets=BATCH_BUCKETS, registry=r)
         self.active_sessions = Gauge("streamrec_active_sessions", "Sessions with state on this worker.", registry=r)
         self.expired_sessions = Counter("streamrec_expired_sessions", "Sessions removed after --session-ttl without clicks.", registry=r)
-        self.model_info = Gauge("streamrec_model_info", "The served model (value 1).", ["model", "version", "state_kind"], registry=r)
-        self.online_hits = Counter("streamrec_online_hits", "Clicks that were in the list published after the session's previous click, by cut-off.", ["k"], registry=r)
-        self.online_rr = Counter("streamrec_online_reciprocal_rank", "Sum of 1/rank of those clicks (0 beyond the cut-off), by cut-off.", ["k"], registry=r)
-        self.online_evaluated = Counter("streamrec_online_evaluated", "Clicks on known items that followed a published list.", registry=r)
-        self.online_hit_rate = Gauge("streamrec_online_hit_rate", "Online HR@k so far.", ["k"], registry=r)
-        self.online_mrr = Gauge("streamrec_online_mrr", "Online MRR@k so far.", ["k"], registry=r)
+        self.model_info = Gauge("streamrec_model_info", "The served model (value 1).", ["model", "version", "state_kind"] + arm, registry=r)
+        self.online_hits = Counter("streamrec_online_hits", "Clicks that were in the list published after the session's previous click, by cut-off.", arm + ["k"], registry=r)
+        self.online_rr = Counter("streamrec_online_reciprocal_rank", "Sum of 1/rank of those clicks (0 beyond the cut-off), by cut-off.", arm + ["k"], registry=r)
+        self.online_evaluated = Counter("streamrec_online_evaluated", "Clicks on known items that followed a published list.", arm, registry=r)
+        self.online_hit_rate = Gauge("streamrec_online_hit_rate", "Online HR@k so far.", arm + ["k"], registry=r)
+        self.online_mrr = Gauge("streamrec_online_mrr", "Online MRR@k so far.", arm + ["k"], registry=r)
         self.last_progress = Gauge("streamrec_last_progress_timestamp_seconds", "When the worker last finished a micro-batch.", registry=r)
         self.model_swaps = Counter("streamrec_model_swaps", "Bundles swapped in while serving.", registry=r)
         self.model_swap_failures = Counter("streamrec_model_swap_failures", "New bundles refused (checksum mismatch, unreadable, wrong k, ...); the old model kept serving.", registry=r)
@@ -48,31 +54,41 @@ class StreamMetrics:
             self.dead_letters.labels(reason)
         for outcome in MODEL_UPDATE_OUTCOMES:
             self.model_updates.labels(outcome)
-        self._hits = {k: 0 for k in self.ks}
-        self._rr = {k: 0.0 for k in self.ks}
-        self._evaluated = 0
-        for k in self.ks:
-            self.online_hits.labels(str(k))
-            self.online_rr.labels(str(k))
-            self.online_hit_rate.labels(str(k)).set(0)
-            self.online_mrr.labels(str(k)).set(0)
+        groups = [(a,) for a in self.arms] or [()]  # the label values before k: one arm each, or none
+        self._hits = {(g, k): 0 for g in groups for k in self.ks}
+        self._rr = {(g, k): 0.0 for g in groups for k in self.ks}
+        self._evaluated = {g: 0 for g in groups}
+        for g in groups:
+            if g:
+                self.online_evaluated.labels(*g)
+            for k in self.ks:
+                self.online_hits.labels(*g, str(k))
+                self.online_rr.labels(*g, str(k))
+                self.online_hit_rate.labels(*g, str(k)).set(0)
+                self.online_mrr.labels(*g, str(k)).set(0)
 
-    def observe_online(self, ranks: list[int]) -> None:
-        """Add evaluated clicks (rank 0 = not in the list) to the online accuracy counters and gauges."""
+    def observe_online(self, ranks: list[int], arm: str | None = None) -> None:
+        """Add evaluated clicks (rank 0 = not in the list) to the online accuracy counters and gauges (of ``arm`` under an experiment)."""
         if not ranks:
             return
-        self._evaluated += len(ranks)
-        self.online_evaluated.inc(len(ranks))
+        g = (arm,) if self.arms else ()
+        self._evaluated[g] += len(ranks)
+        evaluated = self._evaluated[g]
+        (self.online_evaluated.labels(*g) if g else self.online_evaluated).inc(len(ranks))
         for k in self.ks:
             hits = [r for r in ranks if 0 < r <= k]
             rr = sum(1.0 / r for r in hits)
-            self._hits[k] += len(hits)
-            self._rr[k] += rr
+            self._hits[g, k] += len(hits)
+            self._rr[g, k] += rr
             label = str(k)
-            self.online_hits.labels(label).inc(len(hits))
-            self.online_rr.labels(label).inc(rr)
-            self.online_hit_rate.labels(label).set(self._hits[k] / self._evaluated)
-            self.online_mrr.labels(label).set(self._rr[k] / self._evaluated)
+            self.online_hits.labels(*g, label).inc(len(hits))
+            self.online_rr.labels(*g, label).inc(rr)
+            self.online_hit_rate.labels(*g, label).set(self._hits[g, k] / evaluated)
+            self.online_mrr.labels(*g, label).set(self._rr[g, k] / evaluated)
+
+    def model_labels(self, scorer, arm: str | None = None) -> tuple[str, ...]:
+        """The ``streamrec_model_info`` label values of a served scorer (and its arm under an experiment)."""
+        return (str(scorer.manifest["model"]), str(scorer.manifest["model_version"]), scorer.kind) + ((arm,) if self.arms else ())
 
 
 def online_ks(k: int) -> tuple[int, ...]:

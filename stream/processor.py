@@ -25,7 +25,7 @@ import numpy as np
 
 from export.scorer import StepInput
 from stream.events import BadEvent, dead_letter, online_rank, parse_click, recommendation
-from stream.state import SessionState
+from stream.state import SessionState, arm_tag
 from stream.swap import model_tag, rebuild_states, vocab_tag
 
 
@@ -51,6 +51,7 @@ class BatchResult:
     online_ranks: list[int] = field(default_factory=list)  # rank of every evaluated click, 0 = not in the list
     inference_seconds: float = 0.0
     redelivered: int = 0  # clicks skipped because their session's state already holds them
+    arm_ranks: dict[str, list[int]] = field(default_factory=dict)  # online_ranks by A/B arm (stream.experiment), empty without one
 
 
 class _Pending(NamedTuple):
@@ -64,7 +65,7 @@ class _Pending(NamedTuple):
 class BatchProcessor:
     """Scores micro-batches with a Scorer; keeps no state of its own between batches."""
 
-    def __init__(self, scorer, k: int, exclude_seen: bool = False, clock: Callable[[], float] | None = None, max_event_bytes: int | None = None):
+    def __init__(self, scorer, k: int, exclude_seen: bool = False, clock: Callable[[], float] | None = None, max_event_bytes: int | None = None, experiment: str | None = None, arm: str | None = None):
         if k > scorer.k:
             raise ValueError(f"k={k} is more than the bundle's k={scorer.k}")
         self.scorer = scorer
@@ -72,6 +73,9 @@ class BatchProcessor:
         self.exclude_seen = exclude_seen
         self.clock = clock or time.time
         self.max_event_bytes = max_event_bytes
+        # An A/B arm's processor (stream.experiment) names its arm in every answer and records it in every state it writes.
+        self.experiment, self.arm = experiment, arm
+        self.arm_tag = arm_tag(arm) if arm is not None else 0
         self.history_len = int(scorer.history_len)
         self.hidden_size = int(scorer.hidden_size) if scorer.kind == "hidden" else 0
         self.model = str(scorer.manifest["model"])
@@ -139,11 +143,15 @@ class BatchProcessor:
         for p, (top, scores, state) in zip(pending, answers):
             state.position += 1  # events of a session come in order, so this is the click's number in it
             state.offset = p.record.offset
+            if self.arm_tag:
+                state.arm_tag = self.arm_tag
             items = self.popular_ids if top is self.popular_items else ids[top].tolist()
             latency = published_at - p.record.timestamp
             out.latencies.append(latency)
-            value = recommendation(p.session_id, items, scores, self.model, self.model_version, state.position, p.timestamp, published_at, round(latency * 1000.0, 3))
+            value = recommendation(p.session_id, items, scores, self.model, self.model_version, state.position, p.timestamp, published_at, round(latency * 1000.0, 3), self.experiment, self.arm)
             out.recommendations.append((p.record.key, value))
+        if self.arm is not None:
+            out.arm_ranks[self.arm] = out.online_ranks
         return out
 
     def _round(self, rnd: list[_Pending], states: dict[bytes, SessionState], answers: list, out: BatchResult) -> None:

@@ -107,12 +107,17 @@ class OnlineScore:
         return out
 
 
-def score_online(click_values: list[tuple[bytes | None, bytes]], recommendation_values: list[bytes], ks: tuple[int, ...] = (5, 10, 20), known_items: set[str] | None = None) -> OnlineScore:
+def score_online(
+    click_values: list[tuple[bytes | None, bytes]], recommendation_values: list[bytes], ks: tuple[int, ...] = (5, 10, 20), known_items: set[str] | None = None,
+    ranks_out: list | None = None, experiment: str | None = None,
+) -> OnlineScore:
     """HR@K/MRR@K of the published lists against the clicks that followed them.
 
     ``click_values``: (key, value) of the clicks topic in partition order;
     ``recommendation_values``: values of the recommendations topic.
     Readiness probes (session ``PROBE_SESSION``) are not user clicks and are left out.
+    ``ranks_out``, if given, gets (session id, arm, rank) of every evaluated click: the arm the previous
+    list names for ``experiment`` (None when it names none), for `streamrec experiment report`.
     """
     score = OnlineScore(tuple(sorted(ks)))
     clicks: dict[str, list[str]] = defaultdict(list)
@@ -122,14 +127,15 @@ def score_online(click_values: list[tuple[bytes | None, bytes]], recommendation_
             continue
         clicks[c.session_id].append(c.item_id)
         score.clicks += 1
-    lists: dict[tuple[str, int], tuple[list[str], np.ndarray]] = {}
+    lists: dict[tuple[str, int], tuple[list[str], np.ndarray, str | None]] = {}
     for value in recommendation_values:
         doc = orjson.loads(value)
         if doc["session_id"] == PROBE_SESSION:
             continue
         key = (doc["session_id"], int(doc["position"]))
         if key not in lists:  # at-least-once: a duplicate answer carries the same position
-            lists[key] = (doc["items"], np.asarray(doc["scores"], dtype=np.float32))
+            arm = doc.get("arm") if experiment is not None and doc.get("experiment") == experiment else None
+            lists[key] = (doc["items"], np.asarray(doc["scores"], dtype=np.float32), arm)
             score.latencies_ms.append(float(doc["latency_ms"]))
     score.answered = len(lists)
     for session_id, items in clicks.items():
@@ -145,10 +151,12 @@ def score_online(click_values: list[tuple[bytes | None, bytes]], recommendation_
             if previous is None:
                 score.no_previous_list += 1
                 continue
-            listed, scores = previous
+            listed, scores, arm = previous
             ids = np.array(listed, dtype=object)
             rank = online_rank(ids, scores, item)
             score.evaluated += 1
+            if ranks_out is not None:
+                ranks_out.append((session_id, arm, rank))
             for k in score.ks:
                 if 0 < rank <= k:
                     score.hits[k] = score.hits.get(k, 0) + 1

@@ -56,6 +56,8 @@ class Settings:
     bundle_poll_seconds: float = _s(5.0, "How often the worker checks --bundle (a directory or a symlink to one) for a new model_version and swaps it in while serving (0 = never).", minimum=0)
     model_updates_topic: str = _s("model-updates", "Topic of model-update messages (`streamrec publish-model`): every worker reads every message, outside the consumer group, and swaps the bundle it names in while serving (empty = not read).")
     bundle_root: str = _s("", "Directory that every bundle a model-updates message names must lie in, its path resolved with symlinks; a message naming any other path is refused (streamrec_model_updates_total{outcome=\"outside_root\"}). Empty = the directory that holds --bundle.")
+    experiment: str = _s("", "Name of the A/B experiment the worker runs with --arms (it seeds the stable assignment of sessions to arms, and answers carry it); empty = no experiment, one model from --bundle. See docs/experiments.md.")
+    arms: str = _s("", "The experiment's arms as NAME=BUNDLE:WEIGHT separated by commas (e.g. champion=/srv/a:0.9,challenger=/srv/b:0.1): each a bundle served at once; a new session goes to an arm with probability weight / sum of weights and stays there (recorded in its state). Needs --experiment; with it --bundle may be left out.")
     security_protocol: str = _s("PLAINTEXT", "Kafka security protocol of every client.", SECURITY_PROTOCOLS)
     sasl_mechanism: str = _s("PLAIN", "SASL mechanism (with SASL_* protocols).", SASL_MECHANISMS)
     sasl_username: str = _s("", "SASL user name.")
@@ -80,6 +82,10 @@ class Settings:
         if self.model_updates_topic in (self.clicks_topic, self.recommendations_topic, self.dlq_topic):
             raise UserError(f"--model-updates-topic must be a topic of its own, not '{self.model_updates_topic}'")
         self.bootstrap_servers()
+        if bool(self.experiment) != bool(self.arms):
+            raise UserError("--experiment and --arms go together: an experiment needs its arms, arms need the experiment's name")
+        if self.arms:
+            self.experiment_arms()
         if self.bundle_root and not Path(self.bundle_root).is_dir():
             raise UserError(f"--bundle-root {self.bundle_root}: no such directory")
         if self.security_protocol.startswith("SASL") and not self.sasl_username:
@@ -97,6 +103,12 @@ class Settings:
                 raise UserError(f"--broker wants kafka://HOST:PORT[,HOST:PORT...], got '{self.broker}'")
             out.append(f"{host}:{port}")
         return out
+
+    def experiment_arms(self) -> tuple:
+        """The parsed --arms (stream.experiment.Arm each); empty without an experiment."""
+        from stream.experiment import parse_arms
+
+        return parse_arms(self.arms) if self.arms else ()
 
     def faust_broker(self) -> list[str]:
         return [f"kafka://{hp}" for hp in self.bootstrap_servers()]

@@ -25,6 +25,11 @@ known to this worker), the history is cut to the new model's ``history_len``, an
 model the recent items kept in the state are replayed through the new scorer's ``step`` to rebuild
 the hidden state. A session no longer than the kept window thus gets exactly the answers the new
 model would have given it from its first click.
+
+Under an A/B experiment (``--arms``, stream.experiment) every arm has a swapper of its own: the
+watcher polls each arm's bundle path, and a model-updates message with an ``arm`` field swaps that
+arm (one without swaps the first arm). A swap never moves a session to another arm: the arm is
+recorded in its state.
 """
 
 from __future__ import annotations
@@ -143,8 +148,9 @@ def probe(scorer, path, rows: int) -> None:
 class ModelSwapper:
     """Loads, verifies and swaps bundles into a running worker: the one path of both triggers."""
 
-    def __init__(self, worker, bundle: Path):
+    def __init__(self, worker, bundle: Path, arm: str | None = None):
         self.worker = worker
+        self.arm = arm  # the A/B arm this swapper serves (stream.experiment), None without an experiment
         self.serving = bundle_identity(Path(bundle))  # (resolved path, model_version) of what serves now
         self._lock = asyncio.Lock()  # one swap at a time, whoever asks
 
@@ -152,7 +158,7 @@ class ModelSwapper:
         """Load, verify and serve the bundle at ``path``; False (logged, counted) when it is refused."""
         async with self._lock:
             settings, metrics = self.worker.settings, self.worker.metrics
-            old = self.worker.scorer
+            old = self._processor().scorer
             try:
                 scorer = await asyncio.get_running_loop().run_in_executor(None, load_verified, path, settings.scorer_threads, settings.k, settings.batch_size)
             except Exception as e:  # anything wrong with the new bundle: refuse it, keep serving
@@ -161,20 +167,31 @@ class ModelSwapper:
                 metrics.model_swap_failures.inc()
                 return False
             self.use(scorer, path)
-            log.warning("model swapped: %s -> %s (%s)", old.manifest["model_version"], scorer.manifest["model_version"], path)
+            log.warning("model swapped%s: %s -> %s (%s)", f" in arm {self.arm}" if self.arm else "", old.manifest["model_version"], scorer.manifest["model_version"], path)
             return True
+
+    def _processor(self):
+        """The processor this swapper replaces: the worker's, or its arm's."""
+        processor = self.worker.processor
+        return processor.processors[self.arm] if self.arm is not None else processor
 
     def use(self, scorer, path: str) -> None:
         """Serve ``scorer`` from the next micro-batch on (call on the worker's event loop)."""
         worker = self.worker
-        old_processor, old = worker.processor, worker.scorer
-        processor = worker.make_processor(scorer)
+        old_processor = self._processor()
+        old = old_processor.scorer
+        processor = worker.make_processor(scorer, self.arm)
         processor.old_vocabs = {**old_processor.old_vocabs, old_processor.vocab_tag: old_processor.item_ids[1:]}
         processor.old_vocabs.pop(processor.vocab_tag, None)
-        worker.scorer, worker.processor = scorer, processor
-        info = worker.metrics.model_info
-        info.remove(str(old.manifest["model"]), str(old.manifest["model_version"]), old.kind)
-        info.labels(str(scorer.manifest["model"]), str(scorer.manifest["model_version"]), scorer.kind).set(1)
+        if self.arm is None:
+            worker.scorer, worker.processor = scorer, processor
+        else:
+            worker.processor.processors[self.arm] = processor
+            if worker.scorer is old:
+                worker.scorer = scorer
+        metrics = worker.metrics
+        metrics.model_info.remove(*metrics.model_labels(old, self.arm))
+        metrics.model_info.labels(*metrics.model_labels(scorer, self.arm)).set(1)
         worker.metrics.model_swaps.inc()
         self.serving = (os.path.realpath(path), str(scorer.manifest["model_version"]))
 
@@ -189,7 +206,8 @@ class BundleWatcher:
 
     def install(self, app, seconds: float) -> None:
         """Poll every ``seconds`` (a Faust timer, so it runs on the worker's loop between batches)."""
-        app.timer(seconds, name="streamrec.bundle-watch")(self.poll)
+        arm = self.swapper.arm
+        app.timer(seconds, name="streamrec.bundle-watch" + (f".{arm}" if arm is not None else ""))(self.poll)
 
     async def poll(self) -> bool:
         """Swap when the bundle changed; True if a new model now serves."""
@@ -221,9 +239,20 @@ class UpdateError(ValueError):
     """A model-updates message that is not one."""
 
 
-def update_message(bundle: str, model_version: str) -> bytes:
-    """A model-updates message: serve the bundle at ``bundle`` (a path as the workers see it)."""
-    return json.dumps({"bundle": bundle, "model_version": model_version, "published_at": time.time()}).encode()
+def update_message(bundle: str, model_version: str, arm: str | None = None) -> bytes:
+    """A model-updates message: serve the bundle at ``bundle`` (a path as the workers see it), in A/B arm ``arm`` if given."""
+    doc = {"bundle": bundle, "model_version": model_version, "published_at": time.time()}
+    if arm is not None:
+        doc["arm"] = arm
+    return json.dumps(doc).encode()
+
+
+def update_arm(value: bytes) -> str | None:
+    """The optional ``arm`` of a model-updates message that ``parse_update`` accepted; UpdateError if it is no string."""
+    arm = json.loads(value).get("arm")
+    if arm is not None and (not isinstance(arm, str) or not arm):
+        raise UpdateError("'arm' must be a non-empty string")
+    return arm
 
 
 def parse_update(value: bytes | None) -> tuple[str, str | None]:
@@ -258,8 +287,9 @@ class ModelUpdates:
     message nobody should have sent); ``invalid`` (not a model-updates message).
     """
 
-    def __init__(self, swapper: ModelSwapper, settings, root: str):
-        self.swapper = swapper
+    def __init__(self, swapper: ModelSwapper, settings, root: str, arms: dict | None = None):
+        self.swapper = swapper  # without an experiment the only one; with one, the first arm's
+        self.arms = arms or {}  # arm name -> ModelSwapper under an experiment
         self.settings = settings
         self.topic = settings.model_updates_topic
         self.root = root  # resolved (bundle_root)
@@ -290,12 +320,15 @@ class ModelUpdates:
                 for record in records:
                     try:
                         bundle, version = parse_update(record.value)
+                        arm = update_arm(record.value)
                     except UpdateError:
                         continue  # history: counted by the workers that were running when it came
-                    newest[record.partition] = (record.timestamp, bundle, version)  # offset order within a partition
-        if newest:
-            _, bundle, version = max(newest.values(), key=lambda m: m[0])  # the topic has one partition unless made otherwise
-            await self.apply(bundle, version)
+                    if arm is not None and arm not in self.arms:
+                        continue
+                    newest[record.partition, arm] = (record.timestamp, bundle, version)  # offset order within a partition
+        for arm in dict.fromkeys(a for _, a in newest):  # the newest message for each arm (None: none named)
+            _, bundle, version = max((m for (_, a), m in newest.items() if a == arm), key=lambda m: m[0])  # one partition unless made otherwise
+            await self.apply(bundle, version, arm)
 
     async def listen(self) -> None:
         """Apply every new message until cancelled (a Faust task); never raises for a bad message."""
@@ -320,31 +353,36 @@ class ModelUpdates:
         """Act on one message; its outcome."""
         try:
             bundle, version = parse_update(value)
+            arm = update_arm(value)
+            if arm is not None and arm not in self.arms:
+                raise UpdateError(f"arm '{arm}' is not an arm of this worker's experiment ({', '.join(self.arms) or 'none'})")
         except UpdateError as e:
             log.error("model update ignored: %s (%r...)", e, (value or b"")[:200])
             self.swapper.worker.metrics.model_updates.labels("invalid").inc()
             return "invalid"
-        return await self.apply(bundle, version)
+        return await self.apply(bundle, version, arm)
 
-    async def apply(self, bundle: str, version: str | None) -> str:
+    async def apply(self, bundle: str, version: str | None, arm: str | None = None) -> str:
+        """Swap ``arm`` (None: the only model, or the first arm) to ``bundle``; the outcome."""
         metrics = self.swapper.worker.metrics
+        swapper = self.arms.get(arm, self.swapper)
         if not inside_root(bundle, self.root):  # checked before the path is read at all
-            log.error("model swap refused: %s resolves to %s, not under --bundle-root %s (still serving %s)", bundle, os.path.realpath(bundle), self.root, self.swapper.serving[1])
+            log.error("model swap refused: %s resolves to %s, not under --bundle-root %s (still serving %s)", bundle, os.path.realpath(bundle), self.root, swapper.serving[1])
             metrics.model_updates.labels("outside_root").inc()
             return "outside_root"
         seen = bundle_identity(Path(bundle))
-        if seen == self.swapper.serving and version in (None, seen[1]):
+        if seen == swapper.serving and version in (None, seen[1]):
             outcome = "unchanged"
         elif not os.path.isdir(seen[0]):
-            log.error("model swap refused: %s is not a bundle directory (still serving %s)", bundle, self.swapper.serving[1])
+            log.error("model swap refused: %s is not a bundle directory (still serving %s)", bundle, swapper.serving[1])
             metrics.model_swap_failures.inc()
             outcome = "refused"
         elif version is not None and version != seen[1]:
-            log.error("model swap refused: %s holds model_version %s, the update names %s (still serving %s)", bundle, seen[1], version, self.swapper.serving[1])
+            log.error("model swap refused: %s holds model_version %s, the update names %s (still serving %s)", bundle, seen[1], version, swapper.serving[1])
             metrics.model_swap_failures.inc()
             outcome = "refused"
         else:
-            outcome = "swapped" if await self.swapper.swap_to(seen[0]) else "refused"
+            outcome = "swapped" if await swapper.swap_to(seen[0]) else "refused"
         metrics.model_updates.labels(outcome).inc()
         return outcome
 
@@ -356,11 +394,14 @@ def install(worker, bundle: Path, loop: asyncio.AbstractEventLoop) -> ModelSwapp
     fleet's current model from its first click.
     """
     settings = worker.settings
-    swapper = ModelSwapper(worker, bundle)
+    paths = {a.name: Path(a.bundle) for a in settings.experiment_arms()} or {None: Path(bundle)}
+    swappers = {arm: ModelSwapper(worker, path, arm) for arm, path in paths.items()}
+    swapper = next(iter(swappers.values()))
     if settings.bundle_poll_seconds:
-        BundleWatcher(swapper, bundle).install(worker.app, settings.bundle_poll_seconds)
+        for arm, path in paths.items():
+            BundleWatcher(swappers[arm], path).install(worker.app, settings.bundle_poll_seconds)
     if settings.model_updates_topic:
-        updates = ModelUpdates(swapper, settings, bundle_root(settings.bundle_root, bundle))
+        updates = ModelUpdates(swapper, settings, bundle_root(settings.bundle_root, bundle), {a: sw for a, sw in swappers.items() if a is not None})
         loop.run_until_complete(updates.start())
         worker.app.task(updates.listen)
     return swapper

@@ -24,6 +24,7 @@ import faust
 from aiokafka import AIOKafkaProducer
 from mode import CrashingSupervisor
 
+from stream.experiment import ArmedProcessor
 from stream.metrics import StreamMetrics, online_ks
 from stream.outbox import Outbox
 from stream.processor import BatchProcessor, Record
@@ -60,14 +61,19 @@ def expiry_interval(ttl: float) -> float:
 class StreamWorker:
     """The Faust app, its table and agent, wired to a scorer and metrics."""
 
-    def __init__(self, settings: Settings, scorer, partitions: int, metrics: StreamMetrics | None = None):
+    def __init__(self, settings: Settings, scorer, partitions: int, metrics: StreamMetrics | None = None, arm_scorers: dict | None = None):
+        """``arm_scorers``: arm name -> scorer under an A/B experiment (--arms), ``scorer`` then the first arm's."""
         if settings.k > scorer.k:
             raise UserError(f"--k {settings.k} is more than the bundle's k ({scorer.k}); export the bundle with a larger --k")
         self.settings = settings
         self.scorer = scorer
         self.partitions = partitions
-        self.processor = self.make_processor(scorer)
-        self.metrics = metrics or StreamMetrics(online_ks(settings.k))
+        arms = settings.experiment_arms()
+        if arms:
+            self.processor = ArmedProcessor(settings.experiment, arms, [self.make_processor(arm_scorers[a.name], a.name) for a in arms])
+        else:
+            self.processor = self.make_processor(scorer)
+        self.metrics = metrics or StreamMetrics(online_ks(settings.k), arms=tuple(a.name for a in arms))
         self.watchdog = Watchdog(settings.stall_seconds, self.metrics.registry)
         self.outbox: Outbox | None = None  # made when the agent starts (it owns the producer)
         self.state_outbox: Outbox | None = None  # the changelog writes, sent after the answers they count
@@ -75,7 +81,8 @@ class StreamWorker:
         self._deliveries: set[asyncio.Task] = set()  # batches whose answers, states or acks are not done yet
         self._queue = None  # the agent's queue of events, once it runs
         self._stall_reported = False
-        self.metrics.model_info.labels(str(scorer.manifest["model"]), str(scorer.manifest["model_version"]), scorer.kind).set(1)
+        for arm, served in (arm_scorers.items() if arms else [(None, scorer)]):
+            self.metrics.model_info.labels(*self.metrics.model_labels(served, arm)).set(1)
         self.app = self._build_app()
 
     def _build_app(self) -> faust.App:
@@ -107,10 +114,10 @@ class StreamWorker:
         app.timer(BEAT_SECONDS, name="streamrec.watchdog")(self._watch)
         return app
 
-    def make_processor(self, scorer) -> BatchProcessor:
-        """The micro-batch processor of ``scorer`` (a hot swap makes a new one, stream.swap)."""
+    def make_processor(self, scorer, arm: str | None = None) -> BatchProcessor:
+        """The micro-batch processor of ``scorer``, or of one A/B arm's (a hot swap makes a new one, stream.swap)."""
         s = self.settings
-        return BatchProcessor(scorer, s.k, exclude_seen=s.exclude_seen, max_event_bytes=s.max_event_bytes)
+        return BatchProcessor(scorer, s.k, exclude_seen=s.exclude_seen, max_event_bytes=s.max_event_bytes, experiment=s.experiment if arm is not None else None, arm=arm)
 
     async def _watch(self) -> None:
         self.watchdog.observe(self.app, self.settings.clicks_topic)
@@ -256,7 +263,11 @@ class StreamWorker:
             m.inference.observe(result.inference_seconds)
         for latency in result.latencies:
             m.end_to_end.observe(latency)
-        m.observe_online(result.online_ranks)
+        if result.arm_ranks:
+            for arm, ranks in result.arm_ranks.items():
+                m.observe_online(ranks, arm)
+        else:
+            m.observe_online(result.online_ranks)
         if result.redelivered:
             m.redelivered.inc(result.redelivered)
         m.active_sessions.set(len(data))
@@ -326,14 +337,17 @@ def serve(settings: Settings, bundle_dir: Path) -> None:
     from export.scorer import load_scorer
     from stream.swap import install, probe
 
-    scorer = load_scorer(bundle_dir, threads=settings.scorer_threads)
-    if settings.k > scorer.k:
-        raise UserError(f"--k {settings.k} is more than the bundle's k ({scorer.k}); export the bundle with a larger --k")
-    probe(scorer, bundle_dir, settings.batch_size)  # also the warm-up: the scorer's buffers at serving size before the first click
+    arms = settings.experiment_arms()
+    scorers = {}
+    for arm, path in ([(a.name, Path(a.bundle)) for a in arms] or [(None, bundle_dir)]):
+        scorer = scorers[arm] = load_scorer(path, threads=settings.scorer_threads)
+        if settings.k > scorer.k:
+            raise UserError(f"--k {settings.k} is more than the bundle's k ({scorer.k}) of {path}; export the bundle with a larger --k")
+        probe(scorer, path, settings.batch_size)  # also the warm-up: the scorer's buffers at serving size before the first click
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     partitions = loop.run_until_complete(ensure_topics(settings))
-    worker = StreamWorker(settings, scorer, partitions)
+    worker = StreamWorker(settings, next(iter(scorers.values())), partitions, arm_scorers=scorers if arms else None)
     install(worker, bundle_dir, loop)
     worker.watchdog.start()
     if settings.metrics_port:
@@ -341,7 +355,8 @@ def serve(settings: Settings, bundle_dir: Path) -> None:
             serve_http(settings.metrics_host, settings.metrics_port, worker.metrics.registry, worker.watchdog)
         except OSError as e:
             raise UserError(f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port} ({e.strerror})") from None
-    log.info("serving %s (%s) with k=%d from %s", scorer.manifest["model"], scorer.kind, settings.k, bundle_dir)
+    for arm, scorer in scorers.items():
+        log.info("serving %s (%s) with k=%d%s", scorer.manifest["model"], scorer.kind, settings.k, f" as arm {arm} of experiment {settings.experiment}" if arm else f" from {bundle_dir}")
     faust_worker = Worker(worker.app, loglevel=settings.log_level, quiet=True, loop=loop)
     # Faust's terminal spinner sets the root logger to DEBUG, so every debug call of aiokafka and
     # Faust built a log record on the hot path only for the handlers to drop it.
