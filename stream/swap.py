@@ -27,9 +27,10 @@ the hidden state. A session no longer than the kept window thus gets exactly the
 model would have given it from its first click.
 
 Under an A/B experiment (``--arms``, stream.experiment) every arm has a swapper of its own: the
-watcher polls each arm's bundle path, and a model-updates message with an ``arm`` field swaps that
-arm (one without swaps the first arm). A swap never moves a session to another arm: the arm is
-recorded in its state.
+watcher polls each arm's bundle path, and a model-updates message must name its arm (``arm``
+field): one without is ignored (at start) or counted ``invalid``, so the newest message from before
+the experiment cannot quietly replace an arm's bundle. A swap never moves a session to another arm:
+the arm is recorded in its state.
 """
 
 from __future__ import annotations
@@ -323,8 +324,8 @@ class ModelUpdates:
                         arm = update_arm(record.value)
                     except UpdateError:
                         continue  # history: counted by the workers that were running when it came
-                    if arm is not None and arm not in self.arms:
-                        continue
+                    if (arm is None) != (not self.arms) or (arm is not None and arm not in self.arms):
+                        continue  # for another set-up: no arm under an experiment, or an arm this worker lacks
                     newest[record.partition, arm] = (record.timestamp, bundle, version)  # offset order within a partition
         for arm in dict.fromkeys(a for _, a in newest):  # the newest message for each arm (None: none named)
             _, bundle, version = max((m for (_, a), m in newest.items() if a == arm), key=lambda m: m[0])  # one partition unless made otherwise
@@ -356,6 +357,8 @@ class ModelUpdates:
             arm = update_arm(value)
             if arm is not None and arm not in self.arms:
                 raise UpdateError(f"arm '{arm}' is not an arm of this worker's experiment ({', '.join(self.arms) or 'none'})")
+            if arm is None and self.arms:
+                raise UpdateError(f"names no arm, and this worker serves an experiment (arms {', '.join(self.arms)})")
         except UpdateError as e:
             log.error("model update ignored: %s (%r...)", e, (value or b"")[:200])
             self.swapper.worker.metrics.model_updates.labels("invalid").inc()
@@ -363,7 +366,7 @@ class ModelUpdates:
         return await self.apply(bundle, version, arm)
 
     async def apply(self, bundle: str, version: str | None, arm: str | None = None) -> str:
-        """Swap ``arm`` (None: the only model, or the first arm) to ``bundle``; the outcome."""
+        """Swap ``arm`` (None: the only model, without an experiment) to ``bundle``; the outcome."""
         metrics = self.swapper.worker.metrics
         swapper = self.arms.get(arm, self.swapper)
         if not inside_root(bundle, self.root):  # checked before the path is read at all

@@ -231,6 +231,15 @@ def test_gru4rec_beats_popularity_in_an_ab_test_and_each_arm_scores_online_as_of
         assert metric(text, f'streamrec_online_evaluated_total{{arm="{arm}"}}') == online["evaluated"]
 
 
+async def _publish(settings: Settings, value: bytes) -> None:
+    p = producer(settings)
+    await p.start()
+    try:
+        await p.send_and_wait(settings.model_updates_topic, value, key=UPDATES_KEY)
+    finally:
+        await p.stop()
+
+
 def _swaps(settings: Settings) -> float:
     """streamrec_model_swaps_total, -1 while the endpoint is not up."""
     try:
@@ -273,6 +282,8 @@ def test_arms_survive_a_sigkill_new_weights_and_a_hot_swap_of_one_arm(broker, st
         p = producer(after)
         await p.start()
         try:
+            # a message naming no arm (as from before the experiment) must not touch arm a (the first)
+            await p.send_and_wait(after.model_updates_topic, update_message(str(gru), _version(gru)), key=UPDATES_KEY)
             await p.send_and_wait(after.model_updates_topic, update_message(str(gru), _version(gru), arm="b"), key=UPDATES_KEY)
         finally:
             await p.stop()
@@ -280,6 +291,9 @@ def test_arms_survive_a_sigkill_new_weights_and_a_hot_swap_of_one_arm(broker, st
     asyncio.run(publish_b_update())
     with running_worker(after, markov, tmp_path / "worker-2.log"):
         assert wait_for(lambda: _swaps(after) == 1, timeout=60), "arm b was not swapped to GRU4Rec"
+        asyncio.run(_publish(after, update_message(str(gru), _version(gru))))  # while serving: no arm named, refused as invalid
+        invalid = 'streamrec_model_updates_total{outcome="invalid"}'
+        assert wait_for(lambda: metric(metrics_text(after), invalid) == 1, timeout=30)
         send(after, old_messages[half:] + new_messages)
         docs = _answers(after, len(old_messages) + len(new_messages))
         text = metrics_text(after)
