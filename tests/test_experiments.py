@@ -215,6 +215,16 @@ def test_gru4rec_beats_popularity_in_an_ab_test_and_each_arm_scores_online_as_of
     assert hr["arm"] == "gru" and hr["significant"] and hr["difference"] > 0 and mrr["significant"]
     assert result.verdict.startswith(f"gru beats pop on HR@{cut}")
 
+    # the command prints the same report and writes it as JSON; a wrong --baseline is a one-line error
+    topics = ["--broker", settings.broker, "--broker-quirks", settings.broker_quirks, "--clicks-topic", settings.clicks_topic, "--recommendations-topic", settings.recommendations_topic, "--dlq-topic", settings.dlq_topic]
+    args = ["experiment", "report", "--experiment", "gru-vs-pop", "--k", str(cut), "--bundle", str(gru), *topics]
+    cli = streamrec(*args, "--baseline", "pop", "--json", str(tmp_path / "report.json"))
+    assert cli.returncode == 0, cli.stderr
+    assert cli.stdout.strip() == result.text()
+    assert json.loads((tmp_path / "report.json").read_text()) == json.loads(json.dumps(result.as_dict()))
+    wrong = streamrec(*args, "--baseline", "champion")
+    assert wrong.returncode == 2 and wrong.stderr.strip().startswith("error: --baseline champion: no answer of experiment 'gru-vs-pop' names that arm") and "\n" not in wrong.stderr.strip()
+
     popularity = np.bincount(stream_data.train.items, minlength=stream_data.n_items + 1)
     test = stream_data.test
     for arm, run in (("pop", pop_run), ("gru", gru_run)):
