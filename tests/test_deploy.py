@@ -285,11 +285,24 @@ def test_dockerfile_final_stage_is_small_non_root_and_checked():
 
 
 def test_dockerfile_build_check_runs():
-    """The build stage's `python -c` check is valid Python and passes in an environment like the image's."""
+    """The build stage's `python -c` check is valid Python and passes in an environment like the image's.
+
+    The image installs torch from the CPU index; this virtualenv has PyPI's torch, which is the CUDA
+    build on Linux x86_64. So the check runs twice: as it is, where it must pass with a CPU torch and
+    fail with 'CUDA build of torch' with a CUDA one, and with torch.version.cuda set to the image's None,
+    where it must pass (every import real)."""
+    import torch
+
     snippets = dockerfile_python_snippets(dockerfile_stages()[0])
     assert snippets
     for code in snippets:
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        if torch.version.cuda is None:
+            assert r.returncode == 0, f"{code}\n{r.stderr}"
+        else:
+            assert r.returncode != 0 and "CUDA build of torch" in r.stderr, f"{code}\n{r.stderr}"
+        as_image = f"import torch\ntorch.version.cuda = None\n{code}"
+        r = subprocess.run([sys.executable, "-c", as_image], capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, f"{code}\n{r.stderr}"
 
 
