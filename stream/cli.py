@@ -24,6 +24,7 @@ COMMANDS = [
     ("stream.commands", "replay"),
     ("stream.commands", "score_online"),
     ("stream.commands", "publish_model"),
+    ("stream.commands", "retrain"),
     ("stream.commands", "experiment"),
     ("stream.commands", "demo"),
 ]

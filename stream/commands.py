@@ -1,10 +1,12 @@
-"""`streamrec serve`, `broker`, `replay`, `score-online`, `publish-model`, `experiment report` and `demo` (mounted by stream/cli.py)."""
+"""`streamrec serve`, `broker`, `replay`, `score-online`, `publish-model`, `retrain`, `experiment report` and `demo` (mounted by stream/cli.py)."""
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import click
@@ -145,16 +147,18 @@ def score_online(bundle_dir, ks: str, expect, idle: float, **options) -> None:
 @click.command("publish-model")
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
 @click.option("--worker-path", default=None, help="The bundle's path as the workers see it (default: BUNDLE_DIR resolved here, symlinks included).")
+@click.option("--arm", default=None, help="Under an A/B experiment: the arm whose bundle this replaces (workers of an experiment ignore a message without one).")
 @settings_options(CONNECTION + ("model_updates_topic", "replication_factor"))
-def publish_model(bundle_dir: Path, worker_path, **options) -> None:
+def publish_model(bundle_dir: Path, worker_path, arm, **options) -> None:
     """Tell every running worker to serve BUNDLE_DIR: one message on the model-updates topic.
 
     The bundle is checked here first (manifest and every file's sha256); each worker checks it
     again before swapping it in, and keeps its model if the check fails.
 
     \b
-    Example:
+    Examples:
       streamrec publish-model /srv/bundles/gru4rec-20261128 --broker kafka://127.0.0.1:9092
+      streamrec publish-model /srv/bundles/gru4rec-20261128 --arm challenger --broker kafka://127.0.0.1:9092
     """
     import asyncio
     import os
@@ -165,10 +169,100 @@ def publish_model(bundle_dir: Path, worker_path, **options) -> None:
     settings, _ = settings_from(options)
     if not bundle_dir.is_dir():
         raise UserError(f"{bundle_dir}: no such bundle directory (make one with `streamrec export`)")
+    if arm is not None and not arm.strip():
+        raise UserError("--arm must name an arm")
     version = str(open_bundle(bundle_dir).manifest["model_version"])
     path = worker_path or os.path.realpath(bundle_dir)
-    partition, offset = asyncio.run(publish_model_update(settings, path, version))
-    click.echo(f"published {version} ({path}) to '{settings.model_updates_topic}' partition {partition} offset {offset}")
+    partition, offset = asyncio.run(publish_model_update(settings, path, version, arm=arm))
+    click.echo(f"published {version} ({path}){f' for arm {arm}' if arm else ''} to '{settings.model_updates_topic}' partition {partition} offset {offset}")
+
+
+@click.command()
+@click.option("--serving", "serving", required=True, type=click.Path(path_type=Path), help="The bundle the workers serve now (the champion; its run dir, if on this machine, seeds the challenger).")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Rounds go to OUT/round-NNNN/ (data, run, bundle) and OUT/rounds.jsonl; put it under the workers' --bundle-root.")
+@click.option("--window", default=None, help="Read the clicks of the last WINDOW: 3600, 90s, 30m, 1h, 2d.")
+@click.option("--since", default=None, help="Start of the window instead (unix seconds or ISO date/time, UTC).")
+@click.option("--until", default=None, help="End of the window (default: now).")
+@click.option("--model", "model_name", default=None, help="Model to train (default: the serving bundle's model).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Training epochs (default: the serving run's, else the model's).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Any other model setting; repeatable (on top of the serving run's settings).")
+@click.option("--margin", type=float, default=0.01, show_default=True, help="Promote only when the challenger's HR@20 beats the champion's by at least this much.")
+@click.option("--holdout", type=float, default=0.2, show_default=True, help="Share of the window's sessions, those that ended last, held out for the comparison.")
+@click.option("--action", type=click.Choice(["publish", "arm", "none"]), default="publish", show_default=True, help="publish: the challenger replaces the model on the model-updates topic; arm: it replaces the bundle of --arm in a running experiment; none: only record.")
+@click.option("--arm", "arm", default=None, help="With --action arm: the experiment's arm to put the challenger in.")
+@click.option("--every", default=None, help="Run a round every EVERY (e.g. 1h) over the --window ending then, until Ctrl-C or SIGTERM.")
+@click.option("--worker-root", default=None, help="OUT as the workers see it, when they mount it elsewhere (default: OUT resolved here).")
+@settings_options(CONNECTION + ("clicks_topic", "model_updates_topic", "replication_factor"))
+def retrain(serving: Path, out: Path, window, since, until, model_name, epochs, sets, margin: float, holdout: float, action: str, arm, every, worker_root, **options) -> None:
+    """Retrain from a window of the clicks topic, and promote the challenger if it beats the serving model.
+
+    Reads the window with a consumer of its own (no group), prepares it like `data prepare`, trains
+    (warm start from the serving run where the model allows), exports a verified bundle, scores both
+    bundles on the held-out sessions that ended last and publishes the challenger only if its HR@20
+    is better by --margin. Each round is a JSON line in OUT/rounds.jsonl (docs/experiments.md).
+
+    \b
+    Examples:
+      streamrec retrain --broker kafka://127.0.0.1:9092 --window 1h --serving bundles/current --out bundles/retrain
+      streamrec retrain --broker ... --window 6h --every 1h --serving bundles/current --out bundles/retrain --margin 0.005
+      streamrec retrain --broker ... --window 1h --serving bundles/gru --out bundles/retrain --action arm --arm challenger
+    """
+    import math
+
+    from stream.retrain import RoundOptions, parse_duration, run_round, window_bounds
+    from training.cli import _parse_sets
+
+    settings, _ = settings_from(options)
+    if not (serving / "manifest.json").is_file():
+        raise UserError(f"--serving {serving}: no bundle there (make one with `streamrec export`)")
+    if not math.isfinite(margin):
+        raise UserError(f"--margin must be a finite number, got {margin}")
+    if action == "arm" and not arm:
+        raise UserError("--action arm needs --arm NAME (the experiment's arm the challenger goes to)")
+    if arm and action != "arm":
+        raise UserError("--arm goes with --action arm")
+    if action != "none" and not settings.model_updates_topic:
+        raise UserError("--model-updates-topic is empty: there is no topic to publish to (or pass --action none)")
+    period = parse_duration(every, "--every") if every is not None else None
+    window_bounds(window, since, until, every, time.time())  # the flags are checked before anything is read
+    opts = RoundOptions(out=out, model=model_name, sets=_parse_sets(sets), epochs=epochs, margin=margin, holdout=holdout, action=action, arm=arm, worker_root=worker_root)
+    say = lambda message: click.echo(f"[{time.strftime('%H:%M:%S')}] {message}", err=True)  # noqa: E731
+    if period is None:
+        start, end = window_bounds(window, since, until, every, time.time())
+        record = run_round(settings, serving, start, end, opts, _next_round(out), say)
+        click.echo(json.dumps({k: record[k] for k in ("round", "decision", "reason")}))
+        return
+    stop = threading.Event()
+
+    def on_signal(sig, _frame):
+        if stop.is_set() and sig == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.set()
+        say("stopping after this round (Ctrl-C again to abort it)")
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    champion = serving
+    while not stop.is_set():
+        due = time.time() + period
+        start, end = window_bounds(window, None, None, every, time.time())
+        try:
+            record = run_round(settings, champion, start, end, opts, _next_round(out), say)
+            if record["decision"] == "publish":
+                champion = Path(record["challenger"]["bundle"])  # the next round's champion, and the run it warm-starts from
+        except UserError as e:  # a quiet window or a failed round is recorded; the schedule goes on
+            from stream.retrain import append_record
+
+            say(f"round failed: {e}")
+            append_record(out, {"round": _next_round(out), "window": {"since_unix": start, "until_unix": end}, "decision": "error", "reason": str(e)})
+        stop.wait(max(0.0, due - time.time()))
+    say("stopped")
+
+
+def _next_round(out: Path) -> int:
+    """1 + the rounds recorded in OUT/rounds.jsonl."""
+    path = out / "rounds.jsonl"
+    return 1 + (sum(1 for line in path.read_text().splitlines() if line.strip()) if path.is_file() else 0)
 
 
 @click.command()

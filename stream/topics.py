@@ -86,8 +86,8 @@ async def _led_partitions(admin, topics: list[str], timeout: float) -> dict[str,
         await asyncio.sleep(0.1)
 
 
-async def publish_model_update(settings: Settings, bundle: str, model_version: str) -> tuple[int, int]:
-    """Send one model-updates message naming ``bundle`` (creating the topic if missing); its (partition, offset)."""
+async def publish_model_update(settings: Settings, bundle: str, model_version: str, arm: str | None = None) -> tuple[int, int]:
+    """Send one model-updates message naming ``bundle`` (for A/B arm ``arm`` if given; creating the topic if missing); its (partition, offset)."""
     from stream.swap import UPDATES_KEY, update_message
 
     if not settings.model_updates_topic:
@@ -97,7 +97,7 @@ async def publish_model_update(settings: Settings, bundle: str, model_version: s
     p = producer(settings, acks="all")
     await p.start()
     try:
-        sent = await p.send_and_wait(settings.model_updates_topic, update_message(bundle, model_version), key=UPDATES_KEY)
+        sent = await p.send_and_wait(settings.model_updates_topic, update_message(bundle, model_version, arm=arm), key=UPDATES_KEY)
     finally:
         await p.stop()
     return sent.partition, sent.offset
