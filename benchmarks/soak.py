@@ -4,8 +4,9 @@ Sessions never end on their own: each click goes to one of ``--live-sessions`` o
 and a session that has had its clicks (geometric, mean ``--mean-length``) is replaced by a new
 id, so the worker only stays bounded if idle sessions expire (``--session-ttl``). Every
 ``--sample-seconds`` the benchmark records the worker's resident memory (/proc), its active
-sessions, expired sessions, clicks answered, /healthz, and the embedded broker's memory (which
-grows by design: its memory storage keeps every record). At the end every click sent must have
+sessions, expired sessions, clicks answered, /healthz, and the broker's memory (Apache Kafka by
+default, `--engine tansu` for the embedded broker, whose memory grows by design: its memory storage
+keeps every record; `--broker` for one already running). At the end every click sent must have
 been answered, and the worker must still be healthy.
 
 The model is an untrained GRU4Rec (100 units, the serving cost and state size do not depend on
@@ -41,6 +42,7 @@ from _report import command_line, pyplot, save_figure, table, write_section  # n
 DOC = ROOT / "docs" / "reliability.md"
 PLOT = ROOT / "docs" / "img" / "soak.png"
 SECTION = "## Soak"
+ENGINES = {"kafka": "Apache Kafka 4.4", "tansu": "the embedded broker"}
 
 
 def build_bundle(work: Path, items: int, hidden: int) -> tuple[Path, list[str]]:
@@ -164,7 +166,8 @@ def plot(samples: list[dict], args) -> None:
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     top.plot(minutes, [s["worker_mb"] for s in samples], label="worker RSS (MB)", color="tab:blue")
     if not args.broker:
-        top.plot(minutes, [s["broker_mb"] for s in samples], label="embedded broker RSS (MB, keeps every record)", color="tab:gray", linestyle="--")
+        label = "embedded broker RSS (MB, keeps every record)" if args.engine == "tansu" else "Apache Kafka RSS (MB)"
+        top.plot(minutes, [s["broker_mb"] for s in samples], label=label, color="tab:gray", linestyle="--")
     top.set_ylabel("MB")
     top.legend(loc="upper left", fontsize=8)
     top.set_title(f"streamrec soak: {args.rate:,.0f} clicks/s, session TTL {args.session_ttl:.0f} s")
@@ -191,7 +194,7 @@ def render(samples: list[dict], summary: dict, args) -> str:
         ("worker RSS at warm-up end → end", f"{summary['rss_warm']:.0f} MB → {summary['rss_end']:.0f} MB"),
         ("worker RSS trend after warm-up / over the last half (least squares)", f"{summary['slope_mb_per_hour']:+.1f} / {summary['late_slope_mb_per_hour']:+.1f} MB/hour"),
         ("most clicks sent but not yet answered in a sample", f"{max(max(0.0, s['sent'] - s['answered']) for s in samples):,.0f}"),
-        *([("embedded broker RSS start → end", f"{samples[0]['broker_mb']:.0f} MB → {samples[-1]['broker_mb']:.0f} MB")] if not args.broker else []),
+        *([(f"{ENGINES[args.engine]} RSS start → end", f"{samples[0]['broker_mb']:.0f} MB → {samples[-1]['broker_mb']:.0f} MB")] if not args.broker else []),
         ("end-to-end latency p50 / p99 (histogram bucket bounds)", f"{_bound(summary['p50'])} / {_bound(summary['p99'])}"),
         ("/healthz not 200 in a sample", f"{summary['unhealthy_samples']} of {len(samples)}"),
     ]
@@ -201,7 +204,7 @@ def render(samples: list[dict], summary: dict, args) -> str:
         f"Measured {date.today():%Y-%m-%d} on {platform.machine()} ({summary['cpus']} cores shared with other work), "
         f"{summary['minutes']:.1f} minutes at {args.rate:,.0f} clicks/s, `--session-ttl {args.session_ttl:g}`, "
         f"{args.live_sessions:,} open sessions renewed after a mean of {args.mean_length:g} clicks, untrained GRU4Rec "
-        f"({args.hidden} units, {summary['n_items']:,} items), one worker on {'the embedded broker' if not args.broker else args.broker}:",
+        f"({args.hidden} units, {summary['n_items']:,} items), one worker on {ENGINES[args.engine] if not args.broker else args.broker}:",
         "",
         "```",
         summary["command"],
@@ -210,7 +213,7 @@ def render(samples: list[dict], summary: dict, args) -> str:
         *table(["figure", "value"], figures),
         "",
         f"Warm-up = the first {summary['warmup_s'] / 60:.1f} minutes (session TTL plus the time for the first sessions to age out). "
-        "The broker's memory grows by design (memory storage, no retention); the worker's is what must stay flat.",
+        + ("The embedded broker's memory grows by design (memory storage, no retention); " if args.engine == "tansu" and not args.broker else "") + "the worker's memory is what must stay flat.",
         "",
         *table(["minute", "worker RSS MB", "active sessions", "expired (total)", "answered (total)", "not yet answered", "healthy"], rows, "rrrrrrc"),
         "",
@@ -238,13 +241,15 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=20_000, help="catalogue size asked of the generator")
     parser.add_argument("--hidden", type=int, default=100, help="GRU4Rec hidden units")
     parser.add_argument("--sample-seconds", type=float, default=10.0, help="time between samples")
-    parser.add_argument("--broker", default=None, help="kafka://HOST:PORT of a running Apache Kafka (default: start the embedded broker, which slows down as its memory store fills)")
+    parser.add_argument("--engine", choices=sorted(ENGINES), default="kafka", help="the broker to start: Apache Kafka (default) or the embedded one (slows down as its memory store fills)")
+    parser.add_argument("--broker", default=None, help="kafka://HOST:PORT of a running Apache Kafka instead of starting one")
     parser.add_argument("--no-write", action="store_true", help="print the figures only")
     args = parser.parse_args()
     if min(args.minutes, args.rate, args.session_ttl, args.sample_seconds, args.mean_length) <= 0 or args.live_sessions < 1:
         parser.error("--minutes, --rate, --session-ttl, --sample-seconds, --mean-length and --live-sessions must be positive")
 
-    from stream.broker import QUIRKS, EmbeddedBroker, free_port
+    from stream.broker import EmbeddedBroker, free_port
+    from stream.kafka import KafkaCluster
     from stream.settings import Settings
     from stream.worker import start_worker, stop_worker, wait_until_serving
 
@@ -253,8 +258,12 @@ def main() -> None:
         work = Path(tmp)
         print("building the bundle ...", file=sys.stderr)
         bundle, item_ids = build_bundle(work, args.items, args.hidden)
-        with EmbeddedBroker(log_path=work / "broker.log") if args.broker is None else contextlib.nullcontext() as broker:
-            url, quirks = (broker.url, QUIRKS) if broker is not None else (args.broker, "none")
+        if args.broker:
+            started = contextlib.nullcontext()
+        else:
+            started = KafkaCluster(data_dir=work / "kafka") if args.engine == "kafka" else EmbeddedBroker(log_path=work / "broker.log")
+        with started as broker:
+            url, quirks = (broker.url, broker.quirks) if broker is not None else (args.broker, "none")
             settings = Settings(broker=url, broker_quirks=quirks, metrics_port=free_port(), session_ttl=args.session_ttl)
             worker = start_worker(settings, bundle, work / "worker.log")
             try:

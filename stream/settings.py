@@ -39,7 +39,7 @@ class Settings:
     partitions: int = _s(4, "Partitions of the topics the worker creates when they are missing.", minimum=1)
     replication_factor: int = _s(1, "Replication factor of the topics the worker creates.", minimum=1)
     app_id: str = _s("streamrec", "Faust app id: the consumer group and the prefix of the session table's changelog topic.")
-    fetch_wait_ms: int = _s(10, "Longest time the broker may hold a fetch when no data is ready (aiokafka fetch_max_wait_ms). Low = low latency at low load.", minimum=0)
+    fetch_wait_ms: int = _s(10, "With --broker-quirks tansu: longest time the embedded broker may hold a fetch (aiokafka fetch_max_wait_ms; it holds every fetch that long, so low = low latency). Apache Kafka answers as soon as data arrives, and there the worker keeps Faust's 1.5 s.", minimum=0)
     batch_size: int = _s(256, "Most events scored in one micro-batch; a batch is whatever has arrived, never waited for.", minimum=1)
     session_ttl: float = _s(1800.0, "Seconds after its last click when a session's state is removed (tombstone in the changelog).", minimum=0.001)
     max_event_bytes: int = _s(65536, "Largest click event (key + value bytes) the worker parses; a larger one is dead-lettered as 'too_large' keeping only its first bytes, so no dead letter outgrows the broker's message size limit.", minimum=1024)

@@ -1,8 +1,12 @@
-"""Faust's aiokafka transport with two changes the stream needs, both measured on this project's box.
+"""Faust's aiokafka transport with the changes the stream needs, each measured on this project's box.
 
-1. Fetch wait. faust-streaming 0.15 hard-codes ``fetch_max_wait_ms=1500`` for
-   its consumer: at low load a fetch is held up to 1.5 s, which put the p50
-   end-to-end latency at 1.3 s. The wait is a setting here (``--fetch-wait-ms``).
+1. Fetch wait, only with ``--broker-quirks tansu``. faust-streaming 0.15
+   hard-codes ``fetch_max_wait_ms=1500`` for its consumer. The embedded broker
+   holds every fetch to its maximum wait, which put the p50 end-to-end latency
+   at 1.3 s, so there the wait is a setting (``--fetch-wait-ms``). Apache Kafka
+   answers a fetch as soon as data arrives: with Faust's 1.5 s the worker's
+   latency and throughput on it were those of a 10 ms wait (docs/stream.md,
+   "What Apache Kafka needs"), so on it Faust's own value stands.
 
 2. Bulk delivery. Faust's consumer loop hands each fetched record to the
    conductor inside ``wait_first(callback, suspend_flow.wait())``, which
@@ -132,8 +136,8 @@ class SkippedWhileRebalancing:
         return first if first is not None and offset > first else None
 
 
-def stream_transport(fetch_max_wait_ms: int, bulk_delivery: bool = True, tansu_fetch_wait: bool = False) -> type:
-    """A Faust Transport class whose consumer waits at most ``fetch_max_wait_ms`` per fetch.
+def stream_transport(fetch_max_wait_ms: int | None, bulk_delivery: bool = True, tansu_fetch_wait: bool = False) -> type:
+    """A Faust Transport class whose consumer waits at most ``fetch_max_wait_ms`` per fetch (None: Faust's 1.5 s).
 
     ``bulk_delivery=False`` keeps Faust's own per-record delivery loop (the
     stream benchmark's baselines use it). ``tansu_fetch_wait`` turns on the
@@ -143,14 +147,15 @@ def stream_transport(fetch_max_wait_ms: int, bulk_delivery: bool = True, tansu_f
     class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         def _create_worker_consumer(self, transport: Any):
             consumer = super()._create_worker_consumer(transport)
-            # aiokafka hands this to its Fetcher in start(), which runs after this.
-            consumer._fetch_max_wait_ms = fetch_max_wait_ms
+            if fetch_max_wait_ms is not None:
+                # aiokafka hands this to its Fetcher in start(), which runs after this.
+                consumer._fetch_max_wait_ms = fetch_max_wait_ms
             return consumer
 
         async def on_start(self) -> None:
             await super().on_start()
             if tansu_fetch_wait:
-                adapt_fetch_wait(self._consumer._fetcher, TansuFetchWait(fetch_max_wait_ms))
+                adapt_fetch_wait(self._consumer._fetcher, TansuFetchWait(fetch_max_wait_ms if fetch_max_wait_ms is not None else 1500))
 
     class Consumer(faust_aiokafka.Consumer):
         def _new_consumer_thread(self):

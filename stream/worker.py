@@ -100,7 +100,7 @@ class StreamWorker:
             stream_buffer_maxsize=max(4 * s.batch_size, 1024),
             **s.faust_credentials(),
         )
-        app.transport = stream_transport(s.fetch_wait_ms, tansu_fetch_wait=s.tansu_quirks)(app.conf.broker_consumer, app)
+        app.transport = stream_transport(s.fetch_wait_ms if s.tansu_quirks else None, tansu_fetch_wait=s.tansu_quirks)(app.conf.broker_consumer, app)
         if s.faust_metrics:
             from faust.sensors.prometheus import FaustMetrics, PrometheusMonitor
 

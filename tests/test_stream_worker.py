@@ -251,3 +251,33 @@ def test_the_tansu_fetch_wait_grows_while_fetches_come_back_empty_and_returns_to
     assert wait.after_fetch(False) == 10  # never below the setting
     assert TansuFetchWait(0).after_fetch(True) == 20  # a zero setting still grows
     assert TansuFetchWait(5000).after_fetch(True) == 5000  # a setting above the ceiling is kept
+
+
+SMALL = dict(epochs=1, threads=1, patience=0, batch_size=64, hidden_size=32, embedding_size=32, history_len=8, blocks=1, heads=2)
+
+
+@pytest.mark.parametrize("name", ["sasrec", "srgnn"])
+def test_window_and_graph_models_answer_every_click_as_their_own_scorer(name, broker, stream_data, tmp_path):
+    """The state kinds beyond items (markov) and hidden (GRU4Rec): a window model and a graph model, end to end
+    on Apache Kafka, sessions longer than the kept history; every answer equals the bundle's own scorer over
+    the same session prefix."""
+    import dataclasses
+
+    from tests.streamkit import answers_by_key, assert_same_answer, click_stream, offline_answers, send_all
+    from tests.test_stream_support import _train_and_export
+    from training.models import get_model
+
+    fields = {f.name for f in dataclasses.fields(get_model(name).Config)}
+    _, bundle = _train_and_export(stream_data, name, tmp_path, **{k: v for k, v in SMALL.items() if k in fields})
+    settings = worker_settings(broker)
+    messages, sessions = click_stream(stream_data.vocab.item_ids, n_sessions=30, clicks=12, seed=17, prefix=name)
+    with running_worker(settings, bundle, tmp_path / "worker.log"):
+        send_all(settings, messages)
+        records = read(settings, {settings.recommendations_topic: len(messages)})[settings.recommendations_topic]
+    by_key, total = answers_by_key(records)
+    expected = offline_answers(bundle, sessions, 20)
+    assert total == len(messages) and set(by_key) == set(expected)
+    for key, docs in by_key.items():
+        (doc,) = docs
+        assert doc["model"] == name
+        assert_same_answer(doc, expected[key])
