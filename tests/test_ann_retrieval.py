@@ -23,9 +23,9 @@ from export.quantize import top_k_overlap
 from export.scorer import StepInput, load_scorer
 from stream.swap import model_tag
 from stream.topics import consume_all
-from tests.streamkit import answers_by_key, assert_same_answer, click_stream, offline_answers
+from tests.streamkit import assert_same_answer, click_stream, offline_answers
 from tests.test_bundle import make_run, run_cli
-from tests.test_hot_swap import positions, switch, version_of
+from tests.test_hot_swap import assert_swapped_mid_stream, positions, switch, version_of
 from tests.test_stream_support import gru_bundle, metric, metrics_text, running_worker, send, stream_data, wait_for, worker_settings  # noqa: F401
 from training.data import PreparedData
 from training.errors import UserError
@@ -261,21 +261,6 @@ def test_symlink_switch_from_exact_to_ann_loses_no_click(broker, stream_data, gr
         text = wait_for(lambda: (t := metrics_text(settings)) and metric(t, 'streamrec_events_total{outcome="answered"}') == len(messages) and t)
         assert text, "the answered counter never reached the number of clicks"
 
-    assert not records[settings.dlq_topic]
-    by_key, total = answers_by_key(records[settings.recommendations_topic])
-    assert total == len(messages) and set(by_key) == set(positions(messages))  # nothing lost, nothing twice
-    expected_a, expected_b = offline_answers(bundle_a, sessions, K), offline_answers(bundle_b, sessions, K)
-    keys = positions(messages)
-    for key in keys[:half]:
-        (doc,) = by_key[key]
-        assert doc["model_version"] == version_a
-        assert_same_answer(doc, expected_a[key])
-    continued = 0
-    for key in keys[half:]:
-        (doc,) = by_key[key]
-        assert doc["model_version"] == version_b and doc["model"] == "gru4rec"
-        assert_same_answer(doc, expected_b[key])
-        continued += key[1] > 1
-    assert continued > len(messages) // 3  # most answers after the swap belong to sessions begun before it
+    assert_swapped_mid_stream(records, settings, messages, sessions, half, bundle_a, bundle_b)
     assert f'version="{version_b}"' in text and f'version="{version_a}"' not in text
     assert model_tag(load_scorer(bundle_a)) != model_tag(load_scorer(bundle_b))

@@ -145,23 +145,27 @@ def test_symlink_switch_swaps_the_model_while_serving(broker, stream_data, marko
         text = wait_for(lambda: (t := metrics_text(settings)) and metric(t, 'streamrec_events_total{outcome="answered"}') == len(messages) and t)
         assert text, "the answered counter never reached the number of clicks"
 
-    assert not records[settings.dlq_topic]
-    by_key, total = answers_by_key(records[settings.recommendations_topic])
-    assert total == len(messages) and set(by_key) == set(positions(messages))  # nothing lost, nothing twice
-    expected_a, expected_b = offline_answers(bundle_a, sessions, K), offline_answers(bundle_b, sessions, K)
-    keys = positions(messages)
-    for key in keys[:half]:
-        (doc,) = by_key[key]
-        assert doc["model_version"] == version_a
-        assert_same_answer(doc, expected_a[key])
-    continued = 0
-    for key in keys[half:]:
-        (doc,) = by_key[key]
-        assert doc["model_version"] == version_b and doc["model"] == "gru4rec"
-        assert_same_answer(doc, expected_b[key])  # the hidden state rebuilt from the kept items: as if B had served from the start
-        continued += key[1] > 1
-    assert continued > len(messages) // 3  # most answers after the swap belong to sessions begun before it
+    assert_swapped_mid_stream(records, settings, messages, sessions, half, bundle_a, bundle_b)
     assert f'version="{version_b}"' in text and f'version="{version_a}"' not in text
     assert 'state_kind="hidden"' in text
     assert "model swap refused" in (tmp_path / "worker.log").read_text()
     assert model_tag(load_scorer(bundle_a)) != model_tag(load_scorer(bundle_b))
+
+
+def assert_swapped_mid_stream(records: dict, settings, messages, sessions, half: int, bundle_a, bundle_b) -> None:
+    """Every click answered once, none dead-lettered; the first ``half`` by bundle A, the rest by bundle B (GRU4Rec),
+    each answer equal to that bundle's own scorer over the session's whole prefix (B's state rebuilt from the kept
+    items: as if B had served from the start), and most answers after the swap continue sessions begun before it."""
+    assert not records[settings.dlq_topic]
+    by_key, total = answers_by_key(records[settings.recommendations_topic])
+    keys = positions(messages)
+    assert total == len(messages) and set(by_key) == set(keys)  # nothing lost, nothing twice
+    continued = 0
+    for bundle, part in ((bundle_a, keys[:half]), (bundle_b, keys[half:])):
+        expected, version = offline_answers(bundle, sessions, K), version_of(bundle)
+        for key in part:
+            (doc,) = by_key[key]
+            assert doc["model_version"] == version and (bundle == bundle_a or doc["model"] == "gru4rec")
+            assert_same_answer(doc, expected[key])
+            continued += bundle == bundle_b and key[1] > 1
+    assert continued > len(messages) // 3
