@@ -223,3 +223,34 @@ def test_publish_model_with_an_arm_swaps_that_arm_of_a_running_experiment_only(b
     assert f'version="{version["markov"]}"' in left and f'version="{version["gru"]}"' in right
     records = read(settings, {settings.model_updates_topic: 1})[settings.model_updates_topic]
     assert update_arm(records[-1].value) == "right" and parse_update(records[-1].value) == (str((root / "gru").resolve()), version["gru"])
+
+
+def test_every_records_each_round_and_stops_cleanly_on_sigterm(broker, tmp_path, gru_bundle):
+    """Rounds over a quiet window fail with a one-line reason that is recorded; the schedule goes on until SIGTERM, then exits 0."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.streamkit import REPO
+
+    _, bundle = gru_bundle
+    settings = worker_settings(broker)
+    send(settings, [(b"s1", click_value("s1", "1000", 1.0))])  # the topic exists; the click is older than the 1 s window
+    time.sleep(1.5)
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-m", "stream.cli", "retrain", "--broker", broker.url, "--broker-quirks", broker.quirks, "--clicks-topic", settings.clicks_topic,
+                                "--model-updates-topic", settings.model_updates_topic, "--serving", str(bundle), "--out", str(out), "--window", "1s", "--every", "1s"],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: (out / "rounds.jsonl").is_file() and len((out / "rounds.jsonl").read_text().splitlines()) >= 2, timeout=60)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, stderr
+    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == list(range(1, len(rounds) + 1))
+    assert all(r["decision"] == "error" and r["reason"].startswith(f"no clicks on '{settings.clicks_topic}' between ") for r in rounds), rounds
+    assert all(r["window"]["until_unix"] - r["window"]["since_unix"] == pytest.approx(1.0) for r in rounds)
+    assert stderr.strip().splitlines()[-1].endswith("stopped")
