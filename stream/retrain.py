@@ -286,31 +286,22 @@ def _train_gru_warm(cls, data, config, run_dir: Path, old_dir: Path, progress: b
     import torch
 
     from training.data import Vocab
-    from training.models.gru4rec import SessionParallelBatches
-    from training.trainer import fit, mrr_at_k
 
-    config.check()
-    torch.manual_seed(config.seed)
-    model = cls(data.n_items, config)
-    old = cls.load(old_dir)
-    old_vocab = Vocab.load(old_dir / "vocab.json")
-    rows = old_vocab.encode(data.vocab.item_ids)  # new index i + 1 -> old index (0: new item)
-    shared = np.flatnonzero(rows > 0)
-    new_state, old_state = model.net.state_dict(), old.net.state_dict()
-    with torch.no_grad():
-        for name, value in old_state.items():
-            if name in ("item_out", "item_bias", "item_in"):
-                new_state[name][torch.from_numpy(shared + 1)] = value[torch.from_numpy(rows[shared])]
-            else:
-                new_state[name].copy_(value)
-    model.net.load_state_dict(new_state)
-    train, valid, mode = cls.training_split(data)
-    schedule = SessionParallelBatches.build(train, config.batch_size)
-    support = np.bincount(train.items, minlength=data.n_items + 1).astype(np.float64)
-    batches, loss_fn = model.training_closures(schedule, support)
-    validate = (lambda: mrr_at_k(model, valid, mode=mode)) if valid is not None else None
-    model.fit_result = fit(model.net, config, batches, loss_fn, validate=validate, run_dir=run_dir, progress=progress)
-    return model
+    def from_serving_run(model) -> None:
+        old = cls.load(old_dir)
+        old_vocab = Vocab.load(old_dir / "vocab.json")
+        rows = old_vocab.encode(data.vocab.item_ids)  # new index i + 1 -> old index (0: new item)
+        shared = np.flatnonzero(rows > 0)
+        new_state, old_state = model.net.state_dict(), old.net.state_dict()
+        with torch.no_grad():
+            for name, value in old_state.items():
+                if name in ("item_out", "item_bias", "item_in"):
+                    new_state[name][torch.from_numpy(shared + 1)] = value[torch.from_numpy(rows[shared])]
+                else:
+                    new_state[name].copy_(value)
+        model.net.load_state_dict(new_state)
+
+    return cls.train(data, config, progress=progress, run_dir=run_dir, warm_start=from_serving_run)
 
 
 def model_config(model_name: str, serving_model: str, serving_run_dir: Path | None, sets: dict[str, str], epochs: int | None):

@@ -76,7 +76,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -404,11 +404,14 @@ class GRU4Rec(SessionModel):
         return sum(self.net.layers)
 
     @classmethod
-    def train(cls, data: PreparedData, config: Config | None = None, *, progress: bool = True, run_dir: Path | None = None) -> "GRU4Rec":
+    def train(cls, data: PreparedData, config: Config | None = None, *, progress: bool = True, run_dir: Path | None = None, warm_start: Callable[["GRU4Rec"], None] | None = None) -> "GRU4Rec":
+        """``warm_start(model)`` sets the starting weights of the new model (`streamrec retrain`: the serving run's)."""
         config = config or Config()
         config.check()
         torch.manual_seed(config.seed)
         model = cls(data.n_items, config)
+        if warm_start is not None:
+            warm_start(model)
         train, valid, mode = cls.training_split(data)
         if train.n_events == 0 or (train.lengths >= 2).sum() == 0:
             raise UserError("training data has no session with two or more events")
