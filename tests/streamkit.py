@@ -21,12 +21,19 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+import pytest
 
 from stream.events import click_value
 from stream.settings import Settings
 from stream.topics import ensure_topics, producer
 
 REPO = Path(__file__).resolve().parents[1]
+
+#: One more try for the tests whose workers rebalance or restart on Apache Kafka: now and then (about one suite
+#: run in four, on this 2-core box) Faust's table recovery in a worker that keeps or regains partitions waits
+#: for changelog records that never reach it ("No event received for active tp ... since recovery start") and
+#: the worker stops answering. A second failure still fails. docs/reliability.md, "Open: a table-recovery stall".
+RECOVERY_STALL_RERUN = pytest.mark.flaky(reruns=1, reruns_delay=2)
 
 
 def streamrec(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

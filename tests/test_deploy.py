@@ -2,7 +2,7 @@
 
 The compose files go through two real compose implementations (docker-compose 1.29 and Docker
 Compose v2), the Dockerfile through hadolint, the Prometheus config and alert rules through promtool
-(including the rules' unit tests), and a real worker on the embedded broker, built from a bundle made
+(including the rules' unit tests), and a real worker on Apache Kafka, built from a bundle made
 by the compose stack's own bundle job, is scraped by a real Prometheus loading the shipped rules.
 Every metric name the dashboard and the rules use must exist on that worker's /metrics.
 
@@ -505,13 +505,13 @@ def sample_value(metrics_text: str, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in metrics_text.splitlines() if re.match(rf"{name}(\{{| )", line))
 
 
-async def produce_bad_event(bootstrap: str) -> None:
+async def produce_bad_event(bootstrap: str, topic: str) -> None:
     from aiokafka import AIOKafkaProducer
 
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
     await producer.start()
     try:
-        await producer.send_and_wait("clicks", b"this is not json", key=b"deploy-test")
+        await producer.send_and_wait(topic, b"this is not json", key=b"deploy-test")
     finally:
         await producer.stop()
 
@@ -523,16 +523,18 @@ def worker_with_traffic(broker, stack_dirs: Path, tmp_path: Path):
     Yields (metrics port, /metrics text once the worker has answered clicks and dead-lettered one)."""
     port = free_port()
     log = tmp_path / "worker.log"
-    serve = [str(BIN / "streamrec"), "serve", "--bundle", str(stack_dirs / "bundles" / "current"), "--broker", broker.url,
-             "--broker-quirks", "tansu", "--metrics-host", "127.0.0.1", "--metrics-port", str(port)]
+    names = broker.settings()  # the broker's address and quirks, and this test's own topics and group
+    topics = [f"--{flag}={names[field]}" for flag, field in (("clicks-topic", "clicks_topic"), ("recommendations-topic", "recommendations_topic"), ("dlq-topic", "dlq_topic"))]
+    serve = [str(BIN / "streamrec"), "serve", "--bundle", str(stack_dirs / "bundles" / "current"), "--broker", broker.url, "--broker-quirks", broker.quirks,
+             *topics, f"--model-updates-topic={names['model_updates_topic']}", f"--app-id={names['app_id']}", "--metrics-host", "127.0.0.1", "--metrics-port", str(port)]
     with process(serve, log, tmp_path) as worker:
         url = f"http://127.0.0.1:{port}/metrics"
         wait_for("worker metrics endpoint", lambda: http_get(url), worker, log, timeout=60)
         replay = [str(BIN / "streamrec"), "replay", "--data", str(stack_dirs / "work" / "current" / "data"), "--split", "test",
-                  "--broker", broker.url, "--rate", "2000", "--broker-quirks", "tansu"]
+                  "--broker", broker.url, "--rate", "2000", "--broker-quirks", broker.quirks, *topics]
         r = subprocess.run(replay, capture_output=True, text=True, cwd=tmp_path, env=clean_env(), timeout=120)
         assert r.returncode == 0, r.stdout + r.stderr
-        asyncio.run(produce_bad_event(broker.bootstrap))
+        asyncio.run(produce_bad_event(broker.bootstrap, names["clicks_topic"]))
 
         def served() -> str:
             text = http_get(url).decode()
