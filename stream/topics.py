@@ -113,8 +113,10 @@ def producer(settings: Settings, **kwargs):
 async def consume_all(settings: Settings, topics: list[str], expect: dict[str, int] | None = None, idle: float = 2.0, timeout: float = 120.0) -> dict[str, list]:
     """Every record of ``topics`` from the beginning, by partition in offset order.
 
-    Stops when each topic in ``expect`` holds at least that many records, or
-    else when every partition has reached its end offset and nothing new came
+    Stops when each topic in ``expect`` holds at least that many records and the other topics have
+    been read to the end offsets they had then (a reader of answers and clicks gets the clicks the
+    answers follow, whichever topic the broker hands over first), or without ``expect`` when every
+    partition has reached its end offset and nothing new came
     for ``idle`` seconds (the idle wait also covers brokers whose end offsets
     run short, see --broker-quirks). Raises UserError after ``timeout`` seconds
     if ``expect`` is not met.
@@ -133,6 +135,7 @@ async def consume_all(settings: Settings, topics: list[str], expect: dict[str, i
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         last_new = time.monotonic()
+        rest_ends = None  # end offsets of the topics not in ``expect``, once ``expect`` is met
         while True:
             batch = await consumer.getmany(timeout_ms=200, max_records=10000)
             now = time.monotonic()
@@ -141,7 +144,11 @@ async def consume_all(settings: Settings, topics: list[str], expect: dict[str, i
                 last_new = now
             if expect:
                 if all(len(out[t]) >= n for t, n in expect.items()):
-                    break
+                    rest = [tp for tp in tps if tp.topic not in expect]
+                    if rest_ends is None:
+                        rest_ends = await consumer.end_offsets(rest) if rest else {}
+                    if all([await consumer.position(tp) >= rest_ends[tp] for tp in rest]):
+                        break
                 if now - started > timeout:
                     got = ", ".join(f"{t}: {len(out[t])}/{n}" for t, n in expect.items())
                     raise UserError(f"timed out after {timeout:.0f}s waiting for records ({got})")
