@@ -30,30 +30,40 @@ def _stream(stream_data, seed: int, prefix: str):
     return messages
 
 
+def _survives(cluster, settings, bundle, messages, log_path, fault) -> tuple[int, int, int]:
+    """Serve ``messages`` at RATE; once 300 are answered run ``fault()`` (the worker must live through it and
+    the stream still be flowing), then check every answer; (clicks sent, answers, duplicates)."""
+    sender = PacedSender(settings, messages, RATE, enable_idempotence=True)
+    worker = start_worker(settings, bundle, log_path)
+    try:
+        sender.start()
+        assert wait_for(lambda: answered(settings) > 300, timeout=90), "the worker never got going"
+        fault()
+        assert worker.poll() is None, "the worker exited during the fault:\n" + log_path.read_text()[-3000:]
+        assert sender.is_alive(), "the stream ended before the fault was over: raise the click count"
+        sent = sender.finish(timeout=180)
+        assert wait_for(lambda: answered(settings) >= len(sent), timeout=120), f"{answered(settings)} of {len(sent)} answered after the fault"
+        total, duplicates = check_answers(settings, bundle, sessions_of(sent), RATE, interruptions=1)
+    finally:
+        sender.stop.set()
+        assert stop_worker(worker) == 0, log_path.read_text()[-3000:]
+    return len(sent), total, duplicates
+
+
 @RECOVERY_STALL_RERUN
 def test_a_broker_sigkilled_mid_stream_and_restarted_from_its_data_loses_nothing(stream_data, gru_bundle, tmp_path):
     need_kafka()
     _, bundle = gru_bundle
     with KafkaCluster(data_dir=tmp_path / "kafka") as cluster:
         settings = worker_settings(BrokerSpace(cluster, ""), partitions=4, group_session_timeout=10.0)
-        sender = PacedSender(settings, _stream(stream_data, 41, "r"), RATE, enable_idempotence=True)
-        log_path = tmp_path / "worker.log"
-        worker = start_worker(settings, bundle, log_path)
-        try:
-            sender.start()
-            assert wait_for(lambda: answered(settings) > 300, timeout=90), "the worker never got going"
+
+        def fault() -> None:
             cluster.kill(1)
             time.sleep(3.0)
-            assert worker.poll() is None, "the worker exited while the broker was down:\n" + log_path.read_text()[-3000:]
-            assert sender.is_alive(), "the stream ended before the broker came back: raise the click count"
             cluster.restart(1)
-            sent = sender.finish(timeout=180)
-            assert wait_for(lambda: answered(settings) >= len(sent), timeout=120), f"{answered(settings)} of {len(sent)} answered after the restart"
-            total, duplicates = check_answers(settings, bundle, sessions_of(sent), RATE, interruptions=1)
-        finally:
-            sender.stop.set()
-            assert stop_worker(worker) == 0, log_path.read_text()[-3000:]
-    print(f"{len(sent):,} clicks, broker SIGKILLed and restarted: {total:,} answers, {duplicates} duplicates")
+
+        sent, total, duplicates = _survives(cluster, settings, bundle, _stream(stream_data, 41, "r"), tmp_path / "worker.log", fault)
+    print(f"{sent:,} clicks, broker SIGKILLed and restarted: {total:,} answers, {duplicates} duplicates")
 
 
 @RECOVERY_STALL_RERUN
@@ -62,13 +72,10 @@ def test_the_leader_of_clicks_and_changelog_partitions_sigkilled_in_a_three_node
     _, bundle = gru_bundle
     with KafkaCluster(nodes=3, data_dir=tmp_path / "kafka") as cluster:
         settings = worker_settings(BrokerSpace(cluster, ""), partitions=4, replication_factor=3, group_session_timeout=10.0)
-        sender = PacedSender(settings, _stream(stream_data, 43, "l"), RATE, enable_idempotence=True)
-        log_path = tmp_path / "worker.log"
-        worker = start_worker(settings, bundle, log_path)
-        try:
-            sender.start()
-            assert wait_for(lambda: answered(settings) > 300, timeout=90), "the worker never got going"
-            changelog = f"{settings.app_id}-{TABLE}-changelog"
+        changelog = f"{settings.app_id}-{TABLE}-changelog"
+        killed = {}
+
+        def fault() -> None:
             clicks, states = cluster.leaders(settings.clicks_topic), cluster.leaders(changelog)
             assert len(clicks) == len(states) == 4, (clicks, states)
             # the node that leads the most clicks and changelog partitions, at least one of each
@@ -77,12 +84,7 @@ def test_the_leader_of_clicks_and_changelog_partitions_sigkilled_in_a_three_node
             cluster.kill(victim)
             moved = wait_for(lambda: (c := cluster.leaders(settings.clicks_topic)) and (s := cluster.leaders(changelog)) and victim not in (*c.values(), *s.values()), timeout=60)
             assert moved, "no new leaders were elected"
-            assert worker.poll() is None, "the worker exited when the leader died:\n" + log_path.read_text()[-3000:]
-            assert sender.is_alive(), "the stream ended before the new leaders took over: raise the click count"
-            sent = sender.finish(timeout=180)
-            assert wait_for(lambda: answered(settings) >= len(sent), timeout=120), f"{answered(settings)} of {len(sent)} answered after the leader died"
-            total, duplicates = check_answers(settings, bundle, sessions_of(sent), RATE, interruptions=1)
-        finally:
-            sender.stop.set()
-            assert stop_worker(worker) == 0, log_path.read_text()[-3000:]
-    print(f"{len(sent):,} clicks, node {victim} (leader of clicks {sorted(p for p, n in clicks.items() if n == victim)} and changelog {sorted(p for p, n in states.items() if n == victim)}) SIGKILLed: {total:,} answers, {duplicates} duplicates")
+            killed.update(node=victim, clicks=sorted(p for p, n in clicks.items() if n == victim), changelog=sorted(p for p, n in states.items() if n == victim))
+
+        sent, total, duplicates = _survives(cluster, settings, bundle, _stream(stream_data, 43, "l"), tmp_path / "worker.log", fault)
+    print(f"{sent:,} clicks, node {killed['node']} (leader of clicks {killed['clicks']} and changelog {killed['changelog']}) SIGKILLed: {total:,} answers, {duplicates} duplicates")
