@@ -79,6 +79,9 @@ class PacedSender(threading.Thread):
 
     ``produced`` counts messages handed to the producer (all of them acknowledged once the thread
     ends), ``sent`` those the broker has acknowledged so far; ``error`` holds what stopped it, if anything.
+    The producer is idempotent unless the broker is the embedded one (which lacks InitProducerId): a
+    request resent after a lost connection must not write a click twice, or the session would hold
+    one click more than the test sent.
     """
 
     def __init__(self, settings: Settings, messages: list[tuple[bytes | None, bytes]], rate: float, **producer_kwargs):
@@ -97,7 +100,8 @@ class PacedSender(threading.Thread):
 
     async def _send(self) -> None:
         await ensure_topics(self.settings)
-        p = producer(self.settings, acks="all", **self.producer_kwargs)
+        options = {"enable_idempotence": not self.settings.tansu_quirks, **self.producer_kwargs}
+        p = producer(self.settings, acks="all", **options)
         await p.start()
         started = time.perf_counter()
         try:

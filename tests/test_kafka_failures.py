@@ -33,7 +33,7 @@ def _stream(stream_data, seed: int, prefix: str):
 def _survives(cluster, settings, bundle, messages, log_path, fault) -> tuple[int, int, int]:
     """Serve ``messages`` at RATE; once 300 are answered run ``fault()`` (the worker must live through it and
     the stream still be flowing), then check every answer; (clicks sent, answers, duplicates)."""
-    sender = PacedSender(settings, messages, RATE, enable_idempotence=True)
+    sender = PacedSender(settings, messages, RATE)
     worker = start_worker(settings, bundle, log_path)
     try:
         sender.start()
