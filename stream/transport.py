@@ -43,7 +43,26 @@
    as already read, so one click went unanswered and its offset was committed
    (seen once in the scale-out test on Apache Kafka, under load).
 
-3. Only with ``--broker-quirks tansu``: the embedded broker (Tansu 0.6)
+3. Records fetched while a rebalance begins are put back, not dropped.
+   Faust's ``Consumer.getmany`` drops a fetched batch whose records it has
+   not handed over yet when the flow stops or the group generation changes,
+   and relies on the rebalance's seek to committed offsets to read them again.
+   A changelog partition has no committed offset: when the fetch that Faust's
+   table recovery starts with its own seek came back in the few milliseconds
+   before it resumed the flow, those records were dropped, the partition's
+   position stood at its end, and the recovery waited for them for ever ("No
+   event received for active tp ... since recovery start": the worker never
+   answered again; about one full test run in four on Apache Kafka, which
+   answers a fetch at once). The same window lost clicks fetched right after
+   the seek to committed offsets (their offsets then counted as read). This
+   loop takes the batch from ``_wait_next_records`` itself and, when it stops
+   handing a batch over for a rebalance, seeks each partition back to the
+   first record not handed over, unless a seek has moved it since the fetch
+   (that seek then decides where reading resumes). Shown by a local
+   experiment: widening the window by 0.3 s made every rebalance of the
+   scale-out test stall before this change and none after (docs/reliability.md).
+
+4. Only with ``--broker-quirks tansu``: the embedded broker (Tansu 0.6)
    answered every fetch of a partition far behind its end with no records
    while the fetch wait was 10 ms, for as long as the worker ran (the
    30-minute soak stalled after 3 minutes); a 100 ms wait read the same
@@ -73,7 +92,7 @@ TANSU_FETCH_WAIT_MAX_MS = 1000  # the longest fetch wait the Tansu workaround as
 
 
 class TansuFetchWait:
-    """The fetch wait under ``--broker-quirks tansu`` (point 3 above): doubled after an answer with no
+    """The fetch wait under ``--broker-quirks tansu`` (point 4 above): doubled after an answer with no
     records although the partition had some past the fetch offset, a quarter shorter (not below the
     setting) after any other answer."""
 
@@ -141,7 +160,7 @@ def stream_transport(fetch_max_wait_ms: int | None, bulk_delivery: bool = True, 
 
     ``bulk_delivery=False`` keeps Faust's own per-record delivery loop (the
     stream benchmark's baselines use it). ``tansu_fetch_wait`` turns on the
-    embedded broker's workaround (point 3 above; ``--broker-quirks tansu``).
+    embedded broker's workaround (point 4 above; ``--broker-quirks tansu``).
     """
 
     class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
@@ -151,6 +170,27 @@ def stream_transport(fetch_max_wait_ms: int | None, bulk_delivery: bool = True, 
                 # aiokafka hands this to its Fetcher in start(), which runs after this.
                 consumer._fetch_max_wait_ms = fetch_max_wait_ms
             return consumer
+
+        async def unread(self, spans: dict) -> None:
+            """Seek each partition of ``spans`` (tp -> (first offset, offset after the last)) back to the first
+            offset if it still stands right after the last, in the consumer's own thread."""
+            if spans:
+                await self.call_thread(self._unread, spans)
+
+        async def _unread(self, spans: dict) -> None:
+            consumer = self._ensure_consumer()
+            assigned = consumer.assignment()
+            for tp, (first, end) in spans.items():
+                aiotp = TopicPartition(tp.topic, tp.partition)
+                if aiotp not in assigned:
+                    continue  # revoked: its next owner starts from its own offsets
+                try:
+                    position = await asyncio.wait_for(consumer.position(aiotp), timeout=5.0)
+                except (IllegalStateError, asyncio.TimeoutError):
+                    continue
+                if position == end:
+                    consumer.seek(aiotp, first)
+                    log.info("%s[%d]: put back %d fetched records (from offset %d): a rebalance began before they were handed over", tp.topic, tp.partition, end - first, first)
 
         async def on_start(self) -> None:
             await super().on_start()
@@ -174,7 +214,9 @@ def stream_transport(fetch_max_wait_ms: int | None, bulk_delivery: bool = True, 
             app = self.app
             skipped = self._skipped
             callback = self.callback
-            getmany = self.getmany
+            wait_next_records = self._wait_next_records
+            scheduler = self.scheduler
+            to_message = self._to_message
             consumer_should_stop = self._stopped.is_set
             fetcher_should_stop = fetcher._stopped.is_set
             get_read_offset = self._read_offset.__getitem__
@@ -190,17 +232,27 @@ def stream_transport(fetch_max_wait_ms: int | None, bulk_delivery: bool = True, 
                         await self._read_skipped_again()
                     changelog_topics = app.tables.changelog_topics  # filled as the tables start: read per batch
                     sought_back = set()  # partitions sought back during this batch: the rest of it is read again
-                    async for tp, message in getmany(timeout=1.0):
-                        offset = message.offset
+                    records, active_partitions = await wait_next_records(1.0)
+                    if not records or self.should_stop:
+                        continue
+                    generation = app.consumer_generation_id
+                    batch = list(scheduler.iterate(records))
+                    for i, (tp, record) in enumerate(batch):
+                        if not self.flow_active or app.consumer_generation_id != generation:
+                            # A rebalance began after this batch was fetched (point 3): hand none of the rest over,
+                            # and put back what the seeks of the rebalance did not already move.
+                            await self._unread(batch[i:])
+                            break
                         if tp in sought_back:
                             continue
+                        if not (active_partitions is None or tp in active_partitions or tp in self._buffered_partitions):
+                            await self._unread([(t, r) for t, r in batch[i:] if t == tp])
+                            sought_back.add(tp)
+                            continue
+                        self.app.monitor.track_tp_end_offset(tp, self.highwater(tp))
+                        message = to_message(tp, record)
+                        offset = message.offset
                         if message.topic not in changelog_topics:
-                            if message.generation_id != app.consumer_generation_id:
-                                # Fetched before the last rebalance (this batch may outlive it): the seek that ended
-                                # it reads the partition again from the committed offset. Such a record must not move
-                                # the read offset nor open a gap, or the records the seek reads again are dropped as
-                                # read, and the gap is committed as done (point 2: one click lost under load).
-                                continue
                             if app.rebalancing:
                                 skipped.skip(tp, offset)
                                 continue
@@ -218,7 +270,8 @@ def stream_transport(fetch_max_wait_ms: int | None, bulk_delivery: bool = True, 
                             self._n_acked = 0
                             await self.commit()
                         if not await self._room_for(message):
-                            break  # a rebalance began: the seek that ends it reads this again
+                            await self._unread(batch[i:])  # a rebalance began: read this again once it is over
+                            break
                         await callback(message)  # cannot block: flow on, room in the queue
                         set_read_offset(tp, offset)
             except self.consumer_stopped_errors:
@@ -244,6 +297,15 @@ def stream_transport(fetch_max_wait_ms: int | None, bulk_delivery: bool = True, 
                 back_to = self._skipped.seek_back(tp, position)
                 if back_to is not None:
                     await self._seek_back(tp, back_to)
+
+        async def _unread(self, batch: list) -> None:
+            """Put the fetched records of ``batch`` (``(tp, record)`` in fetch order) back: each partition is
+            sought back to its first record here, unless a seek has moved it since the fetch."""
+            span: dict = {}
+            for tp, record in batch:
+                first, _ = span.get(tp, (record.offset, 0))
+                span[tp] = (first, record.offset + 1)
+            await self._thread.unread(span)
 
         async def _seek_back(self, tp, offset: int) -> bool:
             """Seek ``tp`` back to ``offset``, the first record skipped during the rebalance; False if it is no longer ours."""
