@@ -133,6 +133,27 @@ def adapt_fetch_wait(fetcher, wait: TansuFetchWait) -> None:
     fetcher._proc_fetch_request = fetch_and_adapt
 
 
+async def put_back(consumer, spans: dict) -> dict:
+    """Seek each partition of ``spans`` (tp -> (first offset, offset after the last) of records fetched but
+    not handed over) back to the first offset, if the aiokafka ``consumer`` still stands right after the
+    last: a seek since the fetch decides where reading resumes, and a revoked partition is left to its
+    next owner. The spans put back."""
+    assigned = consumer.assignment()
+    done = {}
+    for tp, (first, end) in spans.items():
+        aiotp = TopicPartition(tp.topic, tp.partition)
+        if aiotp not in assigned:
+            continue
+        try:
+            position = await asyncio.wait_for(consumer.position(aiotp), timeout=5.0)
+        except (IllegalStateError, asyncio.TimeoutError):
+            continue
+        if position == end:
+            consumer.seek(aiotp, first)
+            done[tp] = (first, end)
+    return done
+
+
 class SkippedWhileRebalancing:
     """Per stream partition, the first offset the fetch loop skipped unread while a rebalance was under way."""
 
@@ -178,19 +199,8 @@ def stream_transport(fetch_max_wait_ms: int | None, bulk_delivery: bool = True, 
                 await self.call_thread(self._unread, spans)
 
         async def _unread(self, spans: dict) -> None:
-            consumer = self._ensure_consumer()
-            assigned = consumer.assignment()
-            for tp, (first, end) in spans.items():
-                aiotp = TopicPartition(tp.topic, tp.partition)
-                if aiotp not in assigned:
-                    continue  # revoked: its next owner starts from its own offsets
-                try:
-                    position = await asyncio.wait_for(consumer.position(aiotp), timeout=5.0)
-                except (IllegalStateError, asyncio.TimeoutError):
-                    continue
-                if position == end:
-                    consumer.seek(aiotp, first)
-                    log.info("%s[%d]: put back %d fetched records (from offset %d): a rebalance began before they were handed over", tp.topic, tp.partition, end - first, first)
+            for tp, (first, end) in (await put_back(self._ensure_consumer(), spans)).items():
+                log.info("%s[%d]: put back %d fetched records (from offset %d): a rebalance began before they were handed over", tp.topic, tp.partition, end - first, first)
 
         async def on_start(self) -> None:
             await super().on_start()

@@ -239,6 +239,57 @@ def test_records_skipped_while_rebalancing_are_read_again_never_skipped_over():
     assert skipped.first == {}
 
 
+def test_fetched_records_not_handed_over_are_put_back_unless_a_seek_moved_the_partition_since(broker):
+    """stream.transport point 3, through Apache Kafka: records fetched when a rebalance stops the fetch loop
+    are read again from the first one not handed over (a changelog partition has no committed offset for a
+    later seek to go back to); a partition sought elsewhere since the fetch is left where that seek put it."""
+    from aiokafka import AIOKafkaConsumer
+    from aiokafka.structs import TopicPartition
+
+    from stream.settings import Settings
+    from stream.topics import ensure_topics, producer
+    from stream.transport import put_back
+
+    settings = Settings(**broker.settings(), partitions=2)
+
+    async def scenario():
+        await ensure_topics(settings)
+        p = producer(settings, acks="all")
+        await p.start()
+        try:
+            for i in range(10):
+                await p.send_and_wait(settings.clicks_topic, b"%d" % i, partition=0)
+                await p.send_and_wait(settings.clicks_topic, b"%d" % i, partition=1)
+        finally:
+            await p.stop()
+        consumer = AIOKafkaConsumer(**settings.kafka_kwargs(), enable_auto_commit=False, auto_offset_reset="earliest")
+        await consumer.start()
+        tp0, tp1 = TopicPartition(settings.clicks_topic, 0), TopicPartition(settings.clicks_topic, 1)
+        try:
+            consumer.assign([tp0, tp1])
+            fetched = {tp0: [], tp1: []}
+            while sum(map(len, fetched.values())) < 20:
+                for tp, records in (await consumer.getmany(timeout_ms=1000)).items():
+                    fetched[tp] += records
+            assert await consumer.position(tp0) == 10 and await consumer.position(tp1) == 10
+            # Records 4..9 of partition 0 and 2..9 of partition 1 were not handed over; partition 1 was sought to 7 since.
+            consumer.seek(tp1, 7)
+            done = await put_back(consumer, {tp0: (4, 10), tp1: (2, 10), TopicPartition(settings.clicks_topic, 5): (0, 3)})
+            assert done == {tp0: (4, 10)}  # partition 5 is not assigned: left alone
+            again = {tp0: [], tp1: []}
+            deadline = time.monotonic() + 20
+            while (len(again[tp0]) < 6 or len(again[tp1]) < 3) and time.monotonic() < deadline:
+                for tp, records in (await consumer.getmany(timeout_ms=500)).items():
+                    again[tp] += records
+            return [r.offset for r in again[tp0]], [r.offset for r in again[tp1]]
+        finally:
+            await consumer.stop()
+
+    read0, read1 = asyncio.run(scenario())
+    assert read0 == [4, 5, 6, 7, 8, 9]  # read again, in order, none skipped
+    assert read1 == [7, 8, 9]  # the later seek decided
+
+
 def test_the_tansu_fetch_wait_grows_while_fetches_come_back_empty_and_returns_to_the_setting():
     """--broker-quirks tansu (stream.transport, point 3): an answer with no records although the partition
     has some doubles the next fetch's wait, up to a ceiling; other answers take a quarter off, down to the setting."""
