@@ -15,7 +15,7 @@ from stream.broker import free_port
 from stream.kafka import KafkaCluster
 from stream.worker import start_worker, stop_worker
 from tests.conftest import BrokerSpace, need_kafka
-from tests.streamkit import RECOVERY_STALL_RERUN, BrokerLink, PacedSender, answered, answers_by_key, click_stream, sessions_of
+from tests.streamkit import REBALANCE_RERUN, BrokerLink, PacedSender, answered, answers_by_key, click_stream, sessions_of
 from tests.test_stream_support import markov_bundle, read, stream_data, wait_for, worker_settings  # noqa: F401
 from tests.test_watchdog import healthz
 
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.broker
 OUTAGE_SECONDS = 15.0  # longer than the group session timeout below: the broker forgets the worker's membership
 
 
-@RECOVERY_STALL_RERUN
+@REBALANCE_RERUN
 def test_the_worker_survives_the_broker_going_away_and_coming_back(stream_data, markov_bundle, tmp_path):
     need_kafka()
     _, bundle = markov_bundle

@@ -16,7 +16,7 @@ import pytest
 from stream.kafka import KafkaCluster
 from stream.worker import TABLE, start_worker, stop_worker
 from tests.conftest import BrokerSpace, need_kafka
-from tests.streamkit import RECOVERY_STALL_RERUN, PacedSender, answered, click_stream, sessions_of
+from tests.streamkit import REBALANCE_RERUN, PacedSender, answered, click_stream, sessions_of
 from tests.test_recovery import check_answers
 from tests.test_stream_support import gru_bundle, stream_data, wait_for, worker_settings  # noqa: F401
 
@@ -50,7 +50,7 @@ def _survives(cluster, settings, bundle, messages, log_path, fault) -> tuple[int
     return len(sent), total, duplicates
 
 
-@RECOVERY_STALL_RERUN
+@REBALANCE_RERUN
 def test_a_broker_sigkilled_mid_stream_and_restarted_from_its_data_loses_nothing(stream_data, gru_bundle, tmp_path):
     need_kafka()
     _, bundle = gru_bundle
@@ -66,7 +66,7 @@ def test_a_broker_sigkilled_mid_stream_and_restarted_from_its_data_loses_nothing
     print(f"{sent:,} clicks, broker SIGKILLed and restarted: {total:,} answers, {duplicates} duplicates")
 
 
-@RECOVERY_STALL_RERUN
+@REBALANCE_RERUN
 def test_the_leader_of_clicks_and_changelog_partitions_sigkilled_in_a_three_node_cluster_loses_nothing(stream_data, gru_bundle, tmp_path):
     need_kafka()
     _, bundle = gru_bundle

@@ -20,7 +20,7 @@ from stream.broker import free_port
 from stream.settings import Settings
 from stream.swap import UPDATES_KEY, UpdateError, parse_update, update_message
 from stream.topics import consume_all, publish_model_update, producer
-from tests.streamkit import RECOVERY_STALL_RERUN, PacedSender, answered, answers_by_key, assert_same_answer, click_stream, offline_answers, streamrec
+from tests.streamkit import REBALANCE_RERUN, PacedSender, answered, answers_by_key, assert_same_answer, click_stream, offline_answers, streamrec
 from tests.test_hot_swap import corrupted_copy, positions, version_of
 from tests.test_stream_support import gru_bundle, markov_bundle, metric, metrics_text, running_worker, send, stream_data, wait_for, worker_settings  # noqa: F401
 from training.errors import UserError
@@ -106,7 +106,7 @@ def serving(settings: Settings) -> bool:
         return False
 
 
-@RECOVERY_STALL_RERUN
+@REBALANCE_RERUN
 @pytest.mark.broker
 def test_a_model_update_message_swaps_every_worker_mid_stream(broker, stream_data, markov_bundle, gru_bundle, tmp_path):
     (_, bundle_a), (_, bundle_b) = markov_bundle, gru_bundle

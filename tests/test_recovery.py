@@ -18,7 +18,7 @@ import pytest
 from stream.broker import free_port
 from stream.topics import consume_all
 from stream.worker import start_worker, stop_worker
-from tests.streamkit import RECOVERY_STALL_RERUN, PacedSender, answered, answers_by_key, assert_same_answer, click_stream, kill_worker, offline_answers, sessions_of
+from tests.streamkit import REBALANCE_RERUN, PacedSender, answered, answers_by_key, assert_same_answer, click_stream, kill_worker, offline_answers, sessions_of
 from tests.test_stream_support import gru_bundle, metric, metrics_text, stream_data, wait_for, worker_settings  # noqa: F401
 
 pytestmark = pytest.mark.broker
@@ -46,7 +46,7 @@ def check_answers(settings, bundle, sessions: dict[str, list[str]], rate: float,
     return total, duplicates
 
 
-@RECOVERY_STALL_RERUN
+@REBALANCE_RERUN
 def test_five_sigkills_lose_nothing_and_restore_session_state(broker, stream_data, gru_bundle, tmp_path):
     _, bundle = gru_bundle
     settings = worker_settings(broker, partitions=4)
@@ -79,7 +79,7 @@ def test_five_sigkills_lose_nothing_and_restore_session_state(broker, stream_dat
     print(f"{len(sent):,} clicks, {kills} SIGKILLs: {total:,} answers, {duplicates} duplicates, {redelivered:.0f} redelivered clicks skipped")
 
 
-@RECOVERY_STALL_RERUN
+@REBALANCE_RERUN
 def test_a_second_worker_joining_and_leaving_loses_nothing(broker, stream_data, gru_bundle, tmp_path):
     _, bundle = gru_bundle
     settings = worker_settings(broker, partitions=4)

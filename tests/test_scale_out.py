@@ -20,7 +20,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from stream.broker import free_port
 from stream.topics import consume_all
 from stream.worker import start_worker, stop_worker
-from tests.streamkit import RECOVERY_STALL_RERUN, PacedSender, answers_by_key, assert_same_answer, click_stream, kill_worker, offline_answers, sessions_of
+from tests.streamkit import REBALANCE_RERUN, PacedSender, answers_by_key, assert_same_answer, click_stream, kill_worker, offline_answers, sessions_of
 from tests.test_stream_support import gru_bundle, metric, metrics_text, stream_data, wait_for, worker_settings  # noqa: F401
 
 pytestmark = pytest.mark.broker
@@ -47,7 +47,7 @@ def clicks_partitions(settings) -> set[int]:
     return out
 
 
-@RECOVERY_STALL_RERUN
+@REBALANCE_RERUN
 def test_the_survivor_takes_over_a_killed_workers_sessions(broker, stream_data, gru_bundle, tmp_path):
     _, bundle = gru_bundle
     first = worker_settings(broker, partitions=PARTITIONS)

@@ -21,7 +21,7 @@ from stream.worker import TABLE
 from training.evaluate import evaluate
 from training.models import load_run
 from training.sessions import Sessions
-from tests.streamkit import RECOVERY_STALL_RERUN
+from tests.streamkit import REBALANCE_RERUN
 from tests.test_stream_support import (  # noqa: F401  (fixtures)
     answers_by_position,
     assert_answer_matches,
@@ -158,7 +158,7 @@ def test_replayed_test_split_scores_online_as_offline(broker, stream_data, gru_b
     assert metric(text, 'streamrec_online_mrr{k="20"}') == pytest.approx(got["MRR@20"], abs=1e-9)
 
 
-@RECOVERY_STALL_RERUN
+@REBALANCE_RERUN
 def test_state_survives_a_worker_handover(each_broker, stream_data, gru_bundle, tmp_path):
     """Stop a worker mid-sessions; the next one recovers the GRU states from the changelog and answers as offline."""
     run_dir, bundle = gru_bundle
