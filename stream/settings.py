@@ -134,8 +134,10 @@ class Settings:
 
     @property
     def isolation_level(self) -> str:
-        """What a reader of the worker's output topics uses: only committed transactions under exactly_once."""
-        return "read_committed" if self.exactly_once else "read_uncommitted"
+        """What the project's readers of the worker's output use: committed transactions only (the same
+        records as read_uncommitted when the worker runs at_least_once), except on the embedded broker,
+        which has no transactions."""
+        return "read_uncommitted" if self.tansu_quirks else "read_committed"
 
     @property
     def tansu_quirks(self) -> bool:

@@ -111,8 +111,8 @@ def producer(settings: Settings, **kwargs):
 
 
 async def consume_all(settings: Settings, topics: list[str], expect: dict[str, int] | None = None, idle: float = 2.0, timeout: float = 120.0) -> dict[str, list]:
-    """Every record of ``topics`` from the beginning, by partition in offset order (only committed
-    transactions under ``--processing-guarantee exactly_once``).
+    """Every record of ``topics`` from the beginning, by partition in offset order; on Apache Kafka
+    as a read_committed consumer reads them (what counts under ``--processing-guarantee exactly_once``).
 
     Stops when each topic in ``expect`` holds at least that many records and the other topics have
     been read to the end offsets they had then (a reader of answers and clicks gets the clicks the
