@@ -17,7 +17,8 @@ with the consumer group's generation in TxnOffsetCommit, KIP-447) because aiokaf
 TxnOffsetCommit v0, which carries no generation.
 
 A partition's transactions run one after the other (a producer has one open transaction at a
-time), chained in batch order; different partitions' run side by side. Producers live for one
+time); what arrives while one is in flight goes in the next (group commit). Different
+partitions' run side by side. Producers live for one
 group generation: all are stopped when partitions are revoked (after their last transactions)
 and started again for the next assignment.
 """
@@ -51,7 +52,9 @@ class Transactions:
         self.app_id, self.clicks_topic, self.group_id = app_id, clicks_topic, group_id
         self.producers: dict[int, AIOKafkaProducer] = {}
         self.outboxes: dict[int, Outbox] = {}
-        self.tails: dict[int, asyncio.Future] = {}  # each partition's last transaction
+        self.tails: dict[int, asyncio.Future] = {}  # each partition's committing task
+        self.pending: dict[int, list] = {}  # per partition, what its next transaction holds: (records, offset, future) each
+        self.failed: dict[int, BaseException] = {}  # partitions whose producer failed this generation
         self.topics: list[str] = []  # every topic the transactions write to (tracked in each producer's metadata)
         self.committed = None  # called once per committed transaction (the worker counts them)
 
@@ -62,9 +65,12 @@ class Transactions:
         """Start (and so fence any earlier owner of) a producer for each clicks partition assigned; before recovery."""
         await self.stop()
         new = sorted({tp.partition for tp in assigned if tp.topic == self.clicks_topic})
-        producers = {p: AIOKafkaProducer(**self.producer_options, transactional_id=self.transactional_id(p), client_id=f"{self.transactional_id(p)}") for p in new}
+        producers = {p: AIOKafkaProducer(**self.producer_options, transactional_id=self.transactional_id(p), client_id=self.transactional_id(p)) for p in new}
         try:
             await asyncio.gather(*(producer.start() for producer in producers.values()))
+            # start() only starts the sender, which asks for the producer id (InitProducerId: the fencing)
+            # in the background; wait for it, so that the fencing is done before recovery begins.
+            await asyncio.gather(*(producer._txn_manager.wait_for_pid() for producer in producers.values()))
             if self.topics:
                 await asyncio.gather(*(producer.client.set_topics(self.topics) for producer in producers.values()))
         except BaseException:
@@ -79,32 +85,61 @@ class Transactions:
 
     async def stop(self) -> None:
         """After each partition's last transaction (at most STOP_WAIT_SECONDS), stop every producer."""
-        tails = [t for t in self.tails.values() if not t.done()]
-        if tails:
-            await asyncio.wait(tails, timeout=STOP_WAIT_SECONDS)
-        producers, self.producers, self.outboxes, self.tails = self.producers, {}, {}, {}
+        deadline = asyncio.get_running_loop().time() + STOP_WAIT_SECONDS
+        while tails := [t for t in self.tails.values() if not t.done()]:  # a tail may start another while we wait
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                break
+            await asyncio.wait(tails, timeout=left)
+        producers, self.producers, self.outboxes, self.tails, self.failed = self.producers, {}, {}, {}, {}
+        for _, _, future in (entry for entries in self.pending.values() for entry in entries):
+            if not future.done():
+                future.set_exception(NotOwned(-1))
+        self.pending = {}
         await asyncio.gather(*(producer.stop() for producer in producers.values()), return_exceptions=True)
 
     def transact(self, partition: int, records: list, offset: int | None) -> asyncio.Future:
-        """One transaction of ``partition``'s producer, after its previous one: ``records``, each
-        (topic, partition or None to partition by key, key, value), and with ``offset`` the clicks
-        partition's consumed offset (the next one to read). Raises NotOwned (in the future) when
-        the partition is not this worker's now."""
-        producer = self.producers.get(partition)
-        outbox = self.outboxes.get(partition)
-        previous = self.tails.get(partition)
-        task = asyncio.ensure_future(self._run(partition, producer, outbox, previous, records, offset))
-        if producer is not None:
-            self.tails[partition] = task
-        return task
+        """``records``, each (topic, partition or None to partition by key, key, value), and with
+        ``offset`` the clicks partition's consumed offset (the next one to read), in a transaction of
+        ``partition``'s producer; a future that resolves once it is committed. Raises NotOwned (in the
+        future) when the partition is not this worker's now.
 
-    async def _run(self, partition: int, producer, outbox, previous, records, offset) -> None:
-        if previous is not None:
-            await asyncio.wait([previous])
-            if previous.cancelled() or previous.exception() is not None:
-                raise RuntimeError(f"the previous transaction of partition {partition} failed")
-        if producer is None:
-            raise NotOwned(partition)
+        Group commit: what is handed over while the partition's transaction is in flight goes in its
+        next one, all together (so under load transactions grow with the backlog, and a click waits
+        for at most the transaction in flight and its own)."""
+        future = asyncio.get_running_loop().create_future()
+        if partition not in self.producers:
+            future.set_exception(NotOwned(partition))
+            return future
+        failed = self.failed.get(partition)
+        if failed is not None:
+            future.set_exception(RuntimeError(f"an earlier transaction of partition {partition} failed ({failed!r})"))
+            return future
+        self.pending.setdefault(partition, []).append((records, offset, future))
+        tail = self.tails.get(partition)
+        if tail is None or tail.done():
+            self.tails[partition] = asyncio.ensure_future(self._drain(partition))
+        return future
+
+    async def _drain(self, partition: int) -> None:
+        """Commit what is pending for ``partition``, one transaction at a time, until nothing is."""
+        while self.pending.get(partition):
+            taken = self.pending.pop(partition)
+            offsets = [offset for _, offset, _ in taken if offset is not None]
+            try:
+                await self._commit(partition, [r for records, _, _ in taken for r in records], max(offsets) if offsets else None)
+            except BaseException as exc:
+                self.failed[partition] = exc
+                for _, _, future in taken + self.pending.pop(partition, []):
+                    if not future.done():
+                        future.set_exception(exc)
+                return
+            for _, _, future in taken:
+                if not future.done():
+                    future.set_result(None)
+
+    async def _commit(self, partition: int, records: list, offset: int | None) -> None:
+        producer, outbox = self.producers[partition], self.outboxes[partition]
         await producer.begin_transaction()
         try:
             for topic, part, key, value in records:
@@ -126,7 +161,6 @@ class Transactions:
             raise
         if self.committed is not None:
             self.committed()
-
 
     async def changelog_ends(self, changelog_topics, ends: dict) -> dict:
         """``ends`` (end offsets, read committed) with each changelog partition's replaced by one past its

@@ -179,8 +179,10 @@ def test_a_worker_paused_until_its_partitions_move_commits_nothing_afterwards(br
 
         assert wait_for(answers_everything, timeout=60), "the paused worker's partitions never moved"
         os.killpg(zombie.pid, signal.SIGCONT)
-        time.sleep(5.0)
-        resumed = answered(settings) - paused_at  # what A scored after it resumed (0 once it has exited)
+        # A scores what it had fetched (answers that would be duplicates, were they committed)
+        assert wait_for(lambda: answered(settings) > paused_at, timeout=15), "the resumed worker scored nothing: no zombie to fence"
+        resumed = answered(settings) - paused_at
+        time.sleep(3.0)  # and tries to commit it
         assert sender.is_alive(), "the stream ended before the check: raise the click count"
         sent = sender.finish(timeout=30, stop=True)
         total, _ = check_answers(second, bundle, sessions_of(sent), rate, interruptions=2)
