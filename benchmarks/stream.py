@@ -29,6 +29,10 @@ catalogue of ~40k items, exported to a bundle with K=20.
 
     python benchmarks/stream.py            # both engines: writes "## Stream" in docs/performance.md and docs/img/stream_latency.png
     python benchmarks/stream.py --systems c --profile --no-write   # prints the profile table only
+    python benchmarks/stream.py --eos-cost     # (c) under at_least_once and exactly_once on Apache Kafka: "## Stream: exactly-once cost"
+
+With ``--eos-cost`` the answers of the exactly_once worker are read as a read_committed consumer
+reads them (an answer counts once its transaction is committed), those of the other as usual.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ DOC = ROOT / "docs" / "performance.md"
 PLOT = ROOT / "docs" / "img" / "stream_latency.png"
 SECTION = "## Stream"
 PROFILE_SECTION = "## Stream: where the time goes"
+EOS_SECTION = "## Stream: the cost of exactly-once"
 IN, OUT = "clicks", "recommendations"
 ENGINES = {"kafka": "Apache Kafka 4.4", "tansu": "embedded (Tansu)"}
 
@@ -139,7 +144,7 @@ def schedule(n: int, sessions: int, items: list[str], rng: np.random.Generator, 
     return out
 
 
-async def drive(bootstrap: str, clicks: list[tuple[str, str, int]], rate: float | None, timeout: float, linger_ms: int = 0) -> tuple[np.ndarray, np.ndarray]:
+async def drive(bootstrap: str, clicks: list[tuple[str, str, int]], rate: float | None, timeout: float, linger_ms: int = 0, isolation_level: str = "read_uncommitted") -> tuple[np.ndarray, np.ndarray]:
     """Send ``clicks`` (flat out, or at ``rate``/s) and wait for their answers; (send times, receive times), NaN = no answer."""
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
@@ -149,7 +154,7 @@ async def drive(bootstrap: str, clicks: list[tuple[str, str, int]], rate: float 
     from stream.settings import Settings
     from stream.topics import topic_partitions
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, fetch_max_wait_ms=5, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, fetch_max_wait_ms=5, enable_auto_commit=False, isolation_level=isolation_level)
     await consumer.start()
     partitions = (await topic_partitions(Settings(broker=bootstrap), [OUT]))[OUT]
     tps = [TopicPartition(OUT, p) for p in partitions]
@@ -239,7 +244,7 @@ def new_broker(engine: str):
     return EmbeddedBroker()
 
 
-def measure(name: str, start, items: list[str], args, rng: np.random.Generator, engine: str, profile_path: Path | None = None) -> dict:
+def measure(name: str, start, items: list[str], args, rng: np.random.Generator, engine: str, profile_path: Path | None = None, isolation_level: str = "read_uncommitted") -> dict:
     """Start a system on a fresh broker, measure its max sustained rate and its latency at the offered rate."""
     from stream.settings import Settings
     from stream.topics import ensure_topics
@@ -255,7 +260,7 @@ def measure(name: str, start, items: list[str], args, rng: np.random.Generator, 
             print(f"{name}: saturation, {n_sat:,} clicks flat out ...", file=sys.stderr)
             profiler = start_profiler(process.pid, profile_path) if profile_path else None
             cpu_before = (cpu_seconds(process.pid), cpu_seconds(broker.process.pid), own_cpu_seconds())
-            sent, received = asyncio.run(drive(broker.bootstrap, schedule(n_sat, args.sessions, items, rng, "sat"), None, args.timeout, linger))
+            sent, received = asyncio.run(drive(broker.bootstrap, schedule(n_sat, args.sessions, items, rng, "sat"), None, args.timeout, linger, isolation_level))
             cpu_after = (cpu_seconds(process.pid), cpu_seconds(broker.process.pid), own_cpu_seconds())
             if profiler:
                 profiler.send_signal(signal.SIGINT)
@@ -265,12 +270,12 @@ def measure(name: str, start, items: list[str], args, rng: np.random.Generator, 
             cpu_ms = [1000.0 * (b - a) / n_sat for a, b in zip(cpu_before, cpu_after)]
             n_lat = int(args.rate * (args.naive_seconds if name.startswith("(b)") else args.seconds))
             print(f"{name}: {throughput:,.0f} events/s, CPU ms/event {cpu_ms[0]:.3f} system, {cpu_ms[1]:.3f} broker, {cpu_ms[2]:.3f} load generator; latency at {args.rate:,.0f}/s, {n_lat:,} clicks ...", file=sys.stderr)
-            sent_l, received_l = asyncio.run(drive(broker.bootstrap, schedule(n_lat, args.sessions, items, rng, "lat"), args.rate, args.timeout, linger))
+            sent_l, received_l = asyncio.run(drive(broker.bootstrap, schedule(n_lat, args.sessions, items, rng, "lat"), args.rate, args.timeout, linger, isolation_level))
             low = None
             if not name.startswith("(b)"):
                 n_low = int(args.low_rate * args.low_seconds)
                 print(f"{name}: latency at {args.low_rate:,.0f}/s, {n_low:,} clicks ...", file=sys.stderr)
-                sent_q, received_q = asyncio.run(drive(broker.bootstrap, schedule(n_low, args.sessions, items, rng, "low"), args.low_rate, args.timeout, linger))
+                sent_q, received_q = asyncio.run(drive(broker.bootstrap, schedule(n_low, args.sessions, items, rng, "low"), args.low_rate, args.timeout, linger, isolation_level))
                 low = (received_q - sent_q) * 1000.0
         finally:
             process.terminate()
@@ -451,6 +456,32 @@ def render(results: list[dict], args, n_items: int, load: str, ceilings: dict[st
     )
 
 
+def render_eos(results: list[dict], args, load: str) -> str:
+    """The section of ``--eos-cost``: (c) under both processing guarantees, in one run."""
+    rate, low_rate = f"{args.rate:,.0f}/s", f"{args.low_rate:,.0f}/s"
+    header = ["system", "max sustained events/s", "CPU ms/event: system / broker / load generator", f"p50 ms @{rate}", f"p90 ms @{rate}", f"p99 ms @{rate}", f"answered @{rate}", f"p50 ms @{low_rate}", f"p90 ms @{low_rate}", f"p99 ms @{low_rate}"]
+    rows = []
+    for r in results:
+        p = np.percentile(r["latency_ms"], [50, 90, 99]) if len(r["latency_ms"]) else [np.nan] * 3
+        q = np.percentile(r["low_latency_ms"], [50, 90, 99]) if r["low_latency_ms"] is not None and len(r["low_latency_ms"]) else [np.nan] * 3
+        rows.append([r["name"], f"{r['throughput']:,.0f}", " / ".join(f"{c:.3f}" for c in r["cpu_ms"]), *(f"{v:,.1f}" for v in p), r["answered_latency"], *(f"{v:,.1f}" for v in q)])
+    return "\n".join(
+        [
+            EOS_SECTION,
+            "",
+            f"`streamrec serve` with `--processing-guarantee at_least_once` (the default) and `exactly_once`, one after the other in one run, each on a fresh "
+            f"Apache Kafka {KAFKA_VERSION} node (4 partitions), measured as in \"Stream\" above (same model, load and box: 2 cores shared by the broker, "
+            f"the load generator and the worker; load average {load}; {platform.machine()}, {date.today().isoformat()}). Under exactly_once an answer counts "
+            "when a read_committed consumer gets it, i.e. once its transaction is committed. Each micro-batch is one transaction per clicks partition "
+            "it holds clicks of (docs/stream.md, \"Delivery guarantees\").",
+            "",
+            *produced_by(),
+            *table(header, rows, "-r-rrr-rrr"),
+            "",
+        ]
+    )
+
+
 def plot(results: list[dict], rate: float) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -488,6 +519,7 @@ def main() -> None:
     parser.add_argument("--fetch-wait-ms", type=int, default=10, help="consumer fetch wait of every system on the embedded broker (the worker's default; on Apache Kafka Faust's 1.5 s stands)")
     parser.add_argument("--engines", default="kafka,tansu", help="brokers, in order: kafka (Apache Kafka), tansu (embedded); every system runs on each")
     parser.add_argument("--producer-linger-ms", type=int, default=0, help="linger of the load generator's producer (0: paced clicks go one per produce request)")
+    parser.add_argument("--eos-cost", action="store_true", help="only (c) under at_least_once and exactly_once, on Apache Kafka, and write their section")
     parser.add_argument("--profile", action="store_true", help="only profile (c) with py-spy during saturation and write its section")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     args = parser.parse_args()
@@ -509,12 +541,12 @@ def main() -> None:
             # the worker's rule: the fetch wait is set on the embedded broker only (-1: Faust's own 1.5 s)
             return lambda broker: subprocess.Popen(me + ["--role", role, "--broker", broker.url, "--run", str(run_dir), "--fetch-wait-ms", str(args.fetch_wait_ms if broker.quirks == "tansu" else -1)], env=env, stdout=subprocess.DEVNULL, stderr=open(work / f"{role}.log", "wb"))
 
-        def start_streamrec(bundle):
+        def start_streamrec(bundle, guarantee: str = "at_least_once"):
             def start(broker):
                 from stream.settings import Settings
                 from stream.worker import start_worker
 
-                settings = Settings(broker=broker.url, broker_quirks=broker.quirks, group_session_timeout=2.0, metrics_port=0, fetch_wait_ms=args.fetch_wait_ms)
+                settings = Settings(broker=broker.url, broker_quirks=broker.quirks, group_session_timeout=2.0, metrics_port=0, fetch_wait_ms=args.fetch_wait_ms, processing_guarantee=guarantee)
                 return start_worker(settings, bundle, work / "streamrec.log")
 
             return start
@@ -528,6 +560,17 @@ def main() -> None:
         engines = args.engines.split(",")
         if not engines or any(e not in ENGINES for e in engines):
             raise SystemExit(f"--engines takes {', '.join(ENGINES)}, got {args.engines!r}")
+        if args.eos_cost:
+            results = [
+                measure(systems["c"][0] + ", at_least_once", systems["c"][1], items, args, rng, "kafka"),
+                measure(systems["c"][0] + ", exactly_once", start_streamrec(bundle_dir, "exactly_once"), items, args, rng, "kafka", isolation_level="read_committed"),
+            ]
+            section = render_eos(results, args, f"{load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
+            print(section)
+            if not args.no_write:
+                write_section(DOC, section)
+                print(f"wrote {DOC} ({EOS_SECTION})", file=sys.stderr)
+            return
         if args.profile:
             result = measure(systems["c"][0], systems["c"][1], items, args, rng, engines[0], profile_path=work / "profile.txt")
             section = profile_table(work / "profile.txt", result, f"{load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")

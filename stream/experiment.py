@@ -116,6 +116,8 @@ class ArmedProcessor:
             result = self.processors[name].process(batch, loaded.get)
             out.recommendations += result.recommendations
             out.dead_letters += result.dead_letters
+            out.answer_partitions += result.answer_partitions
+            out.dead_letter_partitions += result.dead_letter_partitions
             out.states.update(result.states)
             out.latencies += result.latencies
             out.unknown_items += result.unknown_items

@@ -38,6 +38,7 @@ class StreamMetrics:
         self.batch_size = Histogram("streamrec_batch_size", "Events per micro-batch.", buckets=BATCH_BUCKETS, registry=r)
         self.active_sessions = Gauge("streamrec_active_sessions", "Sessions with state on this worker.", registry=r)
         self.expired_sessions = Counter("streamrec_expired_sessions", "Sessions removed after --session-ttl without clicks.", registry=r)
+        self.transactions = Counter("streamrec_transactions", "Kafka transactions committed under --processing-guarantee exactly_once (one per clicks partition per micro-batch, and per expiry round).", registry=r)
         self.model_info = Gauge("streamrec_model_info", "The served model (value 1).", ["model", "version", "state_kind"] + arm, registry=r)
         self.online_hits = Counter("streamrec_online_hits", "Clicks that were in the list published after the session's previous click, by cut-off.", arm + ["k"], registry=r)
         self.online_rr = Counter("streamrec_online_reciprocal_rank", "Sum of 1/rank of those clicks (0 beyond the cut-off), by cut-off.", arm + ["k"], registry=r)

@@ -52,6 +52,8 @@ class BatchResult:
     inference_seconds: float = 0.0
     redelivered: int = 0  # clicks skipped because their session's state already holds them
     arm_ranks: dict[str, list[int]] = field(default_factory=dict)  # online_ranks by A/B arm (stream.experiment), empty without one
+    answer_partitions: list[int] = field(default_factory=list)  # the clicks partition of each recommendation's click
+    dead_letter_partitions: list[int] = field(default_factory=list)  # the clicks partition of each dead letter's event
 
 
 class _Pending(NamedTuple):
@@ -105,10 +107,12 @@ class BatchProcessor:
                 key = r.key[:limit] if r.key is not None else None
                 bad = BadEvent("too_large", f"{size} bytes (key + value), more than --max-event-bytes {limit}; 'key' and 'raw' hold the first {limit} bytes")
                 out.dead_letters.append((key, dead_letter(bad, key, (r.value or b"")[:limit], r.topic, r.partition, r.offset), bad.reason))
+                out.dead_letter_partitions.append(r.partition)
                 continue
             click = parse_click(r.key, r.value)
             if isinstance(click, BadEvent):
                 out.dead_letters.append((r.key, dead_letter(click, r.key, r.value, r.topic, r.partition, r.offset), click.reason))
+                out.dead_letter_partitions.append(r.partition)
                 continue
             state = loaded.get(r.key)
             if state is None:
@@ -150,6 +154,7 @@ class BatchProcessor:
             out.latencies.append(latency)
             value = recommendation(p.session_id, items, scores, self.model, self.model_version, state.position, p.timestamp, published_at, round(latency * 1000.0, 3), self.experiment, self.arm)
             out.recommendations.append((p.record.key, value))
+            out.answer_partitions.append(p.record.partition)
         if self.arm is not None:
             out.arm_ranks[self.arm] = out.online_ranks
         return out

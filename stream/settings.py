@@ -22,6 +22,7 @@ from training.errors import UserError
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 BROKER_QUIRKS = ("none", "tansu")
+PROCESSING_GUARANTEES = ("at_least_once", "exactly_once")
 
 
 def _s(default, help: str, choices: tuple[str, ...] | None = None, minimum: float | None = None, secret: bool = False):
@@ -41,6 +42,7 @@ class Settings:
     app_id: str = _s("streamrec", "Faust app id: the consumer group and the prefix of the session table's changelog topic.")
     fetch_wait_ms: int = _s(10, "With --broker-quirks tansu: longest time the embedded broker may hold a fetch (aiokafka fetch_max_wait_ms; it holds every fetch that long, so low = low latency). Apache Kafka answers as soon as data arrives, and there the worker keeps Faust's 1.5 s.", minimum=0)
     batch_size: int = _s(256, "Most events scored in one micro-batch; a batch is whatever has arrived, never waited for.", minimum=1)
+    processing_guarantee: str = _s("at_least_once", "at_least_once: answers, dead letters and states are published, then the clicks' offsets committed; after a crash or rebalance some answers come twice (identical; deduplicate on session_id, position). exactly_once: each micro-batch's answers, dead letters and states go in Kafka transactions together with the consumed offsets, one transactional producer per clicks partition (fenced when the partition moves); consumers reading with isolation.level=read_committed see every click answered exactly once. Not with --broker-quirks tansu (see docs/reliability.md).", PROCESSING_GUARANTEES)
     session_ttl: float = _s(1800.0, "Seconds after its last click when a session's state is removed (tombstone in the changelog).", minimum=0.001)
     max_event_bytes: int = _s(65536, "Largest click event (key + value bytes) the worker parses; a larger one is dead-lettered as 'too_large' keeping only its first bytes, so no dead letter outgrows the broker's message size limit.", minimum=1024)
     stall_seconds: float = _s(30.0, "Seconds without a finished micro-batch while clicks wait (or with the event loop blocked) after which the worker reports a stall: streamrec_stalled=1, a log warning, /healthz 503.", minimum=0.1)
@@ -88,6 +90,8 @@ class Settings:
             self.experiment_arms()
         if self.bundle_root and not Path(self.bundle_root).is_dir():
             raise UserError(f"--bundle-root {self.bundle_root}: no such directory")
+        if self.exactly_once and self.tansu_quirks:
+            raise UserError("--processing-guarantee exactly_once needs Kafka transactions, which the embedded broker (--broker-quirks tansu) does not have; use Apache Kafka")
         if self.security_protocol.startswith("SASL") and not self.sasl_username:
             raise UserError(f"--security-protocol {self.security_protocol} needs --sasl-username (and --sasl-password)")
 
@@ -123,6 +127,17 @@ class Settings:
 
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **changes)
+
+    @property
+    def exactly_once(self) -> bool:
+        return self.processing_guarantee == "exactly_once"
+
+    @property
+    def isolation_level(self) -> str:
+        """What the project's readers of the worker's output use: committed transactions only (the same
+        records as read_uncommitted when the worker runs at_least_once), except on the embedded broker,
+        which has no transactions."""
+        return "read_uncommitted" if self.tansu_quirks else "read_committed"
 
     @property
     def tansu_quirks(self) -> bool:

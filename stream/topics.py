@@ -111,7 +111,8 @@ def producer(settings: Settings, **kwargs):
 
 
 async def consume_all(settings: Settings, topics: list[str], expect: dict[str, int] | None = None, idle: float = 2.0, timeout: float = 120.0) -> dict[str, list]:
-    """Every record of ``topics`` from the beginning, by partition in offset order.
+    """Every record of ``topics`` from the beginning, by partition in offset order; on Apache Kafka
+    as a read_committed consumer reads them (what counts under ``--processing-guarantee exactly_once``).
 
     Stops when each topic in ``expect`` holds at least that many records and the other topics have
     been read to the end offsets they had then (a reader of answers and clicks gets the clicks the
@@ -123,7 +124,7 @@ async def consume_all(settings: Settings, topics: list[str], expect: dict[str, i
     """
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    consumer = AIOKafkaConsumer(**settings.kafka_kwargs(), enable_auto_commit=False, auto_offset_reset="earliest", fetch_max_wait_ms=50)
+    consumer = AIOKafkaConsumer(**settings.kafka_kwargs(), enable_auto_commit=False, auto_offset_reset="earliest", fetch_max_wait_ms=50, isolation_level=settings.isolation_level)
     await consumer.start()
     out: dict[str, list] = {t: [] for t in topics}
     try:

@@ -73,6 +73,15 @@
    wait that reads, rather than swinging back below it). Apache Kafka
    answers with whatever is there whatever the wait; this never runs without
    the quirk setting.
+
+5. Only with ``--processing-guarantee exactly_once`` (stream.transactions): the
+   consumer reads committed records only; each new assignment starts (and so
+   fences) the partitions' transactional producers before Faust's recovery;
+   Faust commits no offset (each transaction does); and the end of a changelog
+   partition that Faust's recovery waits for is one past its last committed
+   record, not the end offset: a transaction ends with a commit marker, which
+   takes an offset and never reaches the reader, so recovery would wait for it
+   for ever.
 """
 
 from __future__ import annotations
@@ -176,12 +185,15 @@ class SkippedWhileRebalancing:
         return first if first is not None and offset > first else None
 
 
-def stream_transport(fetch_max_wait_ms: int | None, bulk_delivery: bool = True, tansu_fetch_wait: bool = False) -> type:
+def stream_transport(fetch_max_wait_ms: int | None, bulk_delivery: bool = True, tansu_fetch_wait: bool = False, exactly_once=None) -> type:
     """A Faust Transport class whose consumer waits at most ``fetch_max_wait_ms`` per fetch (None: Faust's 1.5 s).
 
     ``bulk_delivery=False`` keeps Faust's own per-record delivery loop (the
     stream benchmark's baselines use it). ``tansu_fetch_wait`` turns on the
     embedded broker's workaround (point 4 above; ``--broker-quirks tansu``).
+
+    ``exactly_once`` (point 5): the worker's stream.transactions.EosHooks under
+    ``--processing-guarantee exactly_once``, None otherwise.
     """
 
     class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
@@ -190,6 +202,9 @@ def stream_transport(fetch_max_wait_ms: int | None, bulk_delivery: bool = True, 
             if fetch_max_wait_ms is not None:
                 # aiokafka hands this to its Fetcher in start(), which runs after this.
                 consumer._fetch_max_wait_ms = fetch_max_wait_ms
+            if exactly_once is not None:
+                # Also handed to the Fetcher in start(): recovery must not apply the states of aborted transactions.
+                consumer._isolation_level = "read_committed"
             return consumer
 
         async def unread(self, spans: dict) -> None:
@@ -210,6 +225,24 @@ def stream_transport(fetch_max_wait_ms: int | None, bulk_delivery: bool = True, 
     class Consumer(faust_aiokafka.Consumer):
         def _new_consumer_thread(self):
             return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+        if exactly_once is not None:
+
+            async def on_partitions_assigned(self, assigned, generation_id: int = 0) -> None:
+                # Fence the partitions' earlier owners before Faust recovers their sessions or reads their clicks.
+                await exactly_once.on_assigned(assigned)
+                await super().on_partitions_assigned(assigned, generation_id)
+
+            async def on_partitions_revoked(self, revoked) -> None:
+                await super().on_partitions_revoked(revoked)  # waits for the acks, i.e. the committed transactions
+                await exactly_once.on_revoked()
+
+            async def _commit(self, offsets) -> bool:
+                return True  # the offsets went into each batch's transaction
+
+            async def highwaters(self, *partitions):
+                ends = dict(await super().highwaters(*partitions))
+                return await exactly_once.changelog_ends(self.app.tables.changelog_topics, ends)
 
     class BulkConsumer(Consumer):
         def __init__(self, *args: Any, **kwargs: Any) -> None:

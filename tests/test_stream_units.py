@@ -123,6 +123,21 @@ def test_settings_come_from_flags_and_environment():
     assert "--clicks-topic" in result.output and "--broker-quirks" in result.output
 
 
+def test_exactly_once_is_refused_on_the_embedded_broker_in_one_line():
+    from tests.streamkit import streamrec
+
+    with pytest.raises(UserError, match="exactly_once needs Kafka transactions"):
+        Settings(processing_guarantee="exactly_once", broker_quirks="tansu")
+    with pytest.raises(UserError, match="--processing-guarantee must be one of at_least_once, exactly_once"):
+        Settings(processing_guarantee="exactly-twice")
+    r = streamrec("serve", "--processing-guarantee", "exactly_once", "--broker-quirks", "tansu", "--bundle", "/nowhere")
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "error: --processing-guarantee exactly_once needs Kafka transactions, which the embedded broker (--broker-quirks tansu) does not have; use Apache Kafka"
+    )
+    # the project's readers read committed transactions only, except on the embedded broker
+    assert (Settings().isolation_level, Settings(broker_quirks="tansu").isolation_level) == ("read_committed", "read_uncommitted")
+
+
 def _records(sessions, vocab, order, unknown="nope") -> list[Record]:
     ids = np.array([unknown] + vocab.item_ids, dtype=object)
     out = []
