@@ -1,8 +1,8 @@
 """Exactly-once output (``--processing-guarantee exactly_once``): Kafka transactions, one producer per clicks partition.
 
 Each clicks partition the worker owns has a transactional producer of its own, with the
-transactional id ``<app-id>-eos-<clicks topic>-<partition>``. Per micro-batch, the answers and dead
-letters of each partition's clicks, the session states of that partition (changelog partition =
+transactional id ``<app-id>-eos-<clicks topic>-<partition>``. The answers and dead letters of a
+micro-batch's clicks of a partition, the session states of that partition (changelog partition =
 clicks partition) and the partition's consumed offset go in one transaction of that partition's
 producer, committed before the clicks are acknowledged. Readers with ``isolation.level =
 read_committed`` see a batch's answers and states together with its offsets, or nothing of it.
@@ -17,10 +17,10 @@ with the consumer group's generation in TxnOffsetCommit, KIP-447) because aiokaf
 TxnOffsetCommit v0, which carries no generation.
 
 A partition's transactions run one after the other (a producer has one open transaction at a
-time); what arrives while one is in flight goes in the next (group commit). Different
-partitions' run side by side. Producers live for one
-group generation: all are stopped when partitions are revoked (after their last transactions)
-and started again for the next assignment.
+time); the micro-batches that arrive while one is in flight go in the next, together (group
+commit). Different partitions' transactions run side by side. Producers live for one group
+generation: all are stopped when partitions are revoked (after their last transactions) and
+started again for the next assignment.
 """
 
 from __future__ import annotations
@@ -92,9 +92,10 @@ class Transactions:
                 break
             await asyncio.wait(tails, timeout=left)
         producers, self.producers, self.outboxes, self.tails, self.failed = self.producers, {}, {}, {}, {}
-        for _, _, future in (entry for entries in self.pending.values() for entry in entries):
-            if not future.done():
-                future.set_exception(NotOwned(-1))
+        for partition, entries in self.pending.items():
+            for _, _, future in entries:
+                if not future.done():
+                    future.set_exception(NotOwned(partition))
         self.pending = {}
         await asyncio.gather(*(producer.stop() for producer in producers.values()), return_exceptions=True)
 

@@ -192,7 +192,7 @@ def stream_transport(fetch_max_wait_ms: int | None, bulk_delivery: bool = True, 
     stream benchmark's baselines use it). ``tansu_fetch_wait`` turns on the
     embedded broker's workaround (point 4 above; ``--broker-quirks tansu``).
 
-    ``exactly_once`` (point 5): the worker's stream.transactions.EosHooks under
+    ``exactly_once`` (point 5): the worker's stream.transactions.Transactions under
     ``--processing-guarantee exactly_once``, None otherwise.
     """
 

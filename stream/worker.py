@@ -520,4 +520,3 @@ def wait_until_serving(settings: Settings, process=None, timeout: float = 60.0) 
             pass
         time.sleep(0.1)
     raise UserError(f"the stream worker did not answer within {timeout:.0f}s (metrics at {url})")
-

@@ -172,9 +172,10 @@ def hostile_corpus(item_ids: list[str], n: int, seed: int) -> list[tuple[bytes |
     return out
 
 
-def test_ten_thousand_hostile_events_all_answered_or_dead_lettered(broker, stream_data, markov_bundle, tmp_path):
+@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
+def test_ten_thousand_hostile_events_all_answered_or_dead_lettered(broker, stream_data, markov_bundle, tmp_path, guarantee):
     _, bundle = markov_bundle
-    settings = worker_settings(broker)
+    settings = worker_settings(broker, processing_guarantee=guarantee)
     corpus = hostile_corpus(stream_data.vocab.item_ids, 10_000, seed=11)
     expected = Counter(e for _, _, e in corpus)
     assert len(expected) == len(REASONS) + 1  # every reason and answers

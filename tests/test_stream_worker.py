@@ -189,9 +189,11 @@ def test_state_survives_a_worker_handover(each_broker, stream_data, gru_bundle, 
     assert checked > 50
 
 
-def test_idle_sessions_expire_with_a_tombstone(broker, stream_data, markov_bundle, tmp_path):
+@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
+def test_idle_sessions_expire_with_a_tombstone(broker, stream_data, markov_bundle, tmp_path, guarantee):
+    """Under exactly_once the tombstones go in transactions: the changelog is read as read_committed."""
     _, bundle = markov_bundle
-    settings = worker_settings(broker, session_ttl=1.0)
+    settings = worker_settings(broker, session_ttl=1.0, processing_guarantee=guarantee)
     sessions = stream_data.test.select(np.arange(len(stream_data.test)) < 5)
     messages, _ = interleaved(sessions, stream_data.vocab)
     with running_worker(settings, bundle, tmp_path / "worker.log"):
