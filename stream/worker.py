@@ -4,7 +4,7 @@ One agent consumes ``clicks``. Each micro-batch is whatever the consumer has
 delivered (up to ``--batch-size``), never waited for: the agent blocks for the
 first event only, then takes what is already queued. The batch is scored by
 ``BatchProcessor``; each touched session's state is written once to the
-``sessions`` table (in-memory store, compacted changelog topic
+``sessions`` table (--store: in-memory or RocksDB, stream.store; compacted changelog topic
 ``<app-id>-sessions-changelog``, on the partition the session's clicks arrive
 on); answers and dead letters are sent in bulk, the batch's state records only
 once the broker has confirmed them (in batch order), and the events are
@@ -30,6 +30,7 @@ from stream.outbox import Outbox
 from stream.processor import BatchProcessor, Record
 from stream.settings import Settings
 from stream.state import SessionState, StateError, last_seen_of
+from stream.store import SessionStore, faust_store
 from stream.topics import ensure_topics
 from stream.transport import stream_transport
 from stream.watchdog import BEAT_SECONDS, Watchdog, serve_http
@@ -87,10 +88,12 @@ class StreamWorker:
 
     def _build_app(self) -> faust.App:
         s = self.settings
+        store, table_options = faust_store(s)
         app = faust.App(
             s.app_id,
             broker=s.faust_broker(),
-            store="memory://",
+            store=store,
+            **({"datadir": str(s.worker_data_dir())} if table_options else {}),
             web_enabled=False,
             topic_partitions=self.partitions,
             topic_replication_factor=s.replication_factor,
@@ -108,11 +111,25 @@ class StreamWorker:
         self.clicks = app.topic(s.clicks_topic, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw", partitions=self.partitions)
         self.recommendations = s.recommendations_topic
         self.dlq = s.dlq_topic
-        self.table = app.Table(TABLE, key_type=bytes, value_type=bytes, partitions=self.partitions, default=None)
+        self.table = app.Table(TABLE, key_type=bytes, value_type=bytes, partitions=self.partitions, default=None, options=table_options or None)
+        self.store = SessionStore(self.table, rocksdb=bool(table_options))
+        self._partition_of: dict[bytes, int] = {}  # the batch's session keys -> their partition
+        self.table.apply_changelog_batch = self._counting(self.table.apply_changelog_batch)
         app.agent(self.clicks, name="streamrec.score", supervisor_strategy=CrashingSupervisor)(self._agent)
         app.timer(expiry_interval(s.session_ttl), name="streamrec.expire")(self._expire)
         app.timer(BEAT_SECONDS, name="streamrec.watchdog")(self._watch)
         return app
+
+    def _counting(self, apply):
+        """Faust's table recovery applying changelog records, counted (streamrec_changelog_records_recovered_total)."""
+        counter = self.metrics.recovered_records
+
+        def apply_changelog_batch(batch) -> None:
+            batch = batch if isinstance(batch, list) else list(batch)
+            counter.inc(len(batch))
+            apply(batch)
+
+        return apply_changelog_batch
 
     def make_processor(self, scorer, arm: str | None = None) -> BatchProcessor:
         """The micro-batch processor of ``scorer``, or of one A/B arm's (a hot swap makes a new one, stream.swap)."""
@@ -148,7 +165,7 @@ class StreamWorker:
         return {tp.partition for tp in self.app.consumer.assignment() if tp.topic == topic}
 
     def _load_state(self, key: bytes) -> SessionState | None:
-        raw = self.table.data.get(key)
+        raw = self.store.get(key, self._partition_of[key])
         if raw is None:
             return None
         try:
@@ -224,16 +241,19 @@ class StreamWorker:
         self.app.monitor.stream_inbound_time.update(dict.fromkeys({e.message.tp for e in events}, time.monotonic()))
         now = time.time()
         records = [Record(e.message.key, e.message.value, e.message.topic, e.message.partition, e.message.offset, e.message.timestamp or now) for e in events]
+        self._partition_of = {r.key: r.partition for r in records}
+        store = self.store
+        store.new_batch()
         result = self.processor.process(records, self._load_state)
 
-        # One table write per session per batch: the store now, and the changelog record on the
-        # session's own partition (where Faust's recovery looks for it) once the answers are out.
+        # One table write per session per batch: pending in the store now (what the next batch reads),
+        # the changelog record on the session's own partition (where Faust's recovery looks for it) once
+        # the answers are out, and the store itself once the broker has that record (stream.store).
         outbox = self.outbox
-        data = self.table.data
         states = []
         for key, state in result.states.items():
             raw = state.encode()
-            data[key] = raw
+            store.put(key, raw)
             states.append((state.partition, key, raw))
         for key, value in result.recommendations:
             await outbox.add_keyed(self.recommendations, key, value)
@@ -270,7 +290,7 @@ class StreamWorker:
             m.observe_online(result.online_ranks)
         if result.redelivered:
             m.redelivered.inc(result.redelivered)
-        m.active_sessions.set(len(data))
+        m.active_sessions.set(store.count())
         m.last_progress.set(time.time())
         self.watchdog.handled(records)
 
@@ -286,7 +306,7 @@ class StreamWorker:
             changelog = self.table.changelog_topic_name
             for partition, key, raw in states:
                 self.state_outbox.add(changelog, partition, key, raw)
-            sent = await self.state_outbox.send()
+            sent = await self.state_outbox.send(on_sent=self.store.on_sent)
             queued.set_result(True)
             await asyncio.gather(*sent)
         except Exception as exc:  # a send failed after the producer's retries: stop, the events will be redelivered
@@ -307,27 +327,31 @@ class StreamWorker:
         outbox = self.outbox
         if outbox is None:  # the agent has not started yet
             return
-        data = self.table.data
+        store = self.store
+        pending = store.pending
         changelog = self.table.changelog_topic_name
-        expired = 0
-        keys = list(data.keys())
-        for start in range(0, len(keys), EXPIRY_CHUNK):
-            for key in keys[start : start + EXPIRY_CHUNK]:
-                raw = data.get(key)
-                if raw is None:
-                    continue
+        expired = live = 0
+        for n, (key, raw) in enumerate(store.scan(owned), 1):
+            if key in pending:  # a state or tombstone on its way: not idle
+                live += 1
+            else:
                 last_seen, partition = last_seen_of(raw)
                 if partition not in owned:
-                    del data[key]  # left over from a partition this worker no longer owns: not ours to delete
+                    store.drop(key)  # left over from a partition this worker no longer owns: not ours to delete
                 elif now - last_seen > ttl:
-                    del data[key]
+                    store.put(key, None)  # gone for the worker now, from the store once the tombstone is confirmed
                     outbox.add(changelog, partition, key, None)  # tombstone
                     expired += 1
-            await outbox.send()
-            await asyncio.sleep(0)
+                else:
+                    live += 1
+            if n % EXPIRY_CHUNK == 0:
+                await outbox.send(on_sent=store.on_sent)
+                await asyncio.sleep(0)
+        await outbox.send(on_sent=store.on_sent)
+        store.scanned(live)
         if expired:
             self.metrics.expired_sessions.inc(expired)
-        self.metrics.active_sessions.set(len(data))
+        self.metrics.active_sessions.set(store.count())
 
 
 def serve(settings: Settings, bundle_dir: Path) -> None:
@@ -344,6 +368,11 @@ def serve(settings: Settings, bundle_dir: Path) -> None:
         if settings.k > scorer.k:
             raise UserError(f"--k {settings.k} is more than the bundle's k ({scorer.k}) of {path}; export the bundle with a larger --k")
         probe(scorer, path, settings.batch_size)  # also the warm-up: the scorer's buffers at serving size before the first click
+    if settings.store == "rocksdb":
+        from stream.store import lock_data_dir
+
+        data_lock = lock_data_dir(settings.worker_data_dir())  # noqa: F841  (held until the process ends)
+        log.info("session store: RocksDB in %s", settings.worker_data_dir())
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     partitions = loop.run_until_complete(ensure_topics(settings))
