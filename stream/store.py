@@ -91,9 +91,8 @@ class SessionStore:
     def get(self, key: bytes, partition: int) -> bytes | None:
         raw = self.pending.get(key, _ABSENT)
         if raw is _ABSENT:
-            if self.rocksdb:
-                db = self._db(partition)
-                raw = db.get(key) if db is not None else None
+            if self.rocksdb:  # a partition this worker consumes: Faust opened its database on assignment (or opens it now)
+                raw = self._faust._db_for_partition(partition).get(key)
             else:
                 raw = self._faust.get(key)
         if raw is None:
