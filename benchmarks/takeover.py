@@ -17,8 +17,8 @@ On one Apache Kafka node (KRaft), for each number of live sessions N (``--sessio
    (``--group-session-timeout``, the time the group needs to notice the death), the rebalance and
    Faust's table recovery of the moved partitions (``recovered``: changelog records the survivor
    read, its streamrec_changelog_records_recovered_total);
-3. RSS: of each worker at the cold start's end (about N/2 sessions each) and of the survivor after
-   the takeover (all N sessions).
+3. RSS: of each worker before the kill (the first held all N states during its cold start, the
+   second about N/2) and of the survivor after the takeover (all N sessions).
 
 Also measured: the expiry scan's cost (stream.worker._expire walks every session every TTL/10),
 outside the worker: the survivor's RocksDB databases (all N states) read back with the worker's own
@@ -386,11 +386,25 @@ def render(rows: list[dict], scans: dict[int, float], args, populate_note: str) 
         f"(part of every takeover: the time the group needs to notice a SIGKILLed worker). {populate_note}",
         "",
     ]
-    header = ["live sessions", "store", "standby", "cold start s", "takeover s", "records read in takeover", "survivor CPU s in takeover", "RSS per worker MB (N/2 each)", "survivor RSS MB (N)", "load"]
+    header = ["live sessions", "store", "standby", "cold start s", "takeover s", "records read in takeover", "survivor CPU s in takeover", "RSS MB before the kill: first worker (held N at its cold start) / second (N/2)", "survivor RSS MB after the takeover (N)", "load"]
     body = []
     for r in rows:
         body.append([f"{r['sessions']:,}", r["store"], r["standby"], fmt(r["cold_s"]), fmt(r["takeover_s"]), f"{r['recovered']:,.0f}", fmt(r["survivor_cpu_s"]), " / ".join(f"{x:,.0f}" for x in r["rss_each_mb"]), f"{r['rss_survivor_mb']:,.0f}", f"{r['load']:.1f}"])
     lines += table(header, body, "rlrrrrrrrr")
+    slopes = []
+    for store, standby in CONFIGS:
+        mine = sorted((r for r in rows if r["store"] == store and r["standby"] == standby and r["takeover_s"] is not None), key=lambda r: r["sessions"])
+        if len(mine) < 2:
+            continue
+        lo, hi = mine[0], mine[-1]
+        moved = (hi["sessions"] - lo["sessions"]) / 2  # the victim held half the sessions
+        per_takeover = (hi["takeover_s"] - lo["takeover_s"]) / moved * 1e6
+        per_cold = (hi["cold_s"] - lo["cold_s"]) / (hi["sessions"] - lo["sessions"]) * 1e6
+        per_rss = (hi["rss_survivor_mb"] - lo["rss_survivor_mb"]) * 1024**2 / (hi["sessions"] - lo["sessions"])
+        slopes.append([store, standby, f"{lo['sessions']:,} → {hi['sessions']:,}", f"{per_takeover:,.1f}", f"{per_cold:,.1f}", f"{per_rss:,.0f}"])
+    if slopes:
+        lines += ["", "Per session, between the smallest and the largest N measured (differences of the rows above):", ""]
+        lines += table(["store", "standby", "N", "takeover µs per moved session", "cold start µs per session", "survivor RSS bytes per session"], slopes, "lrrrrr")
     lines += ["", "Expiry scan (one pass of `_expire`'s loop over all N states, outside the worker):", ""]
     scan_rows = []
     for n, seconds in scans.items():
@@ -439,7 +453,8 @@ def main() -> None:
             rows = measure_all(sizes, Path(tmp), args)
     if args.rows:
         rows = [json.loads(line) for line in args.rows.read_text().splitlines() if line.strip()]
-    section = render(rows, {r["sessions"]: r["memory_scan_s"] for r in rows}, args, "")
+    note = f"One run per row, single measurements, not averages{f'; the rows are in `{args.rows}`' if args.rows else ''}."
+    section = render(rows, {r["sessions"]: r["memory_scan_s"] for r in rows}, args, note)
     print(section)
     if not args.no_write:
         write_section(DOC, section)
