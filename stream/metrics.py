@@ -37,6 +37,7 @@ class StreamMetrics:
         self.end_to_end = Histogram("streamrec_end_to_end_seconds", "Click record timestamp to recommendation publish.", buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("streamrec_batch_size", "Events per micro-batch.", buckets=BATCH_BUCKETS, registry=r)
         self.active_sessions = Gauge("streamrec_active_sessions", "Sessions with state on this worker.", registry=r)
+        self.recovered_records = Counter("streamrec_changelog_records_recovered", "Session changelog records read by Faust's table recovery (a takeover, a restart, a standby): with --store rocksdb only the changelog's tail after the offset the local store holds.", registry=r)
         self.expired_sessions = Counter("streamrec_expired_sessions", "Sessions removed after --session-ttl without clicks.", registry=r)
         self.transactions = Counter("streamrec_transactions", "Kafka transactions committed under --processing-guarantee exactly_once (one per clicks partition per micro-batch, and per expiry round).", registry=r)
         self.model_info = Gauge("streamrec_model_info", "The served model (value 1).", ["model", "version", "state_kind"] + arm, registry=r)

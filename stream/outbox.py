@@ -43,8 +43,11 @@ class Outbox:
     async def add_keyed(self, topic: str, key: bytes, value: bytes) -> None:
         self.add(topic, await self.partition_for(topic, key), key, value)
 
-    async def send(self) -> list[asyncio.Future]:
-        """Queue everything added so far; futures that resolve when the broker has each batch."""
+    async def send(self, on_sent=None) -> list[asyncio.Future]:
+        """Queue everything added so far; futures that resolve when the broker has each batch.
+
+        ``on_sent(topic, partition, records)``: a done-callback for the future of each batch of those records
+        (stream.store.SessionStore.on_sent); the callbacks of one partition's batches run in send order."""
         futures = []
         # Kafka record timestamps are epoch milliseconds: a record stamped in seconds reads as January
         # 1970, and Apache Kafka's time retention deletes its segment at the next check (minutes).
@@ -53,20 +56,28 @@ class Outbox:
         for (topic, partition), records in pending.items():
             last_alone = topic in self.single_last and len(records) > 1
             head = records[:-1] if last_alone else records
-            futures += await self._send(topic, partition, head, now)
+            futures += await self._send(topic, partition, head, now, on_sent)
             if last_alone:
-                futures += await self._send(topic, partition, records[-1:], now)
+                futures += await self._send(topic, partition, records[-1:], now, on_sent)
         return futures
 
-    async def _send(self, topic: str, partition: int, records, now: int) -> list[asyncio.Future]:
+    async def _send(self, topic: str, partition: int, records, now: int, on_sent=None) -> list[asyncio.Future]:
         futures = []
         batch = self.producer.create_batch()
-        for key, value in records:
+        start = 0  # index of the batch's first record
+        for i, (key, value) in enumerate(records):
             if batch.append(key=key, value=value, timestamp=now) is None:
-                futures.append(await self.producer.send_batch(batch, topic, partition=partition))
-                batch = self.producer.create_batch()
+                futures.append(await self._send_batch(batch, topic, partition, records[start:i] if on_sent else None, on_sent))
+                batch, start = self.producer.create_batch(), i
                 if batch.append(key=key, value=value, timestamp=now) is None:
                     raise ValueError(f"a record of {len(value or b'')} bytes does not fit in a producer batch")
         if batch.record_count():
-            futures.append(await self.producer.send_batch(batch, topic, partition=partition))
+            futures.append(await self._send_batch(batch, topic, partition, records[start:] if on_sent else None, on_sent))
         return futures
+
+    async def _send_batch(self, batch, topic: str, partition: int, records, on_sent) -> asyncio.Future:
+        future = await self.producer.send_batch(batch, topic, partition=partition)
+        callback = on_sent(topic, partition, records) if on_sent is not None else None
+        if callback is not None:
+            future.add_done_callback(callback)
+        return future

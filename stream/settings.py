@@ -53,7 +53,9 @@ class Settings:
     faust_metrics: bool = _s(True, "Also export Faust's own consumer/stream metrics (faust PrometheusMonitor) on the same endpoint.")
     broker_quirks: str = _s("none", "'tansu' when the broker is the embedded one: works around its ListOffsets answer, its empty answers to short fetches and its missing idempotent producer (see docs/stream.md). Never with Apache Kafka.", BROKER_QUIRKS)
     group_session_timeout: float = _s(10.0, "Consumer group session timeout in seconds: how soon a dead worker's partitions move. Apache Kafka accepts it between the broker's group.min.session.timeout.ms and group.max.session.timeout.ms (6 s and 30 min by default).", minimum=0.5)
-    standby_replicas: int = _s(0, "Faust table_standby_replicas: how many other workers also read each changelog partition. With the in-memory table store this does not shorten a takeover (see docs/stream.md, 'Scale-out and sizing'), so the default is 0.", minimum=0)
+    standby_replicas: int = _s(0, "Faust table_standby_replicas: how many other workers also read each changelog partition into their store. With --store memory this does not shorten a takeover; with --store rocksdb it does (see docs/stream.md, 'Scale-out and sizing').", minimum=0)
+    store: str = _s("memory", "Where a worker keeps its session states: 'memory' (Faust's in-memory store: a worker taking over partitions, or restarted, reads their whole changelog) or 'rocksdb' (Faust's RocksDB store through rocksdict, on disk in --data-dir: a restarted worker, or a standby, reads only the changelog's tail). See docs/stream.md, 'Scale-out and sizing'.", ("memory", "rocksdb"))
+    data_dir: str = _s("", "With --store rocksdb: the worker's own directory for its RocksDB state (locked: one worker per directory; keep it across restarts). Empty = $XDG_STATE_HOME (~/.local/state)/streamrec/APP_ID-METRICS_PORT.")
     scorer_threads: int = _s(1, "CPU threads of the scorer (ONNX Runtime / torch intra-op).", minimum=1)
     bundle_poll_seconds: float = _s(5.0, "How often the worker checks --bundle (a directory or a symlink to one) for a new model_version and swaps it in while serving (0 = never).", minimum=0)
     model_updates_topic: str = _s("model-updates", "Topic of model-update messages (`streamrec publish-model`): every worker reads every message, outside the consumer group, and swaps the bundle it names in while serving (empty = not read).")
@@ -88,6 +90,8 @@ class Settings:
             raise UserError("--experiment and --arms go together: an experiment needs its arms, arms need the experiment's name")
         if self.arms:
             self.experiment_arms()
+        if self.data_dir and Path(self.data_dir).expanduser().exists() and not Path(self.data_dir).expanduser().is_dir():
+            raise UserError(f"--data-dir {self.data_dir} is not a directory")
         if self.bundle_root and not Path(self.bundle_root).is_dir():
             raise UserError(f"--bundle-root {self.bundle_root}: no such directory")
         if self.exactly_once and self.tansu_quirks:
@@ -124,6 +128,12 @@ class Settings:
             value = getattr(self, f.name)
             out[env_name(f.name)] = ("1" if value else "0") if isinstance(value, bool) else str(value)
         return out
+
+    def worker_data_dir(self) -> Path:
+        """The directory of the worker's RocksDB state: --data-dir, or one of its own per app id and metrics port."""
+        from stream.store import default_data_dir
+
+        return Path(self.data_dir).expanduser() if self.data_dir else default_data_dir(self.app_id, self.metrics_port)
 
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **changes)

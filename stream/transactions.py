@@ -26,6 +26,7 @@ started again for the next assignment.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import Iterable
 
@@ -57,6 +58,9 @@ class Transactions:
         self.failed: dict[int, BaseException] = {}  # partitions whose producer failed this generation
         self.topics: list[str] = []  # every topic the transactions write to (tracked in each producer's metadata)
         self.committed = None  # called once per committed transaction (the worker counts them)
+        # on_committed(topic, partition, records): a done-callback for a batch of those records, called with the
+        # batch's (resolved) future once its transaction is committed (stream.store.SessionStore.on_sent), or None
+        self.on_committed = None
 
     def transactional_id(self, partition: int) -> str:
         return f"{self.app_id}-eos-{self.clicks_topic}-{partition}"
@@ -139,8 +143,16 @@ class Transactions:
                 if not future.done():
                     future.set_result(None)
 
+    def _defer(self, sent: list, topic: str, partition: int, batch: list):
+        """Outbox.send's on_sent: the on_committed callback of a batch, kept in ``sent`` with the batch's
+        future until the transaction is committed."""
+        callback = self.on_committed(topic, partition, batch)
+        return None if callback is None else (lambda future: sent.append((callback, future)))
+
     async def _commit(self, partition: int, records: list, offset: int | None) -> None:
         producer, outbox = self.producers[partition], self.outboxes[partition]
+        sent: list = []  # (callback, future) of each batch whose records count only once committed
+        on_sent = None if self.on_committed is None else functools.partial(self._defer, sent)
         await producer.begin_transaction()
         try:
             for topic, part, key, value in records:
@@ -148,7 +160,7 @@ class Transactions:
                     await outbox.add_keyed(topic, key, value)
                 else:
                     outbox.add(topic, part, key, value)
-            futures = await outbox.send()
+            futures = await outbox.send(on_sent=on_sent)
             if offset is not None:
                 await producer.send_offsets_to_transaction({TopicPartition(self.clicks_topic, partition): offset}, self.group_id)
             await asyncio.gather(*futures)
@@ -160,6 +172,8 @@ class Transactions:
             except BaseException:
                 pass  # a fenced producer cannot abort; the broker aborts its transaction
             raise
+        for callback, future in sent:  # in send order: a partition's states reach the store as committed
+            callback(future)
         if self.committed is not None:
             self.committed()
 

@@ -4,7 +4,7 @@ One agent consumes ``clicks``. Each micro-batch is whatever the consumer has
 delivered (up to ``--batch-size``), never waited for: the agent blocks for the
 first event only, then takes what is already queued. The batch is scored by
 ``BatchProcessor``; each touched session's state is written once to the
-``sessions`` table (in-memory store, compacted changelog topic
+``sessions`` table (--store: in-memory or RocksDB, stream.store; compacted changelog topic
 ``<app-id>-sessions-changelog``, on the partition the session's clicks arrive
 on); answers and dead letters are sent in bulk, the batch's state records only
 once the broker has confirmed them (in batch order), and the events are
@@ -35,6 +35,7 @@ from stream.outbox import Outbox
 from stream.processor import BatchProcessor, Record
 from stream.settings import Settings
 from stream.state import SessionState, StateError, last_seen_of
+from stream.store import SessionStore, faust_store
 from stream.topics import ensure_topics
 from stream.transactions import NotOwned, Transactions
 from stream.transport import stream_transport
@@ -101,10 +102,12 @@ class StreamWorker:
 
     def _build_app(self) -> faust.App:
         s = self.settings
+        store, table_options = faust_store(s)
         app = faust.App(
             s.app_id,
             broker=s.faust_broker(),
-            store="memory://",
+            store=store,
+            **({"datadir": str(s.worker_data_dir())} if table_options else {}),
             web_enabled=False,
             topic_partitions=self.partitions,
             topic_replication_factor=s.replication_factor,
@@ -125,13 +128,28 @@ class StreamWorker:
         self.clicks = app.topic(s.clicks_topic, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw", partitions=self.partitions)
         self.recommendations = s.recommendations_topic
         self.dlq = s.dlq_topic
-        self.table = app.Table(TABLE, key_type=bytes, value_type=bytes, partitions=self.partitions, default=None)
+        self.table = app.Table(TABLE, key_type=bytes, value_type=bytes, partitions=self.partitions, default=None, options=table_options or None)
+        self.store = SessionStore(self.table, rocksdb=bool(table_options))
+        self._partition_of: dict[bytes, int] = {}  # the batch's session keys -> their partition
+        self.table.apply_changelog_batch = self._counting(self.table.apply_changelog_batch)
         if self.transactions is not None:
             self.transactions.topics = [self.recommendations, self.dlq, self.table.changelog_topic_name]
+            self.transactions.on_committed = self.store.on_sent  # a state reaches the store once its transaction is committed
         app.agent(self.clicks, name="streamrec.score", supervisor_strategy=CrashingSupervisor)(self._agent)
         app.timer(expiry_interval(s.session_ttl), name="streamrec.expire")(self._expire)
         app.timer(BEAT_SECONDS, name="streamrec.watchdog")(self._watch)
         return app
+
+    def _counting(self, apply):
+        """Faust's table recovery applying changelog records, counted (streamrec_changelog_records_recovered_total)."""
+        counter = self.metrics.recovered_records
+
+        def apply_changelog_batch(batch) -> None:
+            batch = batch if isinstance(batch, list) else list(batch)
+            counter.inc(len(batch))
+            apply(batch)
+
+        return apply_changelog_batch
 
     def make_processor(self, scorer, arm: str | None = None) -> BatchProcessor:
         """The micro-batch processor of ``scorer``, or of one A/B arm's (a hot swap makes a new one, stream.swap)."""
@@ -167,7 +185,7 @@ class StreamWorker:
         return {tp.partition for tp in self.app.consumer.assignment() if tp.topic == topic}
 
     def _load_state(self, key: bytes) -> SessionState | None:
-        raw = self.table.data.get(key)
+        raw = self.store.get(key, self._partition_of[key])
         if raw is None:
             return None
         try:
@@ -254,21 +272,25 @@ class StreamWorker:
         self.app.monitor.stream_inbound_time.update(dict.fromkeys({e.message.tp for e in events}, time.monotonic()))
         now = time.time()
         records = [Record(e.message.key, e.message.value, e.message.topic, e.message.partition, e.message.offset, e.message.timestamp or now) for e in events]
+        self._partition_of = {r.key: r.partition for r in records}
+        store = self.store
+        store.new_batch()
         result = self.processor.process(records, self._load_state)
 
-        # One table write per session per batch: the store now, and the changelog record on the
-        # session's own partition (where Faust's recovery looks for it) once the answers are out.
-        data = self.table.data
+        # One table write per session per batch: pending in the store now (what the next batch reads),
+        # the changelog record on the session's own partition (where Faust's recovery looks for it) once
+        # the answers are out (or in the same transaction under exactly_once), and the store itself once
+        # the broker has that record (committed, under exactly_once; stream.store).
         states = []
         for key, state in result.states.items():
             raw = state.encode()
-            data[key] = raw
+            store.put(key, raw)
             states.append((state.partition, key, raw))
         if self.transactions is not None:
             self._transact(stream, events, result, states)
         else:
             await self._publish(stream, events, result, states)
-        self._observe(result, records, data)
+        self._observe(result, records)
 
     async def _publish(self, stream, events: list, result, states: list) -> None:
         """At least once: answers and dead letters now, states once they are confirmed, then the acks."""
@@ -317,7 +339,7 @@ class StreamWorker:
         for event in events:
             await stream.ack(event)
 
-    def _observe(self, result, records: list, data) -> None:
+    def _observe(self, result, records: list) -> None:
         m = self.metrics
         answered = len(result.recommendations)
         m.events.labels("answered").inc(answered)
@@ -340,7 +362,7 @@ class StreamWorker:
             m.observe_online(result.online_ranks)
         if result.redelivered:
             m.redelivered.inc(result.redelivered)
-        m.active_sessions.set(len(data))
+        m.active_sessions.set(self.store.count())
         m.last_progress.set(time.time())
         self.watchdog.handled(records)
 
@@ -356,7 +378,7 @@ class StreamWorker:
             changelog = self.table.changelog_topic_name
             for partition, key, raw in states:
                 self.state_outbox.add(changelog, partition, key, raw)
-            sent = await self.state_outbox.send()
+            sent = await self.state_outbox.send(on_sent=self.store.on_sent)
             queued.set_result(True)
             await asyncio.gather(*sent)
         except Exception as exc:  # a send failed after the producer's retries: stop, the events will be redelivered
@@ -369,6 +391,19 @@ class StreamWorker:
         for event in events:
             await stream.ack(event)
 
+    async def _send_tombstones(self, tombstones: dict[int, list]) -> list:
+        """Send the tombstones (partition -> records): under exactly_once one transaction per partition
+        (their futures), else through the outbox, into the store once confirmed (no futures to wait for)."""
+        if not tombstones:
+            return []
+        if self.transactions is not None:
+            return [self.transactions.transact(p, records, None) for p, records in tombstones.items()]
+        for records in tombstones.values():
+            for topic, partition, key, value in records:
+                self.outbox.add(topic, partition, key, value)
+        await self.outbox.send(on_sent=self.store.on_sent)
+        return []
+
     async def _expire(self) -> None:
         """Remove the state of sessions idle for longer than the TTL: a tombstone each in the changelog
         (under exactly_once in a transaction of the partition's producer)."""
@@ -379,32 +414,31 @@ class StreamWorker:
         transactions = self.transactions
         if outbox is None and transactions is None:  # the agent has not started yet
             return
-        data = self.table.data
+        store = self.store
+        pending = store.pending
         changelog = self.table.changelog_topic_name
-        expired = 0
+        expired = live = 0
         commits = []
-        keys = list(data.keys())
-        for start in range(0, len(keys), EXPIRY_CHUNK):
-            tombstones: dict[int, list] = {}
-            for key in keys[start : start + EXPIRY_CHUNK]:
-                raw = data.get(key)
-                if raw is None:
-                    continue
+        tombstones: dict[int, list] = {}
+        for n, (key, raw) in enumerate(store.scan(owned), 1):
+            if key in pending:  # a state or tombstone on its way: not idle
+                live += 1
+            else:
                 last_seen, partition = last_seen_of(raw)
                 if partition not in owned:
-                    del data[key]  # left over from a partition this worker no longer owns: not ours to delete
+                    store.drop(key)  # left over from a partition this worker no longer owns: not ours to delete
                 elif now - last_seen > ttl:
-                    del data[key]
+                    store.put(key, None)  # gone for the worker now, from the store once the tombstone is confirmed
                     tombstones.setdefault(partition, []).append((changelog, partition, key, None))
                     expired += 1
-            if transactions is not None:
-                commits += [transactions.transact(p, records, None) for p, records in tombstones.items()]
-            else:
-                for records in tombstones.values():
-                    for topic, partition, key, value in records:
-                        outbox.add(topic, partition, key, value)
-                await outbox.send()
-            await asyncio.sleep(0)
+                else:
+                    live += 1
+            if n % EXPIRY_CHUNK == 0:
+                commits += await self._send_tombstones(tombstones)
+                tombstones = {}
+                await asyncio.sleep(0)
+        commits += await self._send_tombstones(tombstones)
+        store.scanned(live)
         for commit in asyncio.as_completed(commits):
             try:
                 await commit
@@ -416,7 +450,7 @@ class StreamWorker:
                 return
         if expired:
             self.metrics.expired_sessions.inc(expired)
-        self.metrics.active_sessions.set(len(data))
+        self.metrics.active_sessions.set(store.count())
 
 
 def serve(settings: Settings, bundle_dir: Path) -> None:
@@ -433,6 +467,11 @@ def serve(settings: Settings, bundle_dir: Path) -> None:
         if settings.k > scorer.k:
             raise UserError(f"--k {settings.k} is more than the bundle's k ({scorer.k}) of {path}; export the bundle with a larger --k")
         probe(scorer, path, settings.batch_size)  # also the warm-up: the scorer's buffers at serving size before the first click
+    if settings.store == "rocksdb":
+        from stream.store import lock_data_dir
+
+        data_lock = lock_data_dir(settings.worker_data_dir())  # noqa: F841  (held until the process ends)
+        log.info("session store: RocksDB in %s", settings.worker_data_dir())
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     partitions = loop.run_until_complete(ensure_topics(settings))

@@ -74,6 +74,25 @@ def send_all(settings: Settings, messages: list[tuple[bytes | None, bytes | None
     return asyncio.run(run())
 
 
+def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
+    """Partition -> end offset of ``topic`` (records written so far, compaction aside)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from stream.topics import topic_partitions
+
+    async def run() -> dict[int, int]:
+        consumer = AIOKafkaConsumer(**settings.kafka_kwargs(), enable_auto_commit=False)
+        await consumer.start()
+        try:
+            partitions = (await topic_partitions(settings, [topic], timeout=10.0))[topic]
+            ends = await consumer.end_offsets([TopicPartition(topic, p) for p in partitions])
+            return {tp.partition: offset for tp, offset in ends.items()}
+        finally:
+            await consumer.stop()
+
+    return asyncio.run(run())
+
+
 class PacedSender(threading.Thread):
     """Produces ``messages`` to the clicks topic at ``rate`` per second from a thread of its own,
     until they run out or ``stop`` is set.

@@ -136,9 +136,10 @@ def test_every_click_answered_or_dead_lettered_and_answers_match_offline(each_br
     assert "faust_" in text  # Faust's own consumer metrics on the same endpoint
 
 
-def test_replayed_test_split_scores_online_as_offline(broker, stream_data, gru_bundle, tmp_path):
+@pytest.mark.parametrize("store", ["memory", "rocksdb"])
+def test_replayed_test_split_scores_online_as_offline(store, broker, stream_data, gru_bundle, tmp_path):
     run_dir, bundle = gru_bundle
-    settings = worker_settings(broker)
+    settings = worker_settings(broker, store=store, data_dir=str(tmp_path / "state"))
     events = replay_events(stream_data, "test")
     with running_worker(settings, bundle, tmp_path / "worker.log"):
         asyncio.run(replay(settings, events, progress=False))
@@ -189,11 +190,12 @@ def test_state_survives_a_worker_handover(each_broker, stream_data, gru_bundle, 
     assert checked > 50
 
 
-@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
-def test_idle_sessions_expire_with_a_tombstone(broker, stream_data, markov_bundle, tmp_path, guarantee):
-    """Under exactly_once the tombstones go in transactions: the changelog is read as read_committed."""
+@pytest.mark.parametrize("guarantee,store", [("at_least_once", "memory"), ("exactly_once", "memory"), ("at_least_once", "rocksdb"), ("exactly_once", "rocksdb")])
+def test_idle_sessions_expire_with_a_tombstone(broker, stream_data, markov_bundle, tmp_path, guarantee, store):
+    """Under exactly_once the tombstones go in transactions: the changelog is read as read_committed.
+    With RocksDB a state or tombstone reaches the store once confirmed (committed, under exactly_once)."""
     _, bundle = markov_bundle
-    settings = worker_settings(broker, session_ttl=1.0, processing_guarantee=guarantee)
+    settings = worker_settings(broker, session_ttl=1.0, processing_guarantee=guarantee, store=store, data_dir=str(tmp_path / "state"))
     sessions = stream_data.test.select(np.arange(len(stream_data.test)) < 5)
     messages, _ = interleaved(sessions, stream_data.vocab)
     with running_worker(settings, bundle, tmp_path / "worker.log"):
