@@ -57,6 +57,7 @@ import orjson
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _fixtures import untrained_gru4rec_run  # noqa: E402
 from _report import produced_by, pyplot, save_figure, table, write_section  # noqa: E402  (benchmarks/ is on sys.path)
 from stream.kafka import KAFKA_VERSION  # noqa: E402
 
@@ -350,24 +351,12 @@ def profile_table(path: Path, result: dict, load: str) -> str:
 
 
 def build_bundle(work: Path, args) -> tuple[Path, Path, list[str]]:
-    import torch
-
     from export.exporter import export_run
-    from training.models import get_model
     from training.synth import synthesize
 
     print(f"synthesizing {args.items_asked:,} items ...", file=sys.stderr)
     data = synthesize(args.items_asked, args.catalogue_sessions, seed=0, test_fraction=0.05)
-    data.save(work / "data")
-    cls = get_model("gru4rec")
-    torch.manual_seed(0)
-    model = cls(data.n_items, cls.Config(layers=(args.hidden,)))  # untrained: serving cost does not depend on the weights
-    run_dir, bundle_dir = work / "run", work / "bundle"
-    model.save(run_dir)
-    (run_dir / "vocab.json").write_text((work / "data" / "vocab.json").read_text())
-    doc = json.loads((run_dir / "config.json").read_text())
-    doc["data"] = {"path": str(work / "data")}
-    (run_dir / "config.json").write_text(json.dumps(doc))
+    run_dir, bundle_dir = untrained_gru4rec_run(work, data, args.hidden), work / "bundle"
     export_run(run_dir, bundle_dir, data_dir=work / "data", k=20, parity_sessions=20, log=lambda line: print(line, file=sys.stderr))
     export_run(run_dir, work / "bundle-int8", data_dir=work / "data", k=20, int8=True, min_overlap=0.0, parity_sessions=20, log=lambda line: print(line, file=sys.stderr))
     return run_dir, bundle_dir, data.vocab.item_ids

@@ -50,6 +50,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _fixtures import untrained_gru4rec_run  # noqa: E402
 from _report import load_average, produced_by, table, write_section  # noqa: E402  (benchmarks/ is on sys.path)
 
 DOC = ROOT / "docs" / "stream.md"
@@ -59,23 +60,11 @@ CONFIGS = [("memory", 0), ("memory", 1), ("rocksdb", 0), ("rocksdb", 1)]
 
 
 def build_bundle(work: Path, items: int, hidden: int) -> tuple[Path, list[str]]:
-    import torch
-
     from export.exporter import export_run
-    from training.models import get_model
     from training.synth import synthesize
 
     data = synthesize(items, 20 * items, seed=0, test_fraction=0.05)
-    data.save(work / "data")
-    cls = get_model("gru4rec")
-    torch.manual_seed(0)
-    model = cls(data.n_items, cls.Config(layers=(hidden,)))  # untrained: the states' size and the takeover do not depend on the weights
-    run_dir, bundle_dir = work / "run", work / "bundle"
-    model.save(run_dir)
-    (run_dir / "vocab.json").write_text((work / "data" / "vocab.json").read_text())
-    doc = json.loads((run_dir / "config.json").read_text())
-    doc["data"] = {"path": str(work / "data")}
-    (run_dir / "config.json").write_text(json.dumps(doc))
+    run_dir, bundle_dir = untrained_gru4rec_run(work, data, hidden), work / "bundle"
     export_run(run_dir, bundle_dir, data_dir=work / "data", k=20, parity_sessions=20, log=lambda line: None)
     return bundle_dir, list(data.vocab.item_ids)
 
