@@ -47,9 +47,9 @@ class NotOwned(Exception):
 class Transactions:
     """The transactional producers of the clicks partitions this worker owns."""
 
-    def __init__(self, kafka_kwargs: dict, producer_options: dict, app_id: str, clicks_topic: str, group_id: str):
-        self.kafka_kwargs = kafka_kwargs
-        self.producer_options = dict(kafka_kwargs, **producer_options)
+    def __init__(self, settings, producer_options: dict, app_id: str, clicks_topic: str, group_id: str):
+        self.settings = settings  # its kafka_kwargs(): the connection and security of every client made here
+        self.producer_options = producer_options
         self.app_id, self.clicks_topic, self.group_id = app_id, clicks_topic, group_id
         self.producers: dict[int, AIOKafkaProducer] = {}
         self.outboxes: dict[int, Outbox] = {}
@@ -69,7 +69,7 @@ class Transactions:
         """Start (and so fence any earlier owner of) a producer for each clicks partition assigned; before recovery."""
         await self.stop()
         new = sorted({tp.partition for tp in assigned if tp.topic == self.clicks_topic})
-        producers = {p: AIOKafkaProducer(**self.producer_options, transactional_id=self.transactional_id(p), client_id=self.transactional_id(p)) for p in new}
+        producers = {p: AIOKafkaProducer(**self.settings.kafka_kwargs(), **self.producer_options, transactional_id=self.transactional_id(p), client_id=self.transactional_id(p)) for p in new}
         try:
             await asyncio.gather(*(producer.start() for producer in producers.values()))
             # start() only starts the sender, which asks for the producer id (InitProducerId: the fencing)
@@ -182,7 +182,7 @@ class Transactions:
         last committed record (see committed_ends)."""
         tails = {tp: end for tp, end in ends.items() if tp.topic in changelog_topics and end}
         if tails:
-            ends.update(await committed_ends(self.kafka_kwargs, tails))
+            ends.update(await committed_ends(self.settings, tails))
         return ends
 
 
@@ -190,7 +190,7 @@ TAIL_RECORDS = 256  # records read back from a partition's end at first, to find
 TAIL_SECONDS = 30.0  # longest time spent reading one partition's tail
 
 
-async def committed_ends(kafka_kwargs: dict, ends: dict) -> dict:
+async def committed_ends(settings, ends: dict) -> dict:
     """Partition -> one past its last committed data record before ``ends[partition]`` (the end offset
     a read_committed reader gets), or the partition's first offset if it has none.
 
@@ -200,7 +200,7 @@ async def committed_ends(kafka_kwargs: dict, ends: dict) -> dict:
     """
     from aiokafka import AIOKafkaConsumer
 
-    consumer = AIOKafkaConsumer(**kafka_kwargs, enable_auto_commit=False, isolation_level="read_committed", fetch_max_wait_ms=50)
+    consumer = AIOKafkaConsumer(**settings.kafka_kwargs(), enable_auto_commit=False, isolation_level="read_committed", fetch_max_wait_ms=50)
     await consumer.start()
     out = {}
     try:

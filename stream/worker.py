@@ -118,7 +118,7 @@ class StreamWorker:
             **s.faust_credentials(),
         )
         if s.exactly_once:
-            self.transactions = Transactions(s.kafka_kwargs(), EOS_PRODUCER, s.app_id, s.clicks_topic, group_id=s.app_id)
+            self.transactions = Transactions(s, EOS_PRODUCER, s.app_id, s.clicks_topic, group_id=s.app_id)
             self.transactions.committed = self.metrics.transactions.inc
         app.transport = stream_transport(s.fetch_wait_ms if s.tansu_quirks else None, tansu_fetch_wait=s.tansu_quirks, exactly_once=self.transactions)(app.conf.broker_consumer, app)
         if s.faust_metrics:
