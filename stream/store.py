@@ -24,8 +24,6 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from faust.types import TP
-
 from training.errors import UserError
 
 STORES = ("memory", "rocksdb")
@@ -185,9 +183,3 @@ class SessionStore:
             stored = key in data
             n += (raw is not None and not stored) - (raw is None and stored)
         return n
-
-    def persisted_offsets(self, topic: str, partitions) -> dict[int, int | None]:
-        """The changelog offset each partition's local database reflects (RocksDB; None: none or memory)."""
-        if not self.rocksdb:
-            return dict.fromkeys(partitions)
-        return {p: self._faust.persisted_offset(TP(topic, p)) for p in partitions}
