@@ -128,6 +128,18 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def memory_parts_mb(pid: int) -> dict[str, float]:
+    """Where the resident memory is: anonymous (heap, arenas, Python objects) versus file-backed
+    (code, shared libraries, mapped files), and the number of threads (each has a stack and may hold
+    a malloc arena)."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        name, _, rest = line.partition(":")
+        fields[name] = int(rest.split()[0]) / 1024.0
+    threads = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("Threads:"))
+    return {"anon_mb": fields.get("Anonymous", float("nan")), "file_mb": fields.get("Rss", float("nan")) - fields.get("Anonymous", 0.0), "threads": threads}
+
+
 def scrape(settings) -> dict[str, float]:
     base = f"http://{settings.metrics_host}:{settings.metrics_port}"
     with urllib.request.urlopen(f"{base}/metrics", timeout=5) as r:
@@ -181,9 +193,10 @@ def plot(samples: list[dict], args) -> None:
 
 def render(samples: list[dict], summary: dict, args) -> str:
     warm = [s for s in samples if s["t"] >= summary["warmup_s"]]
+    warm_anon = [s["anon_mb"] for s in (warm or samples)]
     step = max(1, len(samples) // 12)
     rows = [
-        (f"{s['t'] / 60:.1f}", f"{s['worker_mb']:.0f}", f"{s['active_sessions']:,.0f}", f"{s['expired']:,.0f}", f"{s['answered']:,.0f}",
+        (f"{s['t'] / 60:.1f}", f"{s['worker_mb']:.0f}", f"{s['anon_mb']:.0f}", f"{s['active_sessions']:,.0f}", f"{s['expired']:,.0f}", f"{s['answered']:,.0f}",
          f"{max(0.0, s['sent'] - s['answered']):,.0f}", "yes" if s["healthy"] else "NO")
         for s in samples[::step] + ([samples[-1]] if (len(samples) - 1) % step else [])
     ]
@@ -192,6 +205,7 @@ def render(samples: list[dict], summary: dict, args) -> str:
         ("sessions started / expired", f"{summary['sessions_started']:,} / {summary['expired']:,.0f}"),
         ("active sessions after warm-up (min – max)", f"{min(s['active_sessions'] for s in warm):,.0f} – {max(s['active_sessions'] for s in warm):,.0f}"),
         ("worker RSS at warm-up end → end", f"{summary['rss_warm']:.0f} MB → {summary['rss_end']:.0f} MB"),
+        ("worker anonymous memory at warm-up end → end", f"{warm_anon[0]:.0f} MB → {warm_anon[-1]:.0f} MB"),
         ("worker RSS trend after warm-up / over the last half (least squares)", f"{summary['slope_mb_per_hour']:+.1f} / {summary['late_slope_mb_per_hour']:+.1f} MB/hour"),
         ("most clicks sent but not yet answered in a sample", f"{max(max(0.0, s['sent'] - s['answered']) for s in samples):,.0f}"),
         *([(f"{ENGINES[args.engine]} RSS start → end", f"{samples[0]['broker_mb']:.0f} MB → {samples[-1]['broker_mb']:.0f} MB")] if not args.broker else []),
@@ -215,7 +229,7 @@ def render(samples: list[dict], summary: dict, args) -> str:
         f"Warm-up = the first {summary['warmup_s'] / 60:.1f} minutes (session TTL plus the time for the first sessions to age out). "
         + ("The embedded broker's memory grows by design (memory storage, no retention); " if args.engine == "tansu" and not args.broker else "") + "the worker's memory is what must stay flat.",
         "",
-        *table(["minute", "worker RSS MB", "active sessions", "expired (total)", "answered (total)", "not yet answered", "healthy"], rows, "rrrrrrc"),
+        *table(["minute", "worker RSS MB", "of it anonymous", "active sessions", "expired (total)", "answered (total)", "not yet answered", "healthy"], rows, "rrrrrrrc"),
         "",
         "![soak](img/soak.png)",
         "",
@@ -244,6 +258,7 @@ def main() -> None:
     parser.add_argument("--engine", choices=sorted(ENGINES), default="kafka", help="the broker to start: Apache Kafka (default) or the embedded one (slows down as its memory store fills)")
     parser.add_argument("--broker", default=None, help="kafka://HOST:PORT of a running Apache Kafka instead of starting one")
     parser.add_argument("--no-write", action="store_true", help="print the figures only")
+    parser.add_argument("--samples-json", type=Path, default=None, help="also write every sample to this JSON file")
     args = parser.parse_args()
     if min(args.minutes, args.rate, args.session_ttl, args.sample_seconds, args.mean_length) <= 0 or args.live_sessions < 1:
         parser.error("--minutes, --rate, --session-ttl, --sample-seconds, --mean-length and --live-sessions must be positive")
@@ -281,7 +296,7 @@ def main() -> None:
                         if source.error is not None:
                             raise source.error
                         s = scrape(settings)
-                        s.update(t=time.monotonic() - started, worker_mb=rss_mb(worker.pid), broker_mb=rss_mb(broker.process.pid) if broker is not None else float("nan"), sent=source.sent)
+                        s.update(t=time.monotonic() - started, worker_mb=rss_mb(worker.pid), broker_mb=rss_mb(broker.process.pid) if broker is not None else float("nan"), sent=source.sent, **memory_parts_mb(worker.pid))
                         samples.append(s)
                         bar.update(round(s["t"]) - bar.n)
                         bar.set_postfix_str(f"rss {s['worker_mb']:.0f} MB, sessions {s['active_sessions']:,.0f}, answered {s['answered']:,.0f}/{source.sent:,}")
@@ -321,6 +336,8 @@ def main() -> None:
         "p99": quantile(final["latency_buckets"], 0.99),
         "unhealthy_samples": sum(not s["healthy"] for s in samples),
     }
+    if args.samples_json:
+        args.samples_json.write_text(json.dumps({"summary": summary, "samples": samples}, indent=0))
     section = render(samples, summary, args)
     print(section)
     print(json.dumps({k: v for k, v in summary.items() if k != "command"}, indent=1), file=sys.stderr)
