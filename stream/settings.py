@@ -17,11 +17,12 @@ from typing import Any, Callable
 
 import click
 
+from stream.broker_adapter import ADAPTERS, broker_adapter
 from training.errors import UserError
 
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
-BROKER_QUIRKS = ("none", "tansu")
+BROKER_QUIRKS = tuple(ADAPTERS)  # none, tansu: stream.broker_adapter says what each changes
 PROCESSING_GUARANTEES = ("at_least_once", "exactly_once")
 
 
@@ -51,7 +52,7 @@ class Settings:
     metrics_host: str = _s("127.0.0.1", "Address the Prometheus metrics endpoint binds to.")
     metrics_port: int = _s(9108, "Port of the Prometheus metrics endpoint (0 = no endpoint).", minimum=0)
     faust_metrics: bool = _s(True, "Also export Faust's own consumer/stream metrics (faust PrometheusMonitor) on the same endpoint.")
-    broker_quirks: str = _s("none", "'tansu' when the broker is the embedded one: works around its ListOffsets answer, its empty answers to short fetches and its missing idempotent producer (see docs/stream.md). Never with Apache Kafka.", BROKER_QUIRKS)
+    broker_quirks: str = _s("none", "'tansu' when the broker is the embedded one: works around its ListOffsets answer, its held and empty fetches, its missing idempotent producer and its missing transactions (the five workarounds of stream/broker_adapter.py; docs/stream.md). Never with Apache Kafka.", BROKER_QUIRKS)
     group_session_timeout: float = _s(10.0, "Consumer group session timeout in seconds: how soon a dead worker's partitions move. Apache Kafka accepts it between the broker's group.min.session.timeout.ms and group.max.session.timeout.ms (6 s and 30 min by default).", minimum=0.5)
     standby_replicas: int = _s(0, "Faust table_standby_replicas: how many other workers also read each changelog partition into their store. With --store memory this does not shorten a takeover; with --store rocksdb it does (see docs/stream.md, 'Scale-out and sizing').", minimum=0)
     store: str = _s("memory", "Where a worker keeps its session states: 'memory' (Faust's in-memory store: a worker taking over partitions, or restarted, reads their whole changelog) or 'rocksdb' (Faust's RocksDB store through rocksdict, on disk in --data-dir: a restarted worker, or a standby, reads only the changelog's tail; not for production yet: see docs/stream.md, 'Scale-out and sizing').", ("memory", "rocksdb"))
@@ -94,8 +95,7 @@ class Settings:
             raise UserError(f"--data-dir {self.data_dir} is not a directory")
         if self.bundle_root and not Path(self.bundle_root).is_dir():
             raise UserError(f"--bundle-root {self.bundle_root}: no such directory")
-        if self.exactly_once and self.tansu_quirks:
-            raise UserError("--processing-guarantee exactly_once needs Kafka transactions, which the embedded broker (--broker-quirks tansu) does not have; use Apache Kafka")
+        broker_adapter(self).check(self)
         if self.security_protocol.startswith("SASL") and not self.sasl_username:
             raise UserError(f"--security-protocol {self.security_protocol} needs --sasl-username (and --sasl-password)")
 
@@ -144,14 +144,8 @@ class Settings:
 
     @property
     def isolation_level(self) -> str:
-        """What the project's readers of the worker's output use: committed transactions only (the same
-        records as read_uncommitted when the worker runs at_least_once), except on the embedded broker,
-        which has no transactions."""
-        return "read_uncommitted" if self.tansu_quirks else "read_committed"
-
-    @property
-    def tansu_quirks(self) -> bool:
-        return self.broker_quirks == "tansu"
+        """What the project's readers of the worker's output use (stream.broker_adapter)."""
+        return broker_adapter(self).isolation_level
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The TLS context every client uses, or None without TLS."""

@@ -24,6 +24,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from stream.transport import rocksdb_offset_key, rocksdb_partition_db
 from training.errors import UserError
 
 STORES = ("memory", "rocksdb")
@@ -84,13 +85,13 @@ class SessionStore:
 
     def _db(self, partition: int):
         """The partition's RocksDB database if it is open here (an owned or stood-by partition), else None."""
-        return self._faust._dbs.get(partition)
+        return rocksdb_partition_db(self._faust, partition)
 
     def get(self, key: bytes, partition: int) -> bytes | None:
         raw = self.pending.get(key, _ABSENT)
         if raw is _ABSENT:
             if self.rocksdb:  # a partition this worker consumes: Faust opened its database on assignment (or opens it now)
-                raw = self._faust._db_for_partition(partition).get(key)
+                raw = rocksdb_partition_db(self._faust, partition, open_it=True).get(key)
             else:
                 raw = self._faust.get(key)
         if raw is None:
@@ -125,7 +126,7 @@ class SessionStore:
                     batch.delete(key)
                 else:
                     batch.put(key, raw)
-            batch.put(self._faust.offset_key, str(future.result().offset + len(records) - 1).encode())
+            batch.put(rocksdb_offset_key(self._faust), str(future.result().offset + len(records) - 1).encode())
             db.write(batch)
         else:
             data = self._faust
@@ -156,7 +157,7 @@ class SessionStore:
                 if raw is not None:
                     yield key, raw
             return
-        offset_key = self._faust.offset_key
+        offset_key = rocksdb_offset_key(self._faust)
         for partition in sorted(owned):
             db = self._db(partition)
             if db is None:

@@ -119,7 +119,7 @@ async def consume_all(settings: Settings, topics: list[str], expect: dict[str, i
     answers follow, whichever topic the broker hands over first), or without ``expect`` when every
     partition has reached its end offset and nothing new came
     for ``idle`` seconds (the idle wait also covers brokers whose end offsets
-    run short, see --broker-quirks). Raises UserError after ``timeout`` seconds
+    run short, see stream.broker_adapter). Raises UserError after ``timeout`` seconds
     if ``expect`` is not met.
     """
     from aiokafka import AIOKafkaConsumer, TopicPartition

@@ -34,6 +34,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.structs import TopicPartition
 
 from stream.outbox import Outbox
+from stream.transport import wait_for_producer_ids
 
 log = logging.getLogger("streamrec.transactions")
 
@@ -74,7 +75,7 @@ class Transactions:
             await asyncio.gather(*(producer.start() for producer in producers.values()))
             # start() only starts the sender, which asks for the producer id (InitProducerId: the fencing)
             # in the background; wait for it, so that the fencing is done before recovery begins.
-            await asyncio.gather(*(producer._txn_manager.wait_for_pid() for producer in producers.values()))
+            await wait_for_producer_ids(producers.values())
             if self.topics:
                 await asyncio.gather(*(producer.client.set_topics(self.topics) for producer in producers.values()))
         except BaseException:

@@ -1,12 +1,17 @@
-"""Faust's aiokafka transport with the changes the stream needs, each measured on this project's box.
+"""Faust's aiokafka transport with the changes the stream needs, each measured on this project's box;
+and the one module of stream/ that uses private names of Faust, mode or aiokafka.
 
-1. Fetch wait, only with ``--broker-quirks tansu``. faust-streaming 0.15
-   hard-codes ``fetch_max_wait_ms=1500`` for its consumer. The embedded broker
-   holds every fetch to its maximum wait, which put the p50 end-to-end latency
-   at 1.3 s, so there the wait is a setting (``--fetch-wait-ms``). Apache Kafka
-   answers a fetch as soon as data arrives: with Faust's 1.5 s the worker's
-   latency and throughput on it were those of a 10 ms wait (docs/stream.md,
-   "What Apache Kafka needs"), so on it Faust's own value stands.
+Every such use is here, behind a small named function or in the overrides below, each saying why the
+public API does not suffice on Apache Kafka; the rest of stream/ calls these. The versions they were
+written against are pinned in constraints.txt, and tests/test_private_names.py fails when one of the
+names changes or, for a copied or wrapped upstream method, when its source does.
+
+1. Fetch wait, only where the broker adapter sets one (stream.broker_adapter, which
+   says why). faust-streaming 0.15 hard-codes ``fetch_max_wait_ms=1500`` for
+   its consumer and has no setting for it, so ``set_fetch_max_wait`` sets the
+   aiokafka consumer's before it starts. On Apache Kafka, which answers a fetch
+   as soon as data arrives, Faust's own value stands (docs/stream.md, "What
+   Apache Kafka needs"), and this never runs.
 
 2. Bulk delivery. Faust's consumer loop hands each fetched record to the
    conductor inside ``wait_first(callback, suspend_flow.wait())``, which
@@ -62,17 +67,11 @@
    experiment: widening the window by 0.3 s made every rebalance of the
    scale-out test stall before this change and none after (docs/reliability.md).
 
-4. Only with ``--broker-quirks tansu``: the embedded broker (Tansu 0.6)
-   answered every fetch of a partition far behind its end with no records
-   while the fetch wait was 10 ms, for as long as the worker ran (the
-   30-minute soak stalled after 3 minutes); a 100 ms wait read the same
-   records at once. So after such an answer (no records, high watermark above
-   the fetch offset) the next fetch waits twice as long, up to
-   ``TANSU_FETCH_WAIT_MAX_MS``, and every answer that is not one takes a
-   quarter off it, back down to the setting (so it stays near the shortest
-   wait that reads, rather than swinging back below it). Apache Kafka
-   answers with whatever is there whatever the wait; this never runs without
-   the quirk setting.
+4. Adaptive fetch wait, only where the broker adapter asks for it
+   (stream.broker_adapter, which says why): ``adapt_fetch_wait`` wraps aiokafka's
+   Fetcher's per-request coroutine on the live object, so that after each
+   answer the adapter's policy sets the next fetch's wait. aiokafka has no hook
+   for either. On Apache Kafka this never runs.
 
 5. Only with ``--processing-guarantee exactly_once`` (stream.transactions): the
    consumer reads committed records only; each new assignment starts (and so
@@ -97,33 +96,37 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 log = logging.getLogger("streamrec.transport")
 
 ROOM_POLL_SECONDS = 0.002  # how often the fetch loop looks for room in a full agent queue
-TANSU_FETCH_WAIT_MAX_MS = 1000  # the longest fetch wait the Tansu workaround asks for
 
 
-class TansuFetchWait:
-    """The fetch wait under ``--broker-quirks tansu`` (point 4 above): doubled after an answer with no
-    records although the partition had some past the fetch offset, a quarter shorter (not below the
-    setting) after any other answer."""
-
-    def __init__(self, base_ms: int, most_ms: int = TANSU_FETCH_WAIT_MAX_MS) -> None:
-        self.base_ms = base_ms
-        self.most_ms = max(base_ms, most_ms)
-        self.ms = base_ms
-
-    def after_fetch(self, empty_while_behind: bool) -> int:
-        if empty_while_behind:
-            self.ms = min(self.most_ms, max(2 * self.ms, 20))
-        else:
-            self.ms = max(self.base_ms, self.ms * 3 // 4)
-        return self.ms
+# The private names used outside the overrides below: each behind one function.
 
 
-def adapt_fetch_wait(fetcher, wait: TansuFetchWait) -> None:
-    """Make aiokafka's ``fetcher`` set its fetch wait from ``wait`` after each fetch answer.
+def set_fetch_max_wait(consumer, ms: int) -> None:
+    """Set an aiokafka consumer's fetch wait before ``start()`` hands it to its Fetcher (point 1).
 
-    Wraps the fetcher's per-request coroutine on the instance: its fetch loop looks the method up
-    for every request, and builds each request from ``_fetch_max_wait_ms``.
-    """
+    Faust builds the consumer itself with ``fetch_max_wait_ms=1500`` and no setting; aiokafka reads
+    ``_fetch_max_wait_ms`` in ``start()``. Not used on Apache Kafka."""
+    consumer._fetch_max_wait_ms = ms
+
+
+def set_read_committed(consumer) -> None:
+    """Make an aiokafka consumer read committed records only (point 5), before ``start()``.
+
+    Faust builds the consumer with read_committed only when its own ``processing_guarantee`` is
+    exactly_once, which would also make Faust's producer transactional (the worker has its own
+    transactional producers, stream.transactions); aiokafka reads ``_isolation_level`` in ``start()``.
+    Needed on Apache Kafka under ``--processing-guarantee exactly_once``."""
+    consumer._isolation_level = "read_committed"
+
+
+def adapt_fetch_wait(consumer, wait) -> None:
+    """Make the started aiokafka ``consumer`` set its fetch wait from ``wait.after_fetch(empty_while_behind)``
+    (milliseconds) after each fetch answer (point 4).
+
+    Wraps the Fetcher's per-request coroutine on the instance: its fetch loop looks the method up for
+    every request and builds each request from ``_fetch_max_wait_ms``; aiokafka has no hook for it.
+    Not used on Apache Kafka."""
+    fetcher = consumer._fetcher
     fetch = fetcher._proc_fetch_request
 
     async def fetch_and_adapt(assignment, node_id, request):
@@ -140,6 +143,42 @@ def adapt_fetch_wait(fetcher, wait: TansuFetchWait) -> None:
         return had_records
 
     fetcher._proc_fetch_request = fetch_and_adapt
+
+
+async def wait_for_producer_ids(producers) -> None:
+    """Wait until each started transactional aiokafka producer has its producer id (InitProducerId:
+    the fencing of the transactional id's earlier owner).
+
+    ``start()`` only starts the sender, which asks for the id in the background; aiokafka's public
+    ``begin_transaction()`` waits for it but also begins a transaction. Needed on Apache Kafka under
+    ``--processing-guarantee exactly_once``."""
+    await asyncio.gather(*(producer._txn_manager.wait_for_pid() for producer in producers))
+
+
+def rocksdb_partition_db(store, partition: int, open_it: bool = False):
+    """The RocksDB database of ``partition`` in Faust's RocksDB ``store`` (a table's ``.data``) if it is
+    open here, else None; with ``open_it``, opened if need be (Faust does so on assignment).
+
+    Faust's Store offers reads and writes by key only (to the partition of the current event): the
+    worker writes a batch of states together with the changelog offset in one write, to the
+    partition of its choosing (stream.store). Needed on any broker with ``--store rocksdb``."""
+    return store._db_for_partition(partition) if open_it else store._dbs.get(partition)
+
+
+def rocksdb_offset_key(store) -> bytes:
+    """The key under which Faust's RocksDB ``store`` keeps each partition database's persisted changelog
+    offset (what ``set_persisted_offset`` writes; undocumented, hence here)."""
+    return store.offset_key
+
+
+def consumer_partition_report(consumer, tp) -> str:
+    """One clicks partition as a Faust consumer sees it, for the worker's stall log: high watermark,
+    last offset handed to the agent, committed offset, and whether it is fetched (paused during
+    recovery, or its buffer full). Faust keeps these in private attributes only."""
+    c = consumer
+    why_not = [name for name, tps in (("paused", c._paused_partitions), ("buffer full", c._buffered_partitions)) if tp in tps]
+    fetching = "fetching" if tp in (c._active_partitions or ()) else f"not fetching ({', '.join(why_not) or 'inactive'})"
+    return f"p{tp.partition} high={c.highwater(tp)} read={c._read_offset.get(tp)} committed={c._committed_offset.get(tp)} {fetching}"
 
 
 async def put_back(consumer, spans: dict) -> dict:
@@ -185,12 +224,13 @@ class SkippedWhileRebalancing:
         return first if first is not None and offset > first else None
 
 
-def stream_transport(fetch_max_wait_ms: int | None, bulk_delivery: bool = True, tansu_fetch_wait: bool = False, exactly_once=None) -> type:
+def stream_transport(fetch_max_wait_ms: int | None, bulk_delivery: bool = True, fetch_wait=None, exactly_once=None) -> type:
     """A Faust Transport class whose consumer waits at most ``fetch_max_wait_ms`` per fetch (None: Faust's 1.5 s).
 
     ``bulk_delivery=False`` keeps Faust's own per-record delivery loop (the
-    stream benchmark's baselines use it). ``tansu_fetch_wait`` turns on the
-    embedded broker's workaround (point 4 above; ``--broker-quirks tansu``).
+    stream benchmark's baselines use it). ``fetch_wait``: None, or a callable
+    that makes the policy ``adapt_fetch_wait`` follows (point 4 above; the
+    broker adapter's, stream.broker_adapter).
 
     ``exactly_once`` (point 5): the worker's stream.transactions.Transactions under
     ``--processing-guarantee exactly_once``, None otherwise.
@@ -199,12 +239,12 @@ def stream_transport(fetch_max_wait_ms: int | None, bulk_delivery: bool = True, 
     class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         def _create_worker_consumer(self, transport: Any):
             consumer = super()._create_worker_consumer(transport)
+            # Overridden (a private hook of Faust's) because Faust builds the aiokafka consumer here with
+            # its own fetch wait and isolation level, and has no setting for either (points 1 and 5).
             if fetch_max_wait_ms is not None:
-                # aiokafka hands this to its Fetcher in start(), which runs after this.
-                consumer._fetch_max_wait_ms = fetch_max_wait_ms
+                set_fetch_max_wait(consumer, fetch_max_wait_ms)  # aiokafka hands it to its Fetcher in start(), after this
             if exactly_once is not None:
-                # Also handed to the Fetcher in start(): recovery must not apply the states of aborted transactions.
-                consumer._isolation_level = "read_committed"
+                set_read_committed(consumer)  # recovery must not apply the states of aborted transactions
             return consumer
 
         async def unread(self, spans: dict) -> None:
@@ -214,16 +254,19 @@ def stream_transport(fetch_max_wait_ms: int | None, bulk_delivery: bool = True, 
                 await self.call_thread(self._unread, spans)
 
         async def _unread(self, spans: dict) -> None:
+            # The aiokafka consumer itself (Faust's private _ensure_consumer): Faust's public seek cannot say
+            # "only if the position has not moved since the fetch" (put_back).
             for tp, (first, end) in (await put_back(self._ensure_consumer(), spans)).items():
                 log.info("%s[%d]: put back %d fetched records (from offset %d): a rebalance began before they were handed over", tp.topic, tp.partition, end - first, first)
 
         async def on_start(self) -> None:
             await super().on_start()
-            if tansu_fetch_wait:
-                adapt_fetch_wait(self._consumer._fetcher, TansuFetchWait(fetch_max_wait_ms if fetch_max_wait_ms is not None else 1500))
+            if fetch_wait is not None:
+                adapt_fetch_wait(self._consumer, fetch_wait())
 
     class Consumer(faust_aiokafka.Consumer):
         def _new_consumer_thread(self):
+            # Faust's only way to give its consumer another thread class (the overrides above); no setting.
             return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
         if exactly_once is not None:
@@ -238,6 +281,8 @@ def stream_transport(fetch_max_wait_ms: int | None, bulk_delivery: bool = True, 
                 await exactly_once.on_revoked()
 
             async def _commit(self, offsets) -> bool:
+                # Still needed on Apache Kafka: Faust's commit path has no switch to leave the offsets to someone
+                # else's transactions short of its own exactly_once, which makes its producer transactional.
                 return True  # the offsets went into each batch's transaction
 
             async def highwaters(self, *partitions):
@@ -254,6 +299,10 @@ def stream_transport(fetch_max_wait_ms: int | None, bulk_delivery: bool = True, 
             await super().on_partitions_revoked(revoked)
 
         async def _drain_messages(self, fetcher) -> None:  # pragma: no cover - exercised by every broker test
+            # Faust's Consumer._drain_messages (faust-streaming 0.15.3) rewritten: its per-record hand-over and its
+            # dropping of a fetched batch at a rebalance (points 2 and 3) are broker-independent, so still needed on
+            # Apache Kafka; Faust has no public hook into this loop. tests/test_private_names.py pins the upstream
+            # source's hash and every private name read here.
             app = self.app
             skipped = self._skipped
             callback = self.callback
@@ -362,7 +411,7 @@ def stream_transport(fetch_max_wait_ms: int | None, bulk_delivery: bool = True, 
         async def _room_for(self, message) -> bool:
             """Wait until the queues ``message`` goes to have room; False if a rebalance began meanwhile."""
             app = self.app
-            channels = app.topics._tp_index.get(message.tp, ())
+            channels = app.topics._tp_index.get(message.tp, ())  # the Conductor's channels per partition: no public accessor
             while True:
                 if self.should_stop or self.suspend_flow.is_set() or not app.flow_control.is_active() or message.generation_id != app.consumer_generation_id:
                     return False

@@ -29,6 +29,7 @@ import faust
 from aiokafka import AIOKafkaProducer
 from mode import CrashingSupervisor
 
+from stream.broker_adapter import broker_adapter
 from stream.experiment import ArmedProcessor
 from stream.metrics import StreamMetrics, online_ks
 from stream.outbox import Outbox
@@ -38,7 +39,7 @@ from stream.state import SessionState, StateError, last_seen_of
 from stream.store import SessionStore, faust_store
 from stream.topics import ensure_topics
 from stream.transactions import NotOwned, Transactions
-from stream.transport import stream_transport
+from stream.transport import consumer_partition_report, stream_transport
 from stream.watchdog import BEAT_SECONDS, Watchdog, serve_http
 from training.errors import UserError
 
@@ -55,9 +56,8 @@ MAX_PENDING_BATCHES = 4  # micro-batches whose answers, states or acks may be ou
 # (idempotence: retries after a lost answer or a leader change keep one copy, in order). aiokafka
 # retries a failed batch until request_timeout_ms (40 s) has passed; then the worker stops so that
 # its unacknowledged clicks are read again (see _ack_when_delivered). linger 0: sent at once.
-# Under --broker-quirks tansu without idempotence: the embedded broker answers InitProducerId with an error.
+# Without idempotence where the broker has none (stream.broker_adapter, outbox_producer).
 OUTBOX_PRODUCER = dict(acks="all", enable_idempotence=True, linger_ms=0)
-TANSU_OUTBOX_PRODUCER = dict(OUTBOX_PRODUCER, enable_idempotence=False)
 # Under --processing-guarantee exactly_once, the transactional producer of each clicks partition (idempotent by being
 # transactional). A transaction begun right after the last one's commit may be answered CONCURRENT_TRANSACTIONS
 # while the broker writes the last one's markers, and aiokafka retries AddOffsetsToTxn after retry_backoff_ms
@@ -120,7 +120,8 @@ class StreamWorker:
         if s.exactly_once:
             self.transactions = Transactions(s, EOS_PRODUCER, s.app_id, s.clicks_topic, group_id=s.app_id)
             self.transactions.committed = self.metrics.transactions.inc
-        app.transport = stream_transport(s.fetch_wait_ms if s.tansu_quirks else None, tansu_fetch_wait=s.tansu_quirks, exactly_once=self.transactions)(app.conf.broker_consumer, app)
+        broker = broker_adapter(s)
+        app.transport = stream_transport(broker.fetch_max_wait_ms(s), fetch_wait=broker.fetch_wait(s), exactly_once=self.transactions)(app.conf.broker_consumer, app)
         if s.faust_metrics:
             from faust.sensors.prometheus import FaustMetrics, PrometheusMonitor
 
@@ -173,9 +174,7 @@ class StreamWorker:
         for tp in sorted(c.assignment()):
             if tp.topic != self.settings.clicks_topic:
                 continue
-            why_not = [name for name, tps in (("paused", c._paused_partitions), ("buffer full", c._buffered_partitions)) if tp in tps]
-            fetching = "fetching" if tp in (c._active_partitions or ()) else f"not fetching ({', '.join(why_not) or 'inactive'})"
-            parts.append(f"p{tp.partition} high={c.highwater(tp)} read={c._read_offset.get(tp)} committed={c._committed_offset.get(tp)} {fetching}")
+            parts.append(consumer_partition_report(c, tp))
         queue = self._queue
         waiting = f"{queue.qsize()}/{queue.maxsize}" if queue is not None else "not started"
         return f"flow {'on' if c.flow_active else 'off'}, agent queue {waiting}; " + ("; ".join(parts) or "no clicks partitions")
@@ -200,14 +199,14 @@ class StreamWorker:
         if self.transactions is not None:
             await self._consume(stream, queue, batch_size, self._close_transactions)
             return
-        producer = AIOKafkaProducer(**self.settings.kafka_kwargs(), **(TANSU_OUTBOX_PRODUCER if self.settings.tansu_quirks else OUTBOX_PRODUCER), max_batch_size=OUTPUT_BATCH_BYTES, client_id=f"{self.settings.app_id}-outbox")
+        producer = AIOKafkaProducer(**self.settings.kafka_kwargs(), **broker_adapter(self.settings).outbox_producer(OUTBOX_PRODUCER), max_batch_size=OUTPUT_BATCH_BYTES, client_id=f"{self.settings.app_id}-outbox")
         await producer.start()
         changelog = self.table.changelog_topic_name
         # Once aiokafka tracks any topic it refreshes metadata for the tracked ones only, and a batch
         # queued for a topic that fell out of its metadata waits for a leader until it expires (a
         # stall, then a crash): track every output topic from the start.
         await producer.client.set_topics([self.recommendations, self.dlq, changelog])
-        self.outbox = Outbox(producer, single_last=frozenset([changelog]) if self.settings.tansu_quirks else frozenset())
+        self.outbox = Outbox(producer, single_last=broker_adapter(self.settings).single_last(changelog))
         self.state_outbox = Outbox(producer, single_last=self.outbox.single_last)
         await self._consume(stream, queue, batch_size, lambda: self._close(producer))
 

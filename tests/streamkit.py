@@ -23,6 +23,7 @@ import numpy as np
 import orjson
 import pytest
 
+from stream.broker_adapter import broker_adapter
 from stream.events import click_value
 from stream.settings import Settings
 from stream.topics import ensure_topics, producer
@@ -120,7 +121,7 @@ class PacedSender(threading.Thread):
 
     async def _send(self) -> None:
         await ensure_topics(self.settings)
-        options = {"enable_idempotence": not self.settings.tansu_quirks, **self.producer_kwargs}
+        options = {"enable_idempotence": broker_adapter(self.settings).idempotent_producer, **self.producer_kwargs}
         p = producer(self.settings, acks="all", **options)
         await p.start()
         started = time.perf_counter()

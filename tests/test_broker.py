@@ -68,7 +68,8 @@ def test_the_tansu_fetch_wait_reads_a_backlog_that_a_10_ms_fetch_never_gets(tans
     The control consumer (fixed 10 ms) must read next to nothing, or the test shows nothing; the adapted one reads all."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    from stream.transport import TansuFetchWait, adapt_fetch_wait
+    from stream.broker_adapter import TansuFetchWait
+    from stream.transport import adapt_fetch_wait
 
     partitions, batches = 4, 20_000
     settings = Settings(broker=tansu_broker.url, partitions=partitions)
@@ -94,7 +95,7 @@ def test_the_tansu_fetch_wait_reads_a_backlog_that_a_10_ms_fetch_never_gets(tans
         c = AIOKafkaConsumer(**settings.kafka_kwargs(), fetch_max_wait_ms=10, enable_auto_commit=False)
         await c.start()
         if adapt:
-            adapt_fetch_wait(c._fetcher, TansuFetchWait(10))
+            adapt_fetch_wait(c, TansuFetchWait(10))
         tps = [TopicPartition(settings.clicks_topic, p) for p in range(partitions)]
         c.assign(tps)
         for tp in tps:

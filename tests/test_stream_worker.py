@@ -297,7 +297,7 @@ def test_fetched_records_not_handed_over_are_put_back_unless_a_seek_moved_the_pa
 def test_the_tansu_fetch_wait_grows_while_fetches_come_back_empty_and_returns_to_the_setting():
     """--broker-quirks tansu (stream.transport, point 3): an answer with no records although the partition
     has some doubles the next fetch's wait, up to a ceiling; other answers take a quarter off, down to the setting."""
-    from stream.transport import TANSU_FETCH_WAIT_MAX_MS, TansuFetchWait
+    from stream.broker_adapter import TANSU_FETCH_WAIT_MAX_MS, TansuFetchWait
 
     wait = TansuFetchWait(10)
     assert [wait.after_fetch(True) for _ in range(3)] == [20, 40, 80]
