@@ -124,6 +124,7 @@ def test_each_private_attribute_is_still_set(owner, name):
 
 @pytest.mark.parametrize("owner,name", list(UPSTREAM_SOURCES), ids=lambda x: getattr(x, "__qualname__", x))
 def test_each_overridden_or_wrapped_upstream_method_has_the_source_it_had(owner, name):
+    assert hasattr(owner, name), f"{owner.__module__}.{owner.__qualname__}.{name} is gone: see {FRAMEWORK_MODULE}"
     assert source_hash(getattr(owner, name)) == UPSTREAM_SOURCES[owner, name], (
         f"{owner.__module__}.{owner.__qualname__}.{name} changed upstream: re-read it against {FRAMEWORK_MODULE}, then record the new hash"
     )
