@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from training.data import Vocab
-from training.errors import UserError
+from streamrec.errors import UserError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"

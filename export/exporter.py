@@ -25,7 +25,7 @@ import numpy as np
 from export import defaults
 from export.bundle import BundleWriter
 from training.data import PreparedData, Vocab
-from training.errors import UserError
+from streamrec.errors import UserError
 
 
 def export_run(

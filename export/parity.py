@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from export.scorer import Scorer, StepInput
-from training.errors import UserError
+from streamrec.errors import UserError
 from training.models.items import HistoryIndex
 from training.sessions import Sessions
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.errors import UserError
+from streamrec.errors import UserError
 
 INDEX_FILE = "index.faiss"
 VECTORS_FILE = "item_vectors.npy"

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from export.bundle import Bundle, open_bundle
-from training.errors import UserError
+from streamrec.errors import UserError
 
 
 @dataclass

@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from training.errors import UserError
+from streamrec.errors import UserError
 
 # (module, attribute) of every command or group mounted under `streamrec`.
 COMMANDS = [

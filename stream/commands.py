@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from stream.settings import settings_from, settings_options
-from training.errors import UserError
+from streamrec.errors import UserError
 
 CONNECTION = ("broker", "security_protocol", "sasl_mechanism", "sasl_username", "sasl_password", "ssl_cafile", "ssl_certfile", "ssl_keyfile", "broker_quirks")
 TOPICS = ("clicks_topic", "recommendations_topic", "dlq_topic", "partitions", "replication_factor")

@@ -19,7 +19,7 @@ import numpy as np
 from stream.broker import EmbeddedBroker, free_port
 from stream.settings import Settings
 from training.data import PreparedData
-from training.errors import UserError
+from streamrec.errors import UserError
 
 YOOCHOOSE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "yoochoose-rsc15-100k"
 KS = (5, 10, 20)

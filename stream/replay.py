@@ -27,7 +27,7 @@ from stream.events import PROBE_SESSION, BadEvent, click_value, online_rank, par
 from stream.settings import Settings
 from stream.topics import consume_all, ensure_topics, producer
 from training.data import PreparedData
-from training.errors import UserError
+from streamrec.errors import UserError
 from training.sessions import Sessions
 
 

@@ -24,7 +24,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from training.errors import UserError
+from streamrec.errors import UserError
 
 STORES = ("memory", "rocksdb")
 # RocksDB options of each partition's database (Faust's defaults are a 2 GiB block cache and 3 write buffers of

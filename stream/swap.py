@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from export.scorer import StepInput
-from training.errors import UserError
+from streamrec.errors import UserError
 
 log = logging.getLogger("streamrec.swap")
 

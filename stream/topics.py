@@ -9,7 +9,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 
 from stream.settings import Settings
-from training.errors import UserError
+from streamrec.errors import UserError
 
 
 # The model-updates topic: one partition (updates in one order for every worker), compacted (its

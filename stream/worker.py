@@ -40,7 +40,7 @@ from stream.topics import ensure_topics
 from stream.transactions import NotOwned, Transactions
 from stream.transport import stream_transport
 from stream.watchdog import BEAT_SECONDS, Watchdog, serve_http
-from training.errors import UserError
+from streamrec.errors import UserError
 
 log = logging.getLogger("streamrec.worker")
 

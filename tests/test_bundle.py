@@ -16,7 +16,7 @@ from export.quantize import top_k_overlap
 from export.parity import Replay
 from export.scorer import StepInput, drop_seen, left_padded, load_scorer
 from training.data import PreparedData, Vocab
-from training.errors import UserError
+from streamrec.errors import UserError
 from training.models import get_model
 from training.models.base import config_from_options
 from training.sessions import Sessions

@@ -27,7 +27,7 @@ from stream.swap import UPDATES_KEY, update_message
 from stream.topics import consume_all, ensure_topics, producer
 from tests.streamkit import click_stream, kill_worker, streamrec
 from tests.test_stream_support import _train_and_export, gru_bundle, markov_bundle, metric, metrics_text, running_worker, send, stream_data, wait_for, worker_settings  # noqa: F401
-from training.errors import UserError
+from streamrec.errors import UserError
 
 K = 20
 

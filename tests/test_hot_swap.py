@@ -24,7 +24,7 @@ from stream.swap import load_verified, model_tag
 from stream.topics import consume_all
 from tests.streamkit import answers_by_key, assert_same_answer, click_stream, offline_answers
 from tests.test_stream_support import gru_bundle, markov_bundle, metric, metrics_text, running_worker, send, stream_data, wait_for, worker_settings  # noqa: F401
-from training.errors import UserError
+from streamrec.errors import UserError
 
 K = 20
 

@@ -23,7 +23,7 @@ from stream.topics import consume_all, publish_model_update, producer
 from tests.streamkit import REBALANCE_RERUN, PacedSender, answered, answers_by_key, assert_same_answer, click_stream, offline_answers, streamrec
 from tests.test_hot_swap import corrupted_copy, positions, version_of
 from tests.test_stream_support import gru_bundle, markov_bundle, metric, metrics_text, running_worker, send, stream_data, wait_for, worker_settings  # noqa: F401
-from training.errors import UserError
+from streamrec.errors import UserError
 
 K = 20
 

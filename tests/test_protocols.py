@@ -10,7 +10,7 @@ import pytest
 
 from training import protocols
 from training.data import PreparedData
-from training.errors import UserError
+from streamrec.errors import UserError
 
 DAY = 86400.0
 

@@ -22,7 +22,7 @@ from stream.retrain import dataset_from_clicks, decide, parse_duration, parse_ti
 from stream.swap import parse_update, update_arm, update_message
 from tests.streamkit import streamrec
 from tests.test_stream_support import gru_bundle, markov_bundle, metric, metrics_text, read, running_worker, send, stream_data, wait_for, worker_settings  # noqa: F401
-from training.errors import UserError
+from streamrec.errors import UserError
 
 # ---------------------------------------------------------------- pure parts
 

@@ -27,7 +27,7 @@ from stream.watchdog import Watchdog, serve_http
 from stream.worker import StreamWorker, start_worker, stop_worker
 from tests.streamkit import answered, listening_sockets, send_all, streamrec
 from tests.test_stream_support import gru_bundle, markov_bundle, metrics_text, stream_data, wait_for, worker_settings  # noqa: F401
-from training.errors import UserError
+from streamrec.errors import UserError
 
 
 STREAM = Path(__file__).resolve().parents[1] / "stream"

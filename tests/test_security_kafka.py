@@ -29,7 +29,7 @@ from tests.securekit import ADMIN, TOPIC, READ, WRITE, Acl, client_settings, cre
 from tests.streamkit import answered, answers_by_key, assert_same_answer, click_stream, offline_answers, streamrec
 from tests.test_hot_swap import version_of
 from tests.test_stream_support import gru_bundle, markov_bundle, metric, metrics_text, running_worker, stream_data, wait_for  # noqa: F401
-from training.errors import UserError
+from streamrec.errors import UserError
 
 K = 20
 USERS = {"streamrec-worker": "worker-secret", "shop": "shop-secret", "publisher": "publisher-secret", "outsider": "outsider-secret"}

@@ -16,7 +16,7 @@ from stream.events import REASONS, BadEvent, Click, click_value, online_rank, pa
 from stream.processor import BatchProcessor, Record
 from stream.settings import Settings, env_name, flag_name, markdown_table
 from stream.state import HEADER, VERSION, SessionState, StateError, last_seen_of
-from training.errors import UserError
+from streamrec.errors import UserError
 from tests.test_stream_support import assert_answer_matches, markov_bundle, offline_rows, stream_data  # noqa: F401
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "stream.md"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from training.errors import UserError
+from streamrec.errors import UserError
 
 
 def _parse_sets(values: tuple[str, ...]) -> dict[str, str]:

@@ -43,7 +43,7 @@ import numpy as np
 import pandas as pd
 
 from training.data import PreparedData, Vocab, sessions_from_frame, vocab_from_train
-from training.errors import UserError
+from streamrec.errors import UserError
 from training.sessions import Sessions
 
 DAY = 86400.0

@@ -84,7 +84,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.errors import UserError
+from streamrec.errors import UserError
 from training.sessions import Sessions
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "adagrad")

@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Iterator
 import numpy as np
 
 from training.data import PreparedData
-from training.errors import UserError
+from streamrec.errors import UserError
 from training.sessions import Sessions
 
 STATE_KINDS = ("hidden", "window", "graph", "items")

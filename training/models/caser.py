@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.data import PreparedData
-from training.errors import UserError
+from streamrec.errors import UserError
 from training.models.window import WindowModel, catalogue_cross_entropy, mask_padding_column, shuffled, training_split
 from training.trainer import TrainerConfig, fit
 from training.windows import next_item_pairs

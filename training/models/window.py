@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from training.data import PreparedData
-from training.errors import UserError
+from streamrec.errors import UserError
 from training.models.base import SessionModel, next_positions, write_run_config
 from training.sessions import Sessions
 from training.evaluate import evaluation_positions, ranks
