@@ -108,7 +108,7 @@ def main() -> None:
 
     from export.exporter import export_run
     from stream.kafka import KafkaCluster
-    from stream.worker import start_worker, stop_worker, wait_until_serving
+    from stream.process import start_worker, stop_worker, wait_until_serving
     from training.models import get_model
     from training.synth import generate_log, synthesize
 

@@ -24,8 +24,8 @@ import numpy as np
 
 from export import defaults
 from export.bundle import BundleWriter
-from training.data import PreparedData, Vocab
 from streamrec.errors import UserError
+from training.data import PreparedData, Vocab
 
 
 def export_run(

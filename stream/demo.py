@@ -18,8 +18,8 @@ import numpy as np
 
 from stream.broker import EmbeddedBroker, free_port
 from stream.settings import Settings
-from training.data import PreparedData
 from streamrec.errors import UserError
+from training.data import PreparedData
 
 YOOCHOOSE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "yoochoose-rsc15-100k"
 KS = (5, 10, 20)
@@ -94,8 +94,8 @@ def export_bundle(run_dir: Path, data: PreparedData, bundle_dir: Path) -> dict:
 
 def stream_test_sessions(settings: Settings, bundle_dir: Path, data: PreparedData, rate: float, log_path: Path) -> dict:
     """Start a worker, replay the test split at ``rate`` clicks/s, read every answer back and score it."""
+    from stream.process import start_worker, stop_worker, wait_until_serving
     from stream.replay import read_and_score, replay, replay_events
-    from stream.worker import start_worker, stop_worker, wait_until_serving
 
     events = replay_events(data, "test")
     worker = start_worker(settings, bundle_dir, log_path)
