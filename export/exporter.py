@@ -52,8 +52,6 @@ def export_run(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Export the trained run in ``run_dir`` to the bundle ``out``; returns the manifest."""
-    import torch
-
     from export.parity import check_parity, sample_sessions
     from export.scorer import load_scorer
     from training.models import load_run
@@ -82,7 +80,6 @@ def export_run(
     ann = _ann_settings(model, retrieval, k, history_len, candidates, ann_index, ann_m, ann_ef_construction, ann_ef_search, ann_nlist, ann_nprobe)
     if ann is not None and not 0 <= min_recall <= 1:
         raise UserError(f"--min-recall must be between 0 and 1, got {min_recall}")
-    torch.set_num_threads(threads)
 
     metrics_path = run_dir / "metrics.json"
     manifest = {

@@ -77,11 +77,11 @@ class Scorer:
             raise UserError(f"{bundle.path}: retrieval ann is for neural models, not state kind 'items'")
         self.ann = None  # AnnIndex, loaded by the kinds that support it
 
-    def _load_ann(self, threads: int) -> None:
+    def _load_ann(self) -> None:
         if self.retrieval["mode"] == "ann":
             from export.retrieval import AnnIndex
 
-            self.ann = AnnIndex(self.bundle, threads)
+            self.ann = AnnIndex(self.bundle)
 
     def _answer(self, query: np.ndarray, batch: StepInput, exclude_seen: bool) -> tuple[np.ndarray, np.ndarray]:
         """ann: candidates for the query rows, exactly scored, seen items dropped, the first K."""
@@ -117,7 +117,7 @@ class HiddenScorer(Scorer):
     def __init__(self, bundle: Bundle, threads: int):
         super().__init__(bundle)
         self.session = onnx_session(bundle.file(bundle.manifest["model_file"]), threads)
-        self._load_ann(threads)
+        self._load_ann()
 
     def step(self, batch: StepInput, exclude_seen: bool = False) -> StepOutput:
         items = self._check(batch, exclude_seen)
@@ -146,7 +146,7 @@ class WindowScorer(Scorer):
         super().__init__(bundle)
         self.session = onnx_session(bundle.file(bundle.manifest["model_file"]), threads)
         self.features = dict(bundle.manifest.get("features") or {})  # event feature name -> cardinality, in forward order
-        self._load_ann(threads)
+        self._load_ann()
 
     def step(self, batch: StepInput, exclude_seen: bool = False) -> StepOutput:
         items = self._check(batch, exclude_seen)
@@ -176,15 +176,13 @@ class GraphScorer(Scorer):
 
     def __init__(self, bundle: Bundle, threads: int):
         super().__init__(bundle)
-        import torch
-
+        from streamrec import runtime
         from training.models import get_model
 
-        self.torch = torch
-        torch.set_num_threads(threads)  # process-wide: the scorer is the stream worker's only torch user
+        self.torch = runtime.torch()  # with the process's threads (streamrec.runtime): set at its start, not here
         cls = get_model(bundle.manifest["model"])
         self.module = cls.load(bundle.path).export_module().eval()
-        self._load_ann(threads)
+        self._load_ann()
         if self.ann is not None:
             from export.retrieval import query_module
 

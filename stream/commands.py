@@ -13,6 +13,7 @@ import click
 
 from stream.settings import settings_from, settings_options
 from streamrec.errors import UserError
+from streamrec.runtime import configure_process
 
 CONNECTION = ("broker", "security_protocol", "sasl_mechanism", "sasl_username", "sasl_password", "ssl_cafile", "ssl_certfile", "ssl_keyfile", "broker_quirks")
 TOPICS = ("clicks_topic", "recommendations_topic", "dlq_topic", "partitions", "replication_factor")
@@ -225,6 +226,9 @@ def retrain(serving: Path, out: Path, window, since, until, model_name, epochs, 
         raise UserError("--model-updates-topic is empty: there is no topic to publish to (or pass --action none)")
     period = parse_duration(every, "--every") if every is not None else None
     window_bounds(window, since, until, every, time.time())  # the flags are checked before anything is read
+    from training.trainer import TrainerConfig
+
+    configure_process(threads=TrainerConfig.threads, keep_freed_memory=True)  # each round trains (training.trainer.fit): the trainer's default threads
     opts = RoundOptions(out=out, model=model_name, sets=_parse_sets(sets), epochs=epochs, margin=margin, holdout=holdout, action=action, arm=arm, worker_root=worker_root)
     say = lambda message: click.echo(f"[{time.strftime('%H:%M:%S')}] {message}", err=True)  # noqa: E731
     if period is None:
@@ -277,6 +281,7 @@ def demo(data_kind: str, rate: float, epochs: int, workdir, engine: str) -> None
 
     if rate <= 0:
         raise UserError("--rate must be positive")
+    configure_process(threads=2, keep_freed_memory=True)  # the demo's GRU4Rec trains on 2 threads
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so that the broker and worker are stopped
     run_demo(DemoConfig(data=data_kind, rate=rate, epochs=epochs, engine=engine), workdir)
 

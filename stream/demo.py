@@ -67,12 +67,9 @@ def prepare_data(config: DemoConfig, out: Path) -> PreparedData:
 
 def train_model(data: PreparedData, config: DemoConfig, run_dir: Path):
     """A short GRU4Rec run, saved like `streamrec train` saves it."""
-    import torch
-
     from training.models import get_model
 
     cls = get_model("gru4rec")
-    torch.set_num_threads(2)
     model = cls.train(data, cls.Config(layers=(config.hidden,), epochs=config.epochs, batch_size=config.batch_size, n_sample=256, seed=config.seed), progress=True, run_dir=run_dir)
     model.save(run_dir)
     shutil.copyfile(data.path / "vocab.json", run_dir / "vocab.json")

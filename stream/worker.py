@@ -41,6 +41,7 @@ from stream.transactions import NotOwned, Transactions
 from stream.transport import stream_transport
 from stream.watchdog import BEAT_SECONDS, Watchdog, serve_http
 from streamrec.errors import UserError
+from streamrec.runtime import configure_process
 
 log = logging.getLogger("streamrec.worker")
 
@@ -461,6 +462,7 @@ def serve(settings: Settings, bundle_dir: Path) -> None:
     from stream.bundles import check_k, probe
     from stream.swap import install
 
+    configure_process(threads=settings.scorer_threads)  # torch's and faiss's threads, before any scorer (a swap's too) loads
     arms = settings.experiment_arms()
     scorers = {}
     for arm, path in ([(a.name, Path(a.bundle)) for a in arms] or [(None, bundle_dir)]):
