@@ -54,7 +54,10 @@ class StepOutput:
 
 
 class Scorer:
-    """Common part of every kind: bundle metadata, popularity answer, seen-item filtering."""
+    """Common part of every kind: bundle metadata, popularity answer, seen-item filtering.
+
+    Every kind satisfies ``streamrec.contracts.Scorer``, what the stream uses of it (tests/test_contracts.py).
+    """
 
     kind: str
 
@@ -76,6 +79,7 @@ class Scorer:
         if self.retrieval["mode"] == "ann" and m["state_kind"] == "items":
             raise UserError(f"{bundle.path}: retrieval ann is for neural models, not state kind 'items'")
         self.ann = None  # AnnIndex, loaded by the kinds that support it
+        self.features: dict = {}  # event feature name -> cardinality the model reads (window models set theirs)
 
     def _load_ann(self) -> None:
         if self.retrieval["mode"] == "ann":

@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from export.scorer import StepInput
+from streamrec.contracts import Scorer
 from streamrec.errors import UserError
 
 
-def check_k(scorer, k: int, path=None) -> None:
+def check_k(scorer: Scorer, k: int, path=None) -> None:
     """UserError unless the bundle (at ``path``, when given) answers at least ``k`` items."""
     if k > scorer.k:
         raise UserError(f"--k {k} is more than the bundle's k ({scorer.k}){f' of {path}' if path is not None else ''}; export the bundle with a larger --k")
@@ -39,7 +40,7 @@ def bundle_identity(bundle: Path) -> tuple[str, str]:
     return resolved, version
 
 
-def load_verified(path: str, threads: int, k: int, rows: int = 1):
+def load_verified(path: str, threads: int, k: int, rows: int = 1) -> Scorer:
     """Load and check a bundle for serving (runs in a thread): checksums, k, one probe step of ``rows`` sessions."""
     from export.scorer import load_scorer
 
@@ -49,7 +50,7 @@ def load_verified(path: str, threads: int, k: int, rows: int = 1):
     return scorer
 
 
-def probe(scorer, path, rows: int) -> None:
+def probe(scorer: Scorer, path, rows: int) -> None:
     """Score ``rows`` new sessions at once; UserError unless every row gets finite scores.
 
     With ``rows`` = the largest micro-batch this is also the scorer's warm-up: ONNX Runtime's memory

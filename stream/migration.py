@@ -18,9 +18,10 @@ import zlib
 import numpy as np
 
 from export.scorer import StepInput
+from streamrec.contracts import Scorer
 
 
-def model_tag(scorer) -> int:
+def model_tag(scorer: Scorer) -> int:
     """32-bit tag of the model a state was made with (crc32 of its model_version)."""
     return zlib.crc32(str(scorer.manifest["model_version"]).encode())
 
@@ -30,7 +31,7 @@ def vocab_tag(item_ids) -> int:
     return zlib.crc32("\n".join(map(str, item_ids)).encode())
 
 
-def rebuild_states(states: list, scorer, new_model_tag: int, new_vocab_tag: int, old_vocabs: dict[int, np.ndarray]) -> None:
+def rebuild_states(states: list, scorer: Scorer, new_model_tag: int, new_vocab_tag: int, old_vocabs: dict[int, np.ndarray]) -> None:
     """Adapt states made by another model to ``scorer``, in place (see the module docstring).
 
     ``old_vocabs``: vocab tag -> item ids (index i + 1 = item_ids[i]) of vocabularies this worker
@@ -60,7 +61,7 @@ def rebuild_states(states: list, scorer, new_model_tag: int, new_vocab_tag: int,
         _replay_hidden(states, scorer)
 
 
-def _replay_hidden(states: list, scorer) -> None:
+def _replay_hidden(states: list, scorer: Scorer) -> None:
     """The GRU hidden state of every session after its kept items, all sessions in one batch per step."""
     hidden = np.zeros((len(states), scorer.hidden_size), dtype=np.float32)
     lengths = np.fromiter((len(s.history) for s in states), dtype=np.int64, count=len(states))

@@ -28,6 +28,7 @@ from stream.bundles import check_k
 from stream.events import BadEvent, dead_letter, online_rank, parse_click, recommendation
 from stream.migration import model_tag, rebuild_states, vocab_tag
 from stream.state import SessionState, arm_tag
+from streamrec.contracts import Scorer
 
 
 class Record(NamedTuple):
@@ -68,7 +69,7 @@ class _Pending(NamedTuple):
 class BatchProcessor:
     """Scores micro-batches with a Scorer; keeps no state of its own between batches."""
 
-    def __init__(self, scorer, k: int, exclude_seen: bool = False, clock: Callable[[], float] | None = None, max_event_bytes: int | None = None, experiment: str | None = None, arm: str | None = None):
+    def __init__(self, scorer: Scorer, k: int, exclude_seen: bool = False, clock: Callable[[], float] | None = None, max_event_bytes: int | None = None, experiment: str | None = None, arm: str | None = None):
         check_k(scorer, k)
         self.scorer = scorer
         self.k = k
