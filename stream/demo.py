@@ -21,7 +21,9 @@ from stream.settings import Settings
 from streamrec.errors import UserError
 from training.data import PreparedData
 
-YOOCHOOSE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "yoochoose-rsc15-100k"
+# Where `--data yoochoose` reads the YooChoose 100k sample unless --yoochoose-dir / STREAMREC_DEMO_DATA says otherwise:
+# the shared data folder beside the repository (the sample is not part of it).
+DEFAULT_YOOCHOOSE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "yoochoose-rsc15-100k"
 KS = (5, 10, 20)
 
 
@@ -36,6 +38,7 @@ class DemoConfig:
     rate: float = 2000.0  # clicks per second offered to the worker
     seed: int = 0
     engine: str = "tansu"  # the embedded broker: nothing to install beyond pip; "kafka": Apache Kafka (Java)
+    yoochoose_dir: Path = DEFAULT_YOOCHOOSE  # the YooChoose 100k sample, for data="yoochoose"
 
 
 def say(message: str) -> None:
@@ -54,10 +57,11 @@ def prepare_data(config: DemoConfig, out: Path) -> PreparedData:
         from training.protocols import given
         from training.readers import read_yoochoose
 
-        if not YOOCHOOSE.is_dir():
-            raise UserError(f"the YooChoose sample is not at {YOOCHOOSE} (it is not part of the repository); run the demo without --data")
-        train = read_yoochoose(YOOCHOOSE / "yoochoose-clicks-100k_train_full.txt")
-        test = read_yoochoose(YOOCHOOSE / "yoochoose-clicks-100k_test.txt")
+        folder = Path(config.yoochoose_dir)
+        if not folder.is_dir():
+            raise UserError(f"the YooChoose sample is not at {folder} (it is not part of the repository); point --yoochoose-dir (STREAMREC_DEMO_DATA) at it, or run the demo without --data")
+        train = read_yoochoose(folder / "yoochoose-clicks-100k_train_full.txt")
+        test = read_yoochoose(folder / "yoochoose-clicks-100k_test.txt")
         data = given(train, test, valid_days=1.0)
     else:
         raise UserError(f"--data must be synth or yoochoose, got '{config.data}'")
