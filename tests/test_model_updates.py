@@ -1,4 +1,4 @@
-"""Model updates by message, the worker's event accounting and its Faust settings (stream/swap.py,
+"""Model updates by message, the worker's event accounting and its Faust settings (stream/model_updates.py, stream/swap.py,
 stream/metrics.py, stream/settings.py).
 
 Through the embedded broker with real `streamrec serve` processes: a `model-updates` message swaps
