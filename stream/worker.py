@@ -462,7 +462,7 @@ def serve(settings: Settings, bundle_dir: Path) -> None:
     from stream.bundles import check_k, probe
     from stream.swap import install
 
-    configure_process(threads=settings.scorer_threads)  # torch's and faiss's threads, before any scorer (a swap's too) loads
+    configure_process(threads=settings.scorer_threads, load=())  # torch's and faiss's threads for whichever scorer (a swap's too) loads them; ONNX needs neither
     arms = settings.experiment_arms()
     scorers = {}
     for arm, path in ([(a.name, Path(a.bundle)) for a in arms] or [(None, bundle_dir)]):

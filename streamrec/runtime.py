@@ -21,14 +21,19 @@ _threads: int | None = None  # the process's CPU threads for torch and faiss; No
 _applied: set[str] = set()  # the libraries the count has been applied to
 
 
-def configure_process(threads: int | None = None, *, keep_freed_memory: bool = False) -> None:
+def configure_process(threads: int | None = None, *, keep_freed_memory: bool = False, load: tuple[str, ...] = ("torch",)) -> None:
     """Once, at process start: ``threads`` CPU threads for torch (intra-op) and faiss (OpenMP), and with
-    ``keep_freed_memory`` glibc keeps freed memory (for training; see ``keep_freed_memory``)."""
+    ``keep_freed_memory`` glibc keeps freed memory (for training; see ``_keep_freed_memory``).
+
+    ``load``: the libraries the program uses for sure, imported and configured now (training and export
+    use torch); the worker passes none, and a library it loads later (a torch-served bundle, an ann
+    index) is configured when ``torch()`` / ``faiss()`` first import it.
+    """
     global _threads
     _threads = threads
     _applied.clear()
     for name in ("torch", "faiss"):
-        if name in sys.modules:  # loaded already: apply now
+        if name in load or name in sys.modules:  # used for sure, or loaded already: apply now
             _configured(name)
     if keep_freed_memory:
         _keep_freed_memory()

@@ -22,6 +22,19 @@ def test_the_process_thread_count_reaches_torch_whether_loaded_before_or_after()
     assert before == after == "1"
 
 
+def test_the_worker_configures_torch_without_loading_it():
+    """A worker serving ONNX never loads torch: its configure_process (load=()) leaves it unloaded, and a
+    torch-served bundle swapped in later gets the count when the scorer imports it (runtime.torch())."""
+    out = run(
+        "import sys\n"
+        "from streamrec import runtime\n"
+        "runtime.configure_process(threads=1, load=())\n"
+        "loaded = 'torch' in sys.modules\n"
+        "print(loaded, runtime.torch().get_num_threads())\n"
+    )
+    assert out == "False 1"
+
+
 def test_no_library_sets_process_wide_state():
     """Only streamrec/runtime.py calls mallopt or sets torch's or faiss's thread count for the process
     (export.retrieval.build_index sets faiss's for the build and puts it back)."""
