@@ -43,8 +43,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
+from streamrec.runtime import configure_process
 from training.data import PreparedData
 from training.evaluate import evaluate
 from training.models import available_models, get_model
@@ -349,7 +349,7 @@ def main() -> None:
         chart(rows)
         write_section(RESULTS, markdown(rows))
         return
-    torch.set_num_threads(args.threads)
+    configure_process(threads=args.threads, keep_freed_memory=True)  # once, at the start: torch's threads, and glibc keeps freed memory for training
     if not SHARED.is_dir():
         sys.exit(f"real click logs not found at {SHARED}")
     have = set(available_models())

@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from streamrec.runtime import configure_process
 from training.data import PreparedData
 from training.evaluate import evaluate, evaluation_positions
 from training.models import get_model
@@ -210,7 +210,7 @@ def main() -> None:
     parser.add_argument("--no-docs", action="store_true", help="print only; do not touch docs/")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the box is shared)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    configure_process(threads=args.threads, keep_freed_memory=True)  # once, at the start: torch's threads, and glibc keeps freed memory for training
     if not SHARED.is_dir():
         sys.exit(f"real click logs not found at {SHARED}")
     models = args.models.split(",")

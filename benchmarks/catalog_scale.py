@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from streamrec.runtime import configure_process
+
 from _report import environment, produced_by, pyplot, save_figure, table, write_section  # benchmarks/ is on sys.path
 
 BATCH_SIZES = (1, 32, 256)
@@ -215,9 +217,7 @@ def main() -> None:
         print(json.dumps(measure_bundle(args.measure, args.threads, args.events, args.exact)))
         return
 
-    import torch
-
-    torch.set_num_threads(args.threads)
+    configure_process(threads=args.threads, keep_freed_memory=True)  # once, at the start: torch's threads, and glibc keeps freed memory for training
     rng = np.random.default_rng(0)
     rows = []
     with tempfile.TemporaryDirectory(prefix="streamrec-catalog-") as tmp:

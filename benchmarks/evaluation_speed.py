@@ -14,8 +14,8 @@ import argparse
 import time
 
 import numpy as np
-import torch
 
+from streamrec.runtime import configure_process
 from training.data import PreparedData, Vocab
 from training.evaluate import evaluate
 from training.models import get_model
@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--models", default="pop,markov")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    configure_process(threads=args.threads, keep_freed_memory=True)  # once, at the start: torch's threads, and glibc keeps freed memory for training
     rng = np.random.default_rng(0)
     successors = rng.integers(1, args.items + 1, size=(args.items + 1, 8))
     train = synthetic_sessions(rng, 4 * args.events, args.items, successors)

@@ -27,6 +27,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from streamrec.runtime import configure_process  # noqa: E402
 from training.data import PreparedData, sessions_from_frame, vocab_from_train  # noqa: E402
 from training.evaluate import evaluate  # noqa: E402
 from training.models.gru4rec import GRU4Rec, Config  # noqa: E402
@@ -177,6 +178,7 @@ def main() -> None:
     import json
 
     overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.sets)}
+    configure_process(threads=args.threads, keep_freed_memory=True)  # once, at the start: torch's threads, and glibc keeps freed memory for training
     data = prepare(args.data)
     print(f"yoochoose-rsc15-100k: {data.n_items:,} items, {data.train.n_events:,} train events, {data.test.n_events:,} test events", flush=True)
     rows = []

@@ -108,7 +108,8 @@ def main() -> None:
 
     from export.exporter import export_run
     from stream.kafka import KafkaCluster
-    from stream.worker import start_worker, stop_worker, wait_until_serving
+    from stream.process import start_worker, stop_worker, wait_until_serving
+    from streamrec.runtime import configure_process
     from training.models import get_model
     from training.synth import generate_log, synthesize
 
@@ -120,6 +121,7 @@ def main() -> None:
     stale_data.save(work / "data-stale")
     cls = get_model("gru4rec")
     config = cls.Config(layers=(64,), epochs=args.epochs, n_sample=256, batch_size=32, threads=1)
+    configure_process(threads=config.threads, keep_freed_memory=True)  # torch's threads and glibc's allocator, before anything trains
     t = time.perf_counter()
     run_dir = work / "run-stale"
     model = cls.train(stale_data, config, progress=True, run_dir=run_dir)

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from export.exporter import export_run
 from export.scorer import StepInput, load_scorer
+from streamrec.runtime import configure_process
 from training.models import available_models, get_model, load_run
 from training.models.items import HistoryIndex
 from training.synth import synthesize
@@ -117,7 +118,7 @@ def main() -> None:
     parser.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True, help="also time int8 bundles of ONNX models")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    configure_process(threads=args.threads, keep_freed_memory=True)  # once, at the start: torch's threads, and glibc keeps freed memory for training
     rng = np.random.default_rng(0)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
 

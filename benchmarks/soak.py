@@ -265,8 +265,8 @@ def main() -> None:
 
     from stream.broker import EmbeddedBroker, free_port
     from stream.kafka import KafkaCluster
+    from stream.process import start_worker, stop_worker, wait_until_serving
     from stream.settings import Settings
-    from stream.worker import start_worker, stop_worker, wait_until_serving
 
     command = command_line()
     with tempfile.TemporaryDirectory(prefix="streamrec-soak-") as tmp:

@@ -533,8 +533,8 @@ def main() -> None:
 
         def start_streamrec(bundle, guarantee: str = "at_least_once"):
             def start(broker):
+                from stream.process import start_worker
                 from stream.settings import Settings
-                from stream.worker import start_worker
 
                 settings = Settings(broker=broker.url, broker_quirks=broker.quirks, group_session_timeout=2.0, metrics_port=0, fetch_wait_ms=args.fetch_wait_ms, processing_guarantee=guarantee)
                 return start_worker(settings, bundle, work / "streamrec.log")

@@ -262,8 +262,8 @@ def scan_seconds(rocks_dir: Path | None, states: dict | None) -> tuple[float, in
 
 def run_size(n: int, cluster, bundle: Path, items: list[str], work: Path, args) -> list[dict]:
     from stream.broker import free_port
+    from stream.process import start_worker, stop_worker
     from stream.settings import Settings
-    from stream.worker import start_worker, stop_worker
 
     prefix = f"n{n}-"
     base = Settings(

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from streamrec.errors import UserError
 from training.data import Vocab
-from training.errors import UserError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from export import defaults
+from streamrec.runtime import configure_process
 
 
 @click.command()
@@ -33,6 +34,7 @@ def export(run_dir: Path, out: Path, **options) -> None:
     """Export a trained run as a verified bundle (parity-checked against the trained model)."""
     from export.exporter import export_run
 
+    configure_process(threads=options["threads"])
     export_run(run_dir, out, log=lambda line: click.echo(line, err=True), **options)
 
 

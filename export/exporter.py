@@ -24,8 +24,9 @@ import numpy as np
 
 from export import defaults
 from export.bundle import BundleWriter
+from streamrec.contracts import KIND_CONTRACTS, ExportableModel, WindowStateModel
+from streamrec.errors import UserError
 from training.data import PreparedData, Vocab
-from training.errors import UserError
 
 
 def export_run(
@@ -52,8 +53,6 @@ def export_run(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Export the trained run in ``run_dir`` to the bundle ``out``; returns the manifest."""
-    import torch
-
     from export.parity import check_parity, sample_sessions
     from export.scorer import load_scorer
     from training.models import load_run
@@ -74,6 +73,7 @@ def export_run(
     if k < 1:
         raise UserError(f"--k must be at least 1, got {k}")
     kind = model.state_kind
+    _check_contract(model, kind)
     history_len = _history_len(model, kind, history_len)
     k = min(k, model.n_items)
     candidates_in_graph = min(k + history_len, model.n_items)
@@ -82,7 +82,6 @@ def export_run(
     ann = _ann_settings(model, retrieval, k, history_len, candidates, ann_index, ann_m, ann_ef_construction, ann_ef_search, ann_nlist, ann_nprobe)
     if ann is not None and not 0 <= min_recall <= 1:
         raise UserError(f"--min-recall must be between 0 and 1, got {min_recall}")
-    torch.set_num_threads(threads)
 
     metrics_path = run_dir / "metrics.json"
     manifest = {
@@ -90,7 +89,7 @@ def export_run(
         "state_kind": kind,
         "n_items": model.n_items,
         "k": k,
-        "hidden_size": int(getattr(model, "hidden_size", 0)) if kind == "hidden" else 0,
+        "hidden_size": int(model.hidden_size) if kind == "hidden" else 0,
         "history_len": history_len,
         "window_len": history_len if kind in ("window", "graph") else 0,
         "features": {},
@@ -147,7 +146,26 @@ def _dataset(run_dir: Path, run_doc: dict, data_dir: Path | None) -> PreparedDat
     return PreparedData.load(data_dir)
 
 
-def _history_len(model, kind: str, requested: int | None) -> int:
+def _check_contract(model, kind: str) -> None:
+    """UserError unless ``model`` provides what export uses of its state kind (streamrec.contracts)."""
+    contract = KIND_CONTRACTS.get(kind)
+    if contract is None:
+        raise UserError(f"model '{model.name}' has unknown state kind '{kind}'")
+    if not isinstance(model, contract):
+        missing = [name for name in sorted(_members(contract)) if not hasattr(model, name)]
+        raise UserError(f"model '{model.name}' (state kind '{kind}') cannot be exported: it lacks {', '.join(missing)} ({contract.__name__}, streamrec/contracts.py)")
+
+
+def _members(protocol: type) -> set[str]:
+    """The attributes and methods a protocol asks for."""
+    names: set[str] = set()
+    for cls in protocol.__mro__:
+        if cls.__module__ == "streamrec.contracts":
+            names |= {n for n in (*vars(cls), *getattr(cls, "__annotations__", {})) if not n.startswith("_")}
+    return names
+
+
+def _history_len(model: ExportableModel, kind: str, requested: int | None) -> int:
     """Recent items the stream keeps per session: the model's window, or the exclude_seen horizon."""
     if kind in ("window", "graph"):
         length = int(model.history_len)
@@ -166,19 +184,23 @@ def _write_model(model, kind: str, manifest: dict, writer: BundleWriter, k: int,
     if kind == "hidden":
         export_step_model(model.export_module(), manifest["hidden_size"], k, candidates, writer.path("model.onnx"))
     elif kind == "window":
-        features = dict(getattr(model, "net_args", {}).get("event_features") or {})
-        manifest["features"] = features
-        labels = manifest["training"]["dataset"]["stats"].get("feature_vocab", {})
-        manifest["feature_vocab"] = {name: labels[name] for name in features if name in labels}
+        features = _event_features(model, manifest)
         export_window_model(model.export_module(), manifest["history_len"], list(features), k, candidates, writer.path("model.onnx"))
     elif kind == "graph":
         model.save(writer.tmp)  # config.json + model.pt, reloaded with weights_only=True by the scorer
         for extra in set(p.name for p in writer.tmp.iterdir()) - {"config.json", "model.pt", "vocab.json", "popularity.npy"}:
             (writer.tmp / extra).unlink()
-    elif kind == "items":
+    else:  # items (the kind was checked against KIND_CONTRACTS before anything was written)
         np.savez(writer.path("model.npz"), **model.arrays())
-    else:
-        raise UserError(f"model '{model.name}' has unknown state kind '{kind}'")
+
+
+def _event_features(model: WindowStateModel, manifest: dict) -> dict:
+    """The window model's event features (name -> cardinality), recorded in the manifest with their labels."""
+    features = dict(model.net_args.get("event_features") or {})
+    manifest["features"] = features
+    labels = manifest["training"]["dataset"]["stats"].get("feature_vocab", {})
+    manifest["feature_vocab"] = {name: labels[name] for name in features if name in labels}
+    return features
 
 
 def _ann_settings(model, retrieval: str, k: int, history_len: int, candidates: int | None, index: str | None, m, ef_construction, ef_search, nlist, nprobe) -> dict | None:
@@ -218,10 +240,7 @@ def _write_ann_model(model, kind: str, manifest: dict, writer: BundleWriter, thr
     if kind == "hidden":
         export_step_query_model(query_module(model.name, net), manifest["hidden_size"], writer.path("model.onnx"))
     elif kind == "window":
-        features = dict(getattr(model, "net_args", {}).get("event_features") or {})
-        manifest["features"] = features
-        labels = manifest["training"]["dataset"]["stats"].get("feature_vocab", {})
-        manifest["feature_vocab"] = {name: labels[name] for name in features if name in labels}
+        features = _event_features(model, manifest)
         export_window_query_model(query_module(model.name, net), manifest["history_len"], list(features), writer.path("model.onnx"))
     else:
         _write_model(model, kind, manifest, writer, 0, 0)  # SR-GNN: the torch model; the scorer cuts it at the query

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from export.scorer import Scorer, StepInput
-from training.errors import UserError
+from streamrec.errors import UserError
 from training.models.items import HistoryIndex
 from training.sessions import Sessions
 
@@ -63,7 +63,7 @@ def replay(scorer: Scorer, sessions: Sessions, exclude_seen: bool = False, batch
     import time
 
     history = HistoryIndex(sessions)
-    feature_names = getattr(scorer, "features", {})
+    feature_names = scorer.features
     known_features = {name: sessions.features[name][sessions.items > 0] for name in feature_names}
     lengths = sessions.lengths
     hidden = np.zeros((len(sessions), scorer.hidden_size), dtype=np.float32) if scorer.kind == "hidden" else None
@@ -99,7 +99,7 @@ def replay(scorer: Scorer, sessions: Sessions, exclude_seen: bool = False, batch
 def check_parity(model, scorer: Scorer, sessions: Sessions, tol: float = TOLERANCE) -> dict:
     """Compare ``scorer`` with ``model.score_next`` on ``sessions``; raise UserError on a mismatch, else a report."""
     served = replay(scorer, sessions)
-    approximate = getattr(scorer, "ann", None) is not None
+    approximate = scorer.ann is not None
     where = np.full(sessions.n_events, -1, dtype=np.int64)
     where[served.positions] = np.arange(len(served.positions))
     k = served.top_items.shape[1]

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.errors import UserError
+from streamrec import runtime
+from streamrec.errors import UserError
 
 INDEX_FILE = "index.faiss"
 VECTORS_FILE = "item_vectors.npy"
@@ -122,9 +123,16 @@ def faiss_version() -> str:
 
 def build_index(vectors: np.ndarray, settings: dict, threads: int = 1):
     """A faiss inner-product index over rows 1.. of ``vectors`` (faiss id i = item i + 1); returns (index, seconds)."""
-    import faiss
+    faiss = runtime.faiss()
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(threads)  # the build's own count (its graph depends on it), and the process's again after
+    try:
+        return _build_index(faiss, vectors, settings)
+    finally:
+        faiss.omp_set_num_threads(before)
 
-    faiss.omp_set_num_threads(threads)
+
+def _build_index(faiss, vectors: np.ndarray, settings: dict):
     rows = np.ascontiguousarray(vectors[1:], dtype=np.float32)
     dim = rows.shape[1]
     started = time.perf_counter()
@@ -170,13 +178,12 @@ def write_index(index, path: Path) -> None:
 class AnnIndex:
     """A bundle's index and item vectors: query rows in, exactly scored candidates out (best first)."""
 
-    def __init__(self, bundle, threads: int = 1):
-        import faiss
+    def __init__(self, bundle):
+        faiss = runtime.faiss()  # with the process's threads (streamrec.runtime): set at its start, not here
 
         settings = bundle.manifest["retrieval"]
         self.settings = settings
         n_items = int(bundle.manifest["n_items"])
-        faiss.omp_set_num_threads(threads)  # process-wide, like torch's: the scorer is the worker's only user
         try:
             self.index = faiss.read_index(str(bundle.file(settings["index_file"])))
         except (RuntimeError, KeyError) as e:

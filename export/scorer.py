@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from export.bundle import Bundle, open_bundle
-from training.errors import UserError
+from streamrec.errors import UserError
 
 
 @dataclass
@@ -54,7 +54,10 @@ class StepOutput:
 
 
 class Scorer:
-    """Common part of every kind: bundle metadata, popularity answer, seen-item filtering."""
+    """Common part of every kind: bundle metadata, popularity answer, seen-item filtering.
+
+    Every kind satisfies ``streamrec.contracts.Scorer``, what the stream uses of it (tests/test_contracts.py).
+    """
 
     kind: str
 
@@ -76,12 +79,13 @@ class Scorer:
         if self.retrieval["mode"] == "ann" and m["state_kind"] == "items":
             raise UserError(f"{bundle.path}: retrieval ann is for neural models, not state kind 'items'")
         self.ann = None  # AnnIndex, loaded by the kinds that support it
+        self.features: dict = {}  # event feature name -> cardinality the model reads (window models set theirs)
 
-    def _load_ann(self, threads: int) -> None:
+    def _load_ann(self) -> None:
         if self.retrieval["mode"] == "ann":
             from export.retrieval import AnnIndex
 
-            self.ann = AnnIndex(self.bundle, threads)
+            self.ann = AnnIndex(self.bundle)
 
     def _answer(self, query: np.ndarray, batch: StepInput, exclude_seen: bool) -> tuple[np.ndarray, np.ndarray]:
         """ann: candidates for the query rows, exactly scored, seen items dropped, the first K."""
@@ -117,7 +121,7 @@ class HiddenScorer(Scorer):
     def __init__(self, bundle: Bundle, threads: int):
         super().__init__(bundle)
         self.session = onnx_session(bundle.file(bundle.manifest["model_file"]), threads)
-        self._load_ann(threads)
+        self._load_ann()
 
     def step(self, batch: StepInput, exclude_seen: bool = False) -> StepOutput:
         items = self._check(batch, exclude_seen)
@@ -146,7 +150,7 @@ class WindowScorer(Scorer):
         super().__init__(bundle)
         self.session = onnx_session(bundle.file(bundle.manifest["model_file"]), threads)
         self.features = dict(bundle.manifest.get("features") or {})  # event feature name -> cardinality, in forward order
-        self._load_ann(threads)
+        self._load_ann()
 
     def step(self, batch: StepInput, exclude_seen: bool = False) -> StepOutput:
         items = self._check(batch, exclude_seen)
@@ -176,15 +180,13 @@ class GraphScorer(Scorer):
 
     def __init__(self, bundle: Bundle, threads: int):
         super().__init__(bundle)
-        import torch
-
+        from streamrec import runtime
         from training.models import get_model
 
-        self.torch = torch
-        torch.set_num_threads(threads)  # process-wide: the scorer is the stream worker's only torch user
+        self.torch = runtime.torch()  # with the process's threads (streamrec.runtime): set at its start, not here
         cls = get_model(bundle.manifest["model"])
         self.module = cls.load(bundle.path).export_module().eval()
-        self._load_ann(threads)
+        self._load_ann()
         if self.ann is not None:
             from export.retrieval import query_module
 

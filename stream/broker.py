@@ -14,7 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from training.errors import UserError
+from streamrec.errors import UserError
 
 #: The value of ``--broker-quirks`` that callers starting this broker pass to the stream.
 QUIRKS = "tansu"

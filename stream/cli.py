@@ -1,33 +1,19 @@
-"""The `streamrec` command: one entry point that mounts each package's commands.
+"""The `streamrec` command: one entry point that registers each package's commands, by name.
 
 Problems the user can fix (`UserError`) print one line and exit 2.
 """
 
 from __future__ import annotations
 
-import importlib
 import sys
 
 import click
 
-from training.errors import UserError
-
-# (module, attribute) of every command or group mounted under `streamrec`.
-COMMANDS = [
-    ("training.cli_data", "data"),
-    ("training.cli", "train"),
-    ("training.cli", "evaluate"),
-    ("export.cli", "export"),
-    ("export.cli", "bundle"),
-    ("stream.commands", "serve"),
-    ("stream.commands", "broker"),
-    ("stream.commands", "replay"),
-    ("stream.commands", "score_online"),
-    ("stream.commands", "publish_model"),
-    ("stream.commands", "retrain"),
-    ("stream.commands", "experiment"),
-    ("stream.commands", "demo"),
-]
+from export.cli import bundle, export
+from stream.commands import broker, demo, experiment, publish_model, replay, retrain, score_online, serve
+from streamrec.errors import UserError
+from training.cli import evaluate, train
+from training.cli_data import data
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -35,20 +21,9 @@ def cli() -> None:
     """streamrec: session-based recommendations trained offline, served over Kafka."""
 
 
-def _mount() -> None:
-    for module, attr in COMMANDS:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name == module:
-                continue
-            raise
-        command = getattr(mod, attr, None)
-        if command is not None:
-            cli.add_command(command)
-
-
-_mount()
+# Every command, registered by name: a command module that fails to import fails the CLI, it does not vanish from it.
+for command in (data, train, evaluate, export, bundle, serve, broker, replay, score_online, publish_model, retrain, experiment, demo):
+    cli.add_command(command)
 
 
 def main() -> None:

@@ -12,7 +12,8 @@ from pathlib import Path
 import click
 
 from stream.settings import settings_from, settings_options
-from training.errors import UserError
+from streamrec.errors import UserError
+from streamrec.runtime import configure_process
 
 CONNECTION = ("broker", "security_protocol", "sasl_mechanism", "sasl_username", "sasl_password", "ssl_cafile", "ssl_certfile", "ssl_keyfile", "broker_quirks")
 TOPICS = ("clicks_topic", "recommendations_topic", "dlq_topic", "partitions", "replication_factor")
@@ -225,6 +226,9 @@ def retrain(serving: Path, out: Path, window, since, until, model_name, epochs, 
         raise UserError("--model-updates-topic is empty: there is no topic to publish to (or pass --action none)")
     period = parse_duration(every, "--every") if every is not None else None
     window_bounds(window, since, until, every, time.time())  # the flags are checked before anything is read
+    from training.trainer import TrainerConfig
+
+    configure_process(threads=TrainerConfig.threads, keep_freed_memory=True)  # each round trains (training.trainer.fit): the trainer's default threads
     opts = RoundOptions(out=out, model=model_name, sets=_parse_sets(sets), epochs=epochs, margin=margin, holdout=holdout, action=action, arm=arm, worker_root=worker_root)
     say = lambda message: click.echo(f"[{time.strftime('%H:%M:%S')}] {message}", err=True)  # noqa: E731
     if period is None:
@@ -266,19 +270,21 @@ def _next_round(out: Path) -> int:
 
 
 @click.command()
-@click.option("--data", "data_kind", type=click.Choice(["synth", "yoochoose"]), default="synth", show_default=True, help="Synthetic click log, or the YooChoose 100k sample from ../shared/data.")
+@click.option("--data", "data_kind", type=click.Choice(["synth", "yoochoose"]), default="synth", show_default=True, help="Synthetic click log, or the YooChoose 100k sample (--yoochoose-dir).")
+@click.option("--yoochoose-dir", type=click.Path(file_okay=False, path_type=Path), default=None, envvar="STREAMREC_DEMO_DATA", help="The YooChoose 100k sample for --data yoochoose (default: ../shared/data/yoochoose-rsc15-100k beside the repository).")
 @click.option("--rate", type=float, default=2000.0, show_default=True, help="Clicks per second replayed to the worker.")
 @click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True, help="GRU4Rec training epochs.")
 @click.option("--workdir", type=click.Path(path_type=Path), default=None, help="Keep data, run, bundle and logs here (default: a temporary directory, removed).")
 @click.option("--engine", type=click.Choice(["tansu", "kafka"]), default="tansu", show_default=True, help="tansu: the embedded broker (nothing beyond pip); kafka: Apache Kafka (Java 17, `make kafka`).")
-def demo(data_kind: str, rate: float, epochs: int, workdir, engine: str) -> None:
+def demo(data_kind: str, yoochoose_dir: Path | None, rate: float, epochs: int, workdir, engine: str) -> None:
     """The whole path on this machine: broker, data, GRU4Rec, bundle, worker, replay, online vs offline accuracy."""
-    from stream.demo import DemoConfig, run_demo
+    from stream.demo import DEFAULT_YOOCHOOSE, DemoConfig, run_demo
 
     if rate <= 0:
         raise UserError("--rate must be positive")
+    configure_process(threads=2, keep_freed_memory=True)  # the demo's GRU4Rec trains on 2 threads
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so that the broker and worker are stopped
-    run_demo(DemoConfig(data=data_kind, rate=rate, epochs=epochs, engine=engine), workdir)
+    run_demo(DemoConfig(data=data_kind, rate=rate, epochs=epochs, engine=engine, yoochoose_dir=yoochoose_dir or DEFAULT_YOOCHOOSE), workdir)
 
 
 @click.group()

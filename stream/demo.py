@@ -18,10 +18,12 @@ import numpy as np
 
 from stream.broker import EmbeddedBroker, free_port
 from stream.settings import Settings
+from streamrec.errors import UserError
 from training.data import PreparedData
-from training.errors import UserError
 
-YOOCHOOSE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "yoochoose-rsc15-100k"
+# Where `--data yoochoose` reads the YooChoose 100k sample unless --yoochoose-dir / STREAMREC_DEMO_DATA says otherwise:
+# the shared data folder beside the repository (the sample is not part of it).
+DEFAULT_YOOCHOOSE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "yoochoose-rsc15-100k"
 KS = (5, 10, 20)
 
 
@@ -36,6 +38,7 @@ class DemoConfig:
     rate: float = 2000.0  # clicks per second offered to the worker
     seed: int = 0
     engine: str = "tansu"  # the embedded broker: nothing to install beyond pip; "kafka": Apache Kafka (Java)
+    yoochoose_dir: Path = DEFAULT_YOOCHOOSE  # the YooChoose 100k sample, for data="yoochoose"
 
 
 def say(message: str) -> None:
@@ -54,10 +57,11 @@ def prepare_data(config: DemoConfig, out: Path) -> PreparedData:
         from training.protocols import given
         from training.readers import read_yoochoose
 
-        if not YOOCHOOSE.is_dir():
-            raise UserError(f"the YooChoose sample is not at {YOOCHOOSE} (it is not part of the repository); run the demo without --data")
-        train = read_yoochoose(YOOCHOOSE / "yoochoose-clicks-100k_train_full.txt")
-        test = read_yoochoose(YOOCHOOSE / "yoochoose-clicks-100k_test.txt")
+        folder = Path(config.yoochoose_dir)
+        if not folder.is_dir():
+            raise UserError(f"the YooChoose sample is not at {folder} (it is not part of the repository); point --yoochoose-dir (STREAMREC_DEMO_DATA) at it, or run the demo without --data")
+        train = read_yoochoose(folder / "yoochoose-clicks-100k_train_full.txt")
+        test = read_yoochoose(folder / "yoochoose-clicks-100k_test.txt")
         data = given(train, test, valid_days=1.0)
     else:
         raise UserError(f"--data must be synth or yoochoose, got '{config.data}'")
@@ -67,12 +71,9 @@ def prepare_data(config: DemoConfig, out: Path) -> PreparedData:
 
 def train_model(data: PreparedData, config: DemoConfig, run_dir: Path):
     """A short GRU4Rec run, saved like `streamrec train` saves it."""
-    import torch
-
     from training.models import get_model
 
     cls = get_model("gru4rec")
-    torch.set_num_threads(2)
     model = cls.train(data, cls.Config(layers=(config.hidden,), epochs=config.epochs, batch_size=config.batch_size, n_sample=256, seed=config.seed), progress=True, run_dir=run_dir)
     model.save(run_dir)
     shutil.copyfile(data.path / "vocab.json", run_dir / "vocab.json")
@@ -94,8 +95,8 @@ def export_bundle(run_dir: Path, data: PreparedData, bundle_dir: Path) -> dict:
 
 def stream_test_sessions(settings: Settings, bundle_dir: Path, data: PreparedData, rate: float, log_path: Path) -> dict:
     """Start a worker, replay the test split at ``rate`` clicks/s, read every answer back and score it."""
+    from stream.process import start_worker, stop_worker, wait_until_serving
     from stream.replay import read_and_score, replay, replay_events
-    from stream.worker import start_worker, stop_worker, wait_until_serving
 
     events = replay_events(data, "test")
     worker = start_worker(settings, bundle_dir, log_path)

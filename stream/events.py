@@ -21,7 +21,7 @@ import numpy as np
 import orjson
 
 SCHEMA = 1
-PROBE_SESSION = "streamrec-probe"  # the session of readiness probes (stream.worker.wait_until_serving); scoring ignores it
+PROBE_SESSION = "streamrec-probe"  # the session of readiness probes (stream.process.wait_until_serving); scoring ignores it
 MAX_SESSION_ID = 512  # characters
 
 #: Every dead-letter reason (the ``reason`` label of streamrec_dead_letters_total).

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from stream.state import arm_tag
-from training.errors import UserError
+from streamrec.errors import UserError
 
 RESAMPLES = 2000  # bootstrap resamples and permutations of the report
 ALPHA = 0.05

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stream.broker import free_port
-from training.errors import UserError
+from streamrec.errors import UserError
 
 #: The Apache Kafka release the project runs (deploy/kafka/pom.xml and the compose image tag say the same).
 KAFKA_VERSION = "4.4.0"

@@ -18,7 +18,7 @@ from stream.events import REASONS
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 ONLINE_KS = (1, 5, 10, 20, 50, 100)
-MODEL_UPDATE_OUTCOMES = ("swapped", "unchanged", "refused", "outside_root", "invalid")  # see stream.swap.ModelUpdates
+MODEL_UPDATE_OUTCOMES = ("swapped", "unchanged", "refused", "outside_root", "invalid")  # see stream.model_updates.ModelUpdates
 
 
 class StreamMetrics:

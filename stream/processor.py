@@ -24,9 +24,11 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from export.scorer import StepInput
+from stream.bundles import check_k
 from stream.events import BadEvent, dead_letter, online_rank, parse_click, recommendation
+from stream.migration import model_tag, rebuild_states, vocab_tag
 from stream.state import SessionState, arm_tag
-from stream.swap import model_tag, rebuild_states, vocab_tag
+from streamrec.contracts import Scorer
 
 
 class Record(NamedTuple):
@@ -67,9 +69,8 @@ class _Pending(NamedTuple):
 class BatchProcessor:
     """Scores micro-batches with a Scorer; keeps no state of its own between batches."""
 
-    def __init__(self, scorer, k: int, exclude_seen: bool = False, clock: Callable[[], float] | None = None, max_event_bytes: int | None = None, experiment: str | None = None, arm: str | None = None):
-        if k > scorer.k:
-            raise ValueError(f"k={k} is more than the bundle's k={scorer.k}")
+    def __init__(self, scorer: Scorer, k: int, exclude_seen: bool = False, clock: Callable[[], float] | None = None, max_event_bytes: int | None = None, experiment: str | None = None, arm: str | None = None):
+        check_k(scorer, k)
         self.scorer = scorer
         self.k = k
         self.exclude_seen = exclude_seen
@@ -83,7 +84,7 @@ class BatchProcessor:
         self.model = str(scorer.manifest["model"])
         self.model_version = str(scorer.manifest["model_version"])
         self.model_tag, self.vocab_tag = model_tag(scorer), vocab_tag(scorer.vocab.item_ids)
-        self.old_vocabs: dict[int, np.ndarray] = {}  # vocab tag -> item ids of models served before a hot swap (stream.swap)
+        self.old_vocabs: dict[int, np.ndarray] = {}  # vocab tag -> item ids of models served before a hot swap (stream.migration)
         self.item_ids = np.array([""] + list(scorer.vocab.item_ids), dtype=object)
         self.index = scorer.vocab.index
         pop_items, pop_scores = scorer.popular()
@@ -125,7 +126,7 @@ class BatchProcessor:
             pending.append(_Pending(len(pending), r, click.session_id, self.index(click.item_id), click.timestamp))
 
         stale = [s for s in states.values() if s.model_tag != self.model_tag]
-        if stale:  # made by the model served before a hot swap: rebuilt for this one (stream.swap)
+        if stale:  # made by the model served before a hot swap: rebuilt for this one (stream.migration)
             rebuild_states(stale, self.scorer, self.model_tag, self.vocab_tag, self.old_vocabs)
 
         rounds: list[list[_Pending]] = []

@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 from stream.events import PROBE_SESSION, BadEvent, click_value, online_rank, parse_click
 from stream.settings import Settings
 from stream.topics import consume_all, ensure_topics, producer
+from streamrec.errors import UserError
 from training.data import PreparedData
-from training.errors import UserError
 from training.sessions import Sessions
 
 

@@ -35,7 +35,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from training.errors import UserError
+from streamrec.errors import UserError
 
 METRIC = "HR@20"  # the decision metric: what the workers' online gauge and the Grafana panel show
 K = 20

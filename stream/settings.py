@@ -18,7 +18,7 @@ from typing import Any, Callable
 import click
 
 from stream.broker_adapter import ADAPTERS, broker_adapter
-from training.errors import UserError
+from streamrec.errors import UserError
 
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")

@@ -18,7 +18,7 @@ a rebalance, a hot swap or new arm weights never move it. Without an experiment 
 version 2 exactly as before; both versions are read.
 
 ``model_tag`` / ``vocab_tag`` say which model and vocabulary made the state, so that a session
-continues across a hot model swap (stream.swap rebuilds it for the new model on its next click).
+continues across a hot model swap (stream.migration rebuilds it for the new model on its next click).
 
 ``offset`` is the clicks-topic offset of the last click applied (-1: none). A click redelivered
 after a crash or a rebalance (at-least-once) that the state already holds is recognised by it
@@ -60,8 +60,8 @@ class SessionState:
     top_items: np.ndarray = field(default_factory=lambda: _EMPTY_I)
     top_scores: np.ndarray = field(default_factory=lambda: _EMPTY_F)
     offset: int = -1  # clicks-topic offset of the last click applied
-    model_tag: int = 0  # stream.swap.model_tag of the model that made the state
-    vocab_tag: int = 0  # stream.swap.vocab_tag of the vocabulary its item indices belong to
+    model_tag: int = 0  # stream.migration.model_tag of the model that made the state
+    vocab_tag: int = 0  # stream.migration.vocab_tag of the vocabulary its item indices belong to
     arm_tag: int = 0  # stream.experiment.arm_tag of the session's A/B arm, 0 = none
 
     def encode(self) -> bytes:

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from stream.transport import rocksdb_offset_key, rocksdb_partition_db
-from training.errors import UserError
+from streamrec.errors import UserError
 
 STORES = ("memory", "rocksdb")
 # RocksDB options of each partition's database (Faust's defaults are a 2 GiB block cache and 3 write buffers of

@@ -9,11 +9,11 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 
 from stream.settings import Settings
-from training.errors import UserError
+from streamrec.errors import UserError
 
 
 # The model-updates topic: one partition (updates in one order for every worker), compacted (its
-# newest message, the model to serve, is kept however old it is; see stream.swap).
+# newest message, the model to serve, is kept however old it is; see stream.model_updates).
 MODEL_UPDATES_CONFIG = {"cleanup.policy": "compact"}
 
 
@@ -88,7 +88,7 @@ async def _led_partitions(admin, topics: list[str], timeout: float) -> dict[str,
 
 async def publish_model_update(settings: Settings, bundle: str, model_version: str, arm: str | None = None) -> tuple[int, int]:
     """Send one model-updates message naming ``bundle`` (for A/B arm ``arm`` if given; creating the topic if missing); its (partition, offset)."""
-    from stream.swap import UPDATES_KEY, update_message
+    from stream.model_updates import UPDATES_KEY, update_message
 
     if not settings.model_updates_topic:
         raise UserError("--model-updates-topic is empty: there is no topic to publish to")

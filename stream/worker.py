@@ -41,7 +41,8 @@ from stream.topics import ensure_topics
 from stream.transactions import NotOwned, Transactions
 from stream.transport import consumer_partition_report, stream_transport
 from stream.watchdog import BEAT_SECONDS, Watchdog, serve_http
-from training.errors import UserError
+from streamrec.errors import UserError
+from streamrec.runtime import configure_process
 
 log = logging.getLogger("streamrec.worker")
 
@@ -76,9 +77,9 @@ class StreamWorker:
     """The Faust app, its table and agent, wired to a scorer and metrics."""
 
     def __init__(self, settings: Settings, scorer, partitions: int, metrics: StreamMetrics | None = None, arm_scorers: dict | None = None):
-        """``arm_scorers``: arm name -> scorer under an A/B experiment (--arms), ``scorer`` then the first arm's."""
-        if settings.k > scorer.k:
-            raise UserError(f"--k {settings.k} is more than the bundle's k ({scorer.k}); export the bundle with a larger --k")
+        """``arm_scorers``: arm name -> scorer under an A/B experiment (--arms), ``scorer`` then the first arm's.
+
+        Every processor checks ``settings.k`` against its scorer (stream.bundles.check_k)."""
         self.settings = settings
         self.scorer = scorer
         self.partitions = partitions
@@ -457,14 +458,15 @@ def serve(settings: Settings, bundle_dir: Path) -> None:
     from faust.worker import Worker
 
     from export.scorer import load_scorer
-    from stream.swap import install, probe
+    from stream.bundles import check_k, probe
+    from stream.swap import install
 
+    configure_process(threads=settings.scorer_threads, load=())  # torch's and faiss's threads for whichever scorer (a swap's too) loads them; ONNX needs neither
     arms = settings.experiment_arms()
     scorers = {}
     for arm, path in ([(a.name, Path(a.bundle)) for a in arms] or [(None, bundle_dir)]):
         scorer = scorers[arm] = load_scorer(path, threads=settings.scorer_threads)
-        if settings.k > scorer.k:
-            raise UserError(f"--k {settings.k} is more than the bundle's k ({scorer.k}) of {path}; export the bundle with a larger --k")
+        check_k(scorer, settings.k, path)
         probe(scorer, path, settings.batch_size)  # also the warm-up: the scorer's buffers at serving size before the first click
     if settings.store == "rocksdb":
         from stream.store import lock_data_dir
@@ -489,72 +491,3 @@ def serve(settings: Settings, bundle_dir: Path) -> None:
     # Faust built a log record on the hot path only for the handlers to drop it.
     faust_worker.spinner = None
     faust_worker.execute_from_commandline()
-
-
-
-def start_worker(settings: Settings, bundle_dir: Path, log_path: Path | None = None):
-    """`streamrec serve` in a child process (its own process group) configured through STREAMREC_* variables."""
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ)
-    env.update(settings.to_env())
-    env["STREAMREC_BUNDLE"] = str(bundle_dir)
-    out = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    try:
-        return subprocess.Popen([sys.executable, "-m", "stream.cli", "serve"], env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    finally:
-        if log_path:
-            out.close()
-
-
-def stop_worker(process, timeout: float = 20.0) -> int:
-    """SIGTERM (graceful: Faust commits and leaves the group), SIGKILL after ``timeout``; the exit status."""
-    import os
-    import signal
-    import subprocess
-
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    return process.returncode
-
-
-def wait_until_serving(settings: Settings, process=None, timeout: float = 60.0) -> None:
-    """Block until the worker answers: one probe click (an unknown item, session ``streamrec-probe``)
-    must come back as an answer on the worker's metrics endpoint. The probe is a real click: it
-    is published on the topics and counted like any other."""
-    import urllib.request
-
-    from stream.events import PROBE_SESSION, click_value
-    from stream.topics import producer
-
-    async def send_probe() -> None:
-        await ensure_topics(settings)
-        p = producer(settings)
-        await p.start()
-        try:
-            await p.send_and_wait(settings.clicks_topic, click_value(PROBE_SESSION, "probe", time.time()), key=PROBE_SESSION.encode())
-        finally:
-            await p.stop()
-
-    asyncio.run(send_probe())
-    url = f"http://{settings.metrics_host}:{settings.metrics_port}/metrics"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise UserError(f"the stream worker exited (status {process.returncode})")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                for line in r.read().decode().splitlines():
-                    if line.startswith('streamrec_events_total{outcome="answered"}') and float(line.split()[-1]) >= 1:
-                        return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise UserError(f"the stream worker did not answer within {timeout:.0f}s (metrics at {url})")

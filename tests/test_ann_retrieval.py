@@ -21,14 +21,14 @@ from export.exporter import export_run
 from export.parity import replay, sample_sessions
 from export.quantize import top_k_overlap
 from export.scorer import StepInput, load_scorer
-from stream.swap import model_tag
+from stream.migration import model_tag
 from stream.topics import consume_all
+from streamrec.errors import UserError
 from tests.streamkit import assert_same_answer, click_stream, offline_answers
 from tests.test_bundle import make_run, run_cli
 from tests.test_hot_swap import assert_swapped_mid_stream, positions, switch, version_of
 from tests.test_stream_support import gru_bundle, metric, metrics_text, running_worker, send, stream_data, wait_for, worker_settings  # noqa: F401
 from training.data import PreparedData
-from training.errors import UserError
 from training.models import get_model, load_run
 from training.models.base import config_from_options
 

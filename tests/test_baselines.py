@@ -294,7 +294,7 @@ def test_batched_scores_match_a_per_session_reference(name, reference, config):
 
 @pytest.mark.parametrize("name, setting", [("vsknn", {"weighting": "cubic"}), ("sknn", {"k": 0}), ("sr", {"steps": 0}), ("markov", {"order": 0})])
 def test_bad_settings_are_user_errors(name, setting):
-    from training.errors import UserError
+    from streamrec.errors import UserError
 
     cls = get_model(name)
     with pytest.raises(UserError, match=name):

@@ -13,7 +13,7 @@ import pytest
 
 from stream.broker import free_port
 from stream.kafka import KafkaCluster
-from stream.worker import start_worker, stop_worker
+from stream.process import start_worker, stop_worker
 from tests.conftest import BrokerSpace, need_kafka
 from tests.streamkit import REBALANCE_RERUN, BrokerLink, PacedSender, answered, answers_by_key, click_stream, sessions_of
 from tests.test_stream_support import markov_bundle, read, stream_data, wait_for, worker_settings  # noqa: F401

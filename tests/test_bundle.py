@@ -12,11 +12,11 @@ import torch
 
 from export.bundle import format_manifest, open_bundle
 from export.exporter import export_run
-from export.quantize import top_k_overlap
 from export.parity import Replay
+from export.quantize import top_k_overlap
 from export.scorer import StepInput, drop_seen, left_padded, load_scorer
+from streamrec.errors import UserError
 from training.data import PreparedData, Vocab
-from training.errors import UserError
 from training.models import get_model
 from training.models.base import config_from_options
 from training.sessions import Sessions

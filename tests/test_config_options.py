@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from training.errors import UserError
+from streamrec.errors import UserError
 from training.models.base import config_from_options
 
 

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
+from streamrec.errors import UserError
 from training.data import PreparedData, Vocab
-from training.errors import UserError
 from training.evaluate import evaluate, evaluation_positions, format_table, rank_metrics, ranks
 from training.models.base import SessionModel, next_positions
 from training.models.pop import MostPopular

@@ -20,14 +20,14 @@ import pytest
 
 from stream.events import PROBE_SESSION
 from stream.experiment import ArmedProcessor, assign, bootstrap_interval, bucket, parse_arms, per_session, permutation_p, ratio, report, report_from_topics
+from stream.model_updates import UPDATES_KEY, update_message
 from stream.processor import BatchProcessor, Record
 from stream.settings import Settings
 from stream.state import HEADER, SessionState, arm_tag, last_seen_of
-from stream.swap import UPDATES_KEY, update_message
 from stream.topics import consume_all, ensure_topics, producer
+from streamrec.errors import UserError
 from tests.streamkit import click_stream, kill_worker, streamrec
 from tests.test_stream_support import _train_and_export, gru_bundle, markov_bundle, metric, metrics_text, running_worker, send, stream_data, wait_for, worker_settings  # noqa: F401
-from training.errors import UserError
 
 K = 20
 
@@ -267,7 +267,7 @@ def _arms_by_session(docs: list[dict]) -> dict[str, set[str]]:
 
 @pytest.mark.broker
 def test_arms_survive_a_sigkill_new_weights_and_a_hot_swap_of_one_arm(broker, stream_data, markov_bundle, gru_bundle, tmp_path):
-    from stream.worker import start_worker
+    from stream.process import start_worker
 
     (_, markov), (_, gru) = markov_bundle, gru_bundle
     root = os.path.commonpath([markov, gru])

@@ -18,7 +18,7 @@ import torch
 from export.exporter import export_run
 from export.parity import replay, sample_sessions
 from export.scorer import StepInput, load_scorer
-from training.errors import UserError
+from streamrec.errors import UserError
 from training.models import available_models, get_model, load_run
 from training.models.base import config_from_options
 

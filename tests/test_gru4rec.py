@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from training.errors import UserError
+from streamrec.errors import UserError
 from training.evaluate import evaluate
 from training.models import load_run
 from training.models.base import next_positions

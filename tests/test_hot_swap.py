@@ -18,13 +18,14 @@ import numpy as np
 import pytest
 
 from export.scorer import load_scorer
+from stream.bundles import load_verified
+from stream.migration import model_tag
 from stream.processor import BatchProcessor, Record
 from stream.state import SessionState
-from stream.swap import load_verified, model_tag
 from stream.topics import consume_all
+from streamrec.errors import UserError
 from tests.streamkit import answers_by_key, assert_same_answer, click_stream, offline_answers
 from tests.test_stream_support import gru_bundle, markov_bundle, metric, metrics_text, running_worker, send, stream_data, wait_for, worker_settings  # noqa: F401
-from training.errors import UserError
 
 K = 20
 
@@ -97,8 +98,8 @@ def test_a_bundle_with_a_bad_checksum_is_refused(gru_bundle, tmp_path):
 
 
 def test_the_probe_scores_a_full_micro_batch_of_new_sessions(gru_bundle, markov_bundle):
-    """The probe before serving is as large as the largest micro-batch (the scorer's warm-up, stream.swap.probe)."""
-    from stream.swap import probe
+    """The probe before serving is as large as the largest micro-batch (the scorer's warm-up, stream.bundles.probe)."""
+    from stream.bundles import probe
 
     for _, bundle in (gru_bundle, markov_bundle):
         scorer = load_verified(str(bundle), threads=1, k=K, rows=256)

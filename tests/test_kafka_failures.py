@@ -14,7 +14,8 @@ import time
 import pytest
 
 from stream.kafka import KafkaCluster
-from stream.worker import TABLE, start_worker, stop_worker
+from stream.process import start_worker, stop_worker
+from stream.worker import TABLE
 from tests.conftest import BrokerSpace, need_kafka
 from tests.streamkit import REBALANCE_RERUN, PacedSender, answered, click_stream, sessions_of
 from tests.test_recovery import check_answers

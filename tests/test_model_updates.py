@@ -1,4 +1,4 @@
-"""Model updates by message, the worker's event accounting and its Faust settings (stream/swap.py,
+"""Model updates by message, the worker's event accounting and its Faust settings (stream/model_updates.py, stream/swap.py,
 stream/metrics.py, stream/settings.py).
 
 Through the embedded broker with real `streamrec serve` processes: a `model-updates` message swaps
@@ -17,13 +17,13 @@ import orjson
 import pytest
 
 from stream.broker import free_port
+from stream.model_updates import UPDATES_KEY, UpdateError, parse_update, update_message
 from stream.settings import Settings
-from stream.swap import UPDATES_KEY, UpdateError, parse_update, update_message
 from stream.topics import consume_all, publish_model_update, producer
+from streamrec.errors import UserError
 from tests.streamkit import REBALANCE_RERUN, PacedSender, answered, answers_by_key, assert_same_answer, click_stream, offline_answers, streamrec
 from tests.test_hot_swap import corrupted_copy, positions, version_of
 from tests.test_stream_support import gru_bundle, markov_bundle, metric, metrics_text, running_worker, send, stream_data, wait_for, worker_settings  # noqa: F401
-from training.errors import UserError
 
 K = 20
 

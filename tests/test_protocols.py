@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from streamrec.errors import UserError
 from training import protocols
 from training.data import PreparedData
-from training.errors import UserError
 
 DAY = 86400.0
 

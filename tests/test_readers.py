@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from training.errors import UserError
+from streamrec.errors import UserError
 from training.readers import FORMATS, line_order_time, read_log
 
 

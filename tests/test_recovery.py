@@ -22,8 +22,8 @@ import time
 import pytest
 
 from stream.broker import free_port
+from stream.process import start_worker, stop_worker
 from stream.topics import consume_all, topic_partitions
-from stream.worker import start_worker, stop_worker
 from tests.streamkit import REBALANCE_RERUN, PacedSender, answered, answers_by_key, assert_same_answer, click_stream, kill_worker, offline_answers, sessions_of
 from tests.test_stream_support import gru_bundle, metric, metrics_text, stream_data, wait_for, worker_settings  # noqa: F401
 

@@ -17,12 +17,12 @@ import orjson
 import pytest
 
 from stream.events import click_value
+from stream.model_updates import parse_update, update_arm, update_message
 from stream.replay import score_online
 from stream.retrain import dataset_from_clicks, decide, parse_duration, parse_time, window_bounds
-from stream.swap import parse_update, update_arm, update_message
+from streamrec.errors import UserError
 from tests.streamkit import streamrec
 from tests.test_stream_support import gru_bundle, markov_bundle, metric, metrics_text, read, running_worker, send, stream_data, wait_for, worker_settings  # noqa: F401
-from training.errors import UserError
 
 # ---------------------------------------------------------------- pure parts
 

@@ -22,12 +22,13 @@ from export.bundle import sha256_file
 from export.scorer import load_scorer
 from stream.broker import free_port
 from stream.events import PROBE_SESSION, click_value
+from stream.process import start_worker, stop_worker
 from stream.settings import Settings
 from stream.watchdog import Watchdog, serve_http
-from stream.worker import StreamWorker, start_worker, stop_worker
+from stream.worker import StreamWorker
+from streamrec.errors import UserError
 from tests.streamkit import answered, listening_sockets, send_all, streamrec
 from tests.test_stream_support import gru_bundle, markov_bundle, metrics_text, stream_data, wait_for, worker_settings  # noqa: F401
-from training.errors import UserError
 
 
 STREAM = Path(__file__).resolve().parents[1] / "stream"

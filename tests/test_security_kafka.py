@@ -21,15 +21,16 @@ import pytest
 from aiokafka.errors import TopicAuthorizationFailedError
 
 from stream.broker import free_port
+from stream.bundles import bundle_root, inside_root
+from stream.model_updates import UPDATES_KEY, update_message
 from stream.settings import Settings
-from stream.swap import UPDATES_KEY, bundle_root, inside_root, update_message
 from stream.topics import consume_all, producer, publish_model_update
+from streamrec.errors import UserError
 from tests.conftest import need_kafka
 from tests.securekit import ADMIN, TOPIC, READ, WRITE, Acl, client_settings, create_acls, create_topics, secure_cluster, worker_acls, worker_topics
 from tests.streamkit import answered, answers_by_key, assert_same_answer, click_stream, offline_answers, streamrec
 from tests.test_hot_swap import version_of
 from tests.test_stream_support import gru_bundle, markov_bundle, metric, metrics_text, running_worker, stream_data, wait_for  # noqa: F401
-from training.errors import UserError
 
 K = 20
 USERS = {"streamrec-worker": "worker-secret", "shop": "shop-secret", "publisher": "publisher-secret", "outsider": "outsider-secret"}

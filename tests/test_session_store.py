@@ -11,13 +11,14 @@ import time
 
 import pytest
 
+from stream.process import start_worker, stop_worker
 from stream.settings import Settings
 from stream.store import lock_data_dir
-from stream.worker import TABLE, start_worker, stop_worker
+from stream.worker import TABLE
+from streamrec.errors import UserError
 from tests.streamkit import REBALANCE_RERUN, PacedSender, answered, click_stream, end_offsets, kill_worker, sessions_of, streamrec
 from tests.test_recovery import check_answers
 from tests.test_stream_support import gru_bundle, markov_bundle, metric, metrics_text, stream_data, wait_for, worker_settings  # noqa: F401
-from training.errors import UserError
 
 
 def test_bad_store_settings_are_one_line_errors(tmp_path):

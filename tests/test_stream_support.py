@@ -74,7 +74,7 @@ def worker_settings(broker, **changes) -> Settings:
 
 @contextlib.contextmanager
 def running_worker(settings: Settings, bundle: Path, log_path: Path):
-    from stream.worker import start_worker, stop_worker
+    from stream.process import start_worker, stop_worker
 
     process = start_worker(settings, bundle, log_path)
     try:

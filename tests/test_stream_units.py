@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from stream.events import REASONS, BadEvent, Click, click_value, online_rank, pa
 from stream.processor import BatchProcessor, Record
 from stream.settings import Settings, env_name, flag_name, markdown_table
 from stream.state import HEADER, VERSION, SessionState, StateError, last_seen_of
-from training.errors import UserError
+from streamrec.errors import UserError
 from tests.test_stream_support import assert_answer_matches, markov_bundle, offline_rows, stream_data  # noqa: F401
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "stream.md"
@@ -187,3 +188,21 @@ def test_an_unknown_item_is_answered_by_popularity_and_leaves_the_state(stream_d
     assert second.unknown_items == 1 and orjson.loads(second.recommendations[0][1])["items"] == stream_data.vocab.decode(scorer.popular()[0][:10])
     np.testing.assert_array_equal(after.history, SessionState.decode(before).history)  # the model state did not move
     assert after.position == 2
+
+
+def test_one_k_check_with_one_message_for_the_processor_the_worker_and_a_swap(markov_bundle):
+    """stream.bundles.check_k: a processor, the worker's start (per bundle) and a hot swap (load_verified) refuse a --k above the bundle's k alike."""
+    from export.scorer import load_scorer
+    from stream.bundles import check_k, load_verified
+
+    _, bundle = markov_bundle
+    scorer = load_scorer(bundle)
+    too_many = scorer.k + 1
+    message = f"--k {too_many} is more than the bundle's k ({scorer.k})"
+    with pytest.raises(UserError, match=re.escape(message + "; export the bundle with a larger --k")):
+        BatchProcessor(scorer, k=too_many)
+    with pytest.raises(UserError, match=re.escape(f"{message} of {bundle}; export the bundle with a larger --k")):
+        check_k(scorer, too_many, bundle)
+    with pytest.raises(UserError, match=re.escape(f"{message} of {bundle}; export the bundle with a larger --k")):
+        load_verified(str(bundle), 1, too_many)
+    check_k(scorer, scorer.k)

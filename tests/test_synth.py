@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from streamrec.errors import UserError
 from training.data import PreparedData
-from training.errors import UserError
 from training.readers import read_log
 from training.sessions import Sessions
 from training.synth import generate_log, synthesize

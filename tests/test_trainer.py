@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from training.errors import UserError
+from streamrec.errors import UserError
 from training.trainer import AdagradMomentum, TrainerConfig, epoch_rng, fit, lr_factor
 
 

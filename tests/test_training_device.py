@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 
 from stream.cli import cli
-from training.errors import UserError
+from streamrec.errors import UserError
 from training.models import load_run
 from training.models.window import catalogue_cross_entropy
 from training.synth import synthesize

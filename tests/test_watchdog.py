@@ -19,9 +19,9 @@ import urllib.request
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from stream.process import start_worker, stop_worker
 from stream.processor import Record
 from stream.watchdog import Watchdog
-from stream.worker import start_worker, stop_worker
 from tests.streamkit import answered, click_stream, send_all
 from tests.test_stream_support import markov_bundle, metric, metrics_text, read, stream_data, wait_for, worker_settings  # noqa: F401
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.errors import UserError
+from streamrec.errors import UserError
 from training.evaluate import evaluate
 from training.models import get_model, load_run
 from training.models.base import next_positions

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import click
 
-from training.errors import UserError
+from streamrec.errors import UserError
+from streamrec.runtime import configure_process
 
 
 def _parse_sets(values: tuple[str, ...]) -> dict[str, str]:
@@ -54,6 +55,8 @@ def train(model_name: str, data_dir: Path, run_dir: Path, epochs, seed, threads,
     config = config_from_options(cls.Config, options)
     if hasattr(config, "check"):
         config.check()  # a bad setting (e.g. --device cuda without CUDA) fails before the data is read
+    if "threads" in fields:  # a model trained by training.trainer.fit: its threads and allocator, for the whole process
+        configure_process(threads=config.threads, keep_freed_memory=True)
     data = PreparedData.load(data_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     click.echo(f"training {model_name} on {data_dir} ({data.n_items:,} items, {len(data.train):,} sessions, {data.train.n_events:,} events)", err=True)

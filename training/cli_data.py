@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from training.errors import UserError
+from streamrec.errors import UserError
 
 # Kept equal to training.readers.FORMATS / training.protocols.PROTOCOLS (a test checks it);
 # listed here so that --help works without importing pandas.

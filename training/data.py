@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from training.errors import UserError
+from streamrec.errors import UserError
 from training.sessions import Sessions
 
 

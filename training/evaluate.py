@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from training.errors import UserError
+from streamrec.errors import UserError
 from training.models.base import next_positions
 from training.sessions import Sessions
 

@@ -42,8 +42,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from streamrec.errors import UserError
 from training.data import PreparedData, Vocab, sessions_from_frame, vocab_from_train
-from training.errors import UserError
 from training.sessions import Sessions
 
 DAY = 86400.0

@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from training.errors import UserError
+from streamrec.errors import UserError
 
 # trivago actions whose `reference` is an item id (the README's list).
 TRIVAGO_ITEM_ACTIONS = (

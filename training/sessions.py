@@ -13,7 +13,7 @@ from typing import Iterator
 
 import numpy as np
 
-from training.errors import UserError
+from streamrec.errors import UserError
 
 
 @dataclass

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from streamrec.errors import UserError
 from training.data import PreparedData
-from training.errors import UserError
 
 START = 1_704_067_200.0  # 2024-01-01 00:00:00 UTC
 SUCCESSOR_WEIGHTS = np.array([0.45, 0.25, 0.15, 0.1, 0.05])  # chance of each successor slot

@@ -20,8 +20,9 @@ How a model uses it (the whole API)::
     result.best_epoch, result.best_score, result.history, result.stopped_early
 
 What ``fit`` does, in order:
-  - ``seed_everything(config.seed)``, ``torch.set_num_threads(config.threads)`` and
-    ``keep_freed_memory()`` (no page faults for re-allocated tensors) before anything else;
+  - ``seed_everything(config.seed)`` before anything else. ``config.threads`` and glibc's allocator are
+    process-wide: the program sets them once at its start (``streamrec.runtime.configure_process``,
+    as `streamrec train` does), never ``fit``;
   - ``config.device`` (``auto`` = CUDA when ``torch.cuda.is_available()``, else the CPU; ``cpu``; ``cuda``
     or ``cuda:N``) decides where ``module`` trains: it is moved there and every mini-batch is moved there
     (tensors, also inside tuples, lists and dicts) before ``loss_fn`` sees it. ``cuda`` on a machine
@@ -69,7 +70,6 @@ Learning-rate schedules (``config.lr_schedule``): ``constant``, ``linear`` (to 0
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import itertools
 import json
 import math
@@ -84,7 +84,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.errors import UserError
+from streamrec.errors import UserError
 from training.sessions import Sessions
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "adagrad")
@@ -110,7 +110,7 @@ class TrainerConfig:
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     seed: int = 42
-    threads: int = 2  # torch intra-op threads
+    threads: int = 2  # torch intra-op threads, set by the program at its start (streamrec.runtime.configure_process)
     patience: int = 0  # epochs without validation gain before stopping, 0 = run all epochs
     resume: bool = False  # continue from run_dir/checkpoint.pt
     device: str = "auto"  # auto = CUDA when available, else cpu; cpu; cuda; cuda:N
@@ -300,21 +300,6 @@ def lr_factor(config: TrainerConfig, step: int, progress: float) -> float:
     return factor
 
 
-def keep_freed_memory() -> None:
-    """Ask glibc to keep freed memory instead of returning it to the OS.
-
-    A training step frees and re-allocates the same large tensors every step; by default glibc
-    unmaps them and each new tensor then pays a page fault per 4 KiB page, which is slow (very slow in
-    VMs). Keeping freed blocks in the heap removes that cost. No-op where glibc is absent.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 32 * 1024 * 1024)  # M_MMAP_THRESHOLD: largest allowed, so tensors come from the heap
-        libc.mallopt(-1, 1024 * 1024 * 1024)  # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap
-    except (OSError, AttributeError):
-        pass
-
-
 def seed_everything(seed: int) -> None:
     """Fix Python, numpy's global and torch's RNGs."""
     random.seed(seed)
@@ -379,8 +364,6 @@ def fit(
     device = resolve_device(config.device)
     on_cpu = device.type == "cpu"
     seed_everything(config.seed)
-    torch.set_num_threads(config.threads)
-    keep_freed_memory()
     module.to(device)
     optimizer = make_optimizer(module.parameters(), config)
     result = FitResult()

@@ -10,7 +10,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from training.errors import UserError
+from streamrec.errors import UserError
 
 MODELS: dict[str, str] = {
     # non-neural baselines (state kind "items")

@@ -20,8 +20,8 @@ from typing import Any, ClassVar, Iterator
 
 import numpy as np
 
+from streamrec.errors import UserError
 from training.data import PreparedData
-from training.errors import UserError
 from training.sessions import Sessions
 
 STATE_KINDS = ("hidden", "window", "graph", "items")

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from streamrec.errors import UserError
 from training.data import PreparedData
-from training.errors import UserError
 from training.models.window import TransformerBlock, WindowModel, attention_mask, catalogue_cross_entropy, mask_padding_column, relative_positions, shuffled, training_split
 from training.trainer import TrainerConfig, fit
 from training.windows import next_item_pairs

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from streamrec.errors import UserError
 from training.data import PreparedData
-from training.errors import UserError
 from training.models.window import WindowModel, catalogue_cross_entropy, mask_padding_column, shuffled, training_split
 from training.trainer import TrainerConfig, fit
 from training.windows import next_item_pairs

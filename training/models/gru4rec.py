@@ -83,8 +83,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from streamrec.errors import UserError
 from training.data import PreparedData
-from training.errors import UserError
 from training.models.base import SessionModel, write_run_config
 from training.protocols import early_stopping_split
 from training.sessions import Sessions

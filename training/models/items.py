@@ -16,7 +16,7 @@ from typing import ClassVar, Iterator
 import numpy as np
 import torch
 
-from training.errors import UserError
+from streamrec.errors import UserError
 from training.data import PreparedData
 from training.models.base import SessionModel, next_positions, write_run_config
 from training.sessions import Sessions

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from streamrec.errors import UserError
 from training.data import PreparedData
-from training.errors import UserError
 from training.models.items import ItemsModel, csr_from_pairs, csr_gather, item_counts, keep_top_per_row
 
 

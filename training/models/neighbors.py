@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from streamrec.errors import UserError
 from training.data import PreparedData
-from training.errors import UserError
 from training.models.items import ItemsModel, csr_gather, flatten_histories, item_counts, popularity_fallback
 from training.sessions import Sessions
 

@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from streamrec.errors import UserError
 from training.data import PreparedData
-from training.errors import UserError
 from training.models.window import TransformerBlock, WindowModel, attention_mask, catalogue_cross_entropy, first_column, mask_padding_column, relative_positions, shuffled, training_split
 from training.trainer import TrainerConfig, fit
 from training.windows import sequence_chunks

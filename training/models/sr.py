@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from streamrec.errors import UserError
 from training.data import PreparedData
-from training.errors import UserError
 from training.models.items import DISTANCE_DECAYS, LastItemModel, csr_from_pairs, keep_top_per_row
 
 @dataclass

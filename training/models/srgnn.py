@@ -33,8 +33,8 @@ import torch
 from torch import nn
 from torch_geometric.nn import GatedGraphConv
 
+from streamrec.errors import UserError
 from training.data import PreparedData
-from training.errors import UserError
 from training.models.window import WindowModel, catalogue_cross_entropy, first_column, mask_padding_column, shuffled, training_split
 from training.trainer import TrainerConfig, fit
 from training.windows import next_item_pairs

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from training.errors import UserError
+from streamrec.errors import UserError
 from training.models.items import DISTANCE_DECAYS, fill_unscored
 from training.models.neighbors import Queries, SessionIndex, SessionKNNModel, candidates, dense_scores, neighbor_items, per_candidate_max, per_candidate_sum, top_neighbors
 

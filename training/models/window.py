@@ -23,12 +23,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from streamrec.errors import UserError
 from training.data import PreparedData
-from training.errors import UserError
-from training.models.base import SessionModel, next_positions, write_run_config
-from training.sessions import Sessions
 from training.evaluate import evaluation_positions, ranks
+from training.models.base import SessionModel, next_positions, write_run_config
 from training.protocols import early_stopping_split
+from training.sessions import Sessions
 from training.trainer import epoch_rng
 from training.windows import KnownEvents, prefix_windows
 
