@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from training.errors import UserError
+from streamrec.errors import UserError
 
 TANSU_FETCH_WAIT_MAX_MS = 1000  # the longest fetch wait workaround 3 asks for
 

