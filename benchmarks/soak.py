@@ -128,16 +128,38 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def memory_parts_mb(pid: int) -> dict[str, float]:
-    """Where the resident memory is: anonymous (heap, arenas, Python objects) versus file-backed
-    (code, shared libraries, mapped files), and the number of threads (each has a stack and may hold
-    a malloc arena)."""
-    fields = {}
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
-        name, _, rest = line.partition(":")
-        fields[name] = int(rest.split()[0]) / 1024.0
+MAPPING_KINDS = {  # where a worker's resident memory lives, by the kind of mapping holding it
+    "brk_heap": "main heap ([heap]: glibc's main arena, the event loop's objects over 512 B)",
+    "anon_arenas": "anonymous mappings of 60 MB or more (glibc's per-thread arenas)",
+    "anon_mid": "anonymous mappings of 1 to 60 MB (pymalloc's arenas, large buffers)",
+    "anon_small": "anonymous mappings under 1 MB",
+    "file": "file-backed (code, shared libraries, mapped files)",
+}
+
+
+def memory_by_mapping(pid: int) -> dict[str, float]:
+    """The worker's resident memory (MB) by kind of mapping (MAPPING_KINDS, from /proc/PID/smaps), with
+    ``anon_mb`` their anonymous total, and its threads (each may hold a glibc arena): a creep shows in
+    one kind, which says whose allocations grow."""
+    kinds = dict.fromkeys(MAPPING_KINDS, 0.0)
+    kind = None
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split(None, 5)
+        if "-" in head[0] and len(head) >= 5 and ":" in head[3]:  # a mapping's first line: range perms offset dev inode [name]
+            start, end = (int(x, 16) for x in head[0].split("-"))
+            size, name = (end - start) / 2**20, head[5].strip() if len(head) > 5 else ""
+            kind = ("brk_heap" if name == "[heap]" else None if name.startswith("[") else "file" if name
+                    else "anon_arenas" if size >= 60 else "anon_mid" if size >= 1 else "anon_small")
+        elif line.startswith("Rss:") and kind is not None:
+            kinds[kind] += int(line.split()[1]) / 1024.0
     threads = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("Threads:"))
-    return {"anon_mb": fields.get("Anonymous", float("nan")), "file_mb": fields.get("Rss", float("nan")) - fields.get("Anonymous", 0.0), "threads": threads}
+    return {**kinds, "anon_mb": sum(v for k, v in kinds.items() if k != "file"), "threads": threads}
+
+
+def trend_mb_per_hour(samples: list[dict], key: str) -> float:
+    """Least-squares slope of ``key`` over the samples, in MB per hour."""
+    points = [(s["t"], s[key]) for s in samples if key in s and np.isfinite(s[key])]
+    return float(np.polyfit(*zip(*points), 1)[0]) * 3600 if len(points) >= 2 else float("nan")
 
 
 def scrape(settings) -> dict[str, float]:
@@ -175,7 +197,9 @@ def quantile(buckets: list[tuple[float, float]], q: float) -> float:
 def plot(samples: list[dict], args) -> None:
     plt = pyplot()
     minutes = [s["t"] / 60 for s in samples]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    by_kind = all("brk_heap" in s for s in samples)
+    fig, axes = plt.subplots(3 if by_kind else 2, 1, figsize=(8, 9 if by_kind else 6), sharex=True)
+    top, bottom = axes[0], axes[-1]
     top.plot(minutes, [s["worker_mb"] for s in samples], label="worker RSS (MB)", color="tab:blue")
     if not args.broker:
         label = "embedded broker RSS (MB, keeps every record)" if args.engine == "tansu" else "Apache Kafka RSS (MB)"
@@ -183,6 +207,11 @@ def plot(samples: list[dict], args) -> None:
     top.set_ylabel("MB")
     top.legend(loc="upper left", fontsize=8)
     top.set_title(f"streamrec soak: {args.rate:,.0f} clicks/s, session TTL {args.session_ttl:.0f} s")
+    if by_kind:
+        for kind, label in MAPPING_KINDS.items():
+            axes[1].plot(minutes, [s[kind] for s in samples], label=label)
+        axes[1].set_ylabel("worker MB")
+        axes[1].legend(loc="upper left", fontsize=7)
     bottom.plot(minutes, [s["active_sessions"] for s in samples], label="active sessions", color="tab:green")
     bottom.plot(minutes, [max(0.0, s["sent"] - s["answered"]) for s in samples], label="clicks sent but not yet answered", color="tab:red", linewidth=0.8)
     bottom.set_ylabel("count")
@@ -206,6 +235,7 @@ def render(samples: list[dict], summary: dict, args) -> str:
         ("active sessions after warm-up (min – max)", f"{min(s['active_sessions'] for s in warm):,.0f} – {max(s['active_sessions'] for s in warm):,.0f}"),
         ("worker RSS at warm-up end → end", f"{summary['rss_warm']:.0f} MB → {summary['rss_end']:.0f} MB"),
         ("worker anonymous memory at warm-up end → end", f"{warm_anon[0]:.0f} MB → {warm_anon[-1]:.0f} MB"),
+        *([("worker memory trend after warm-up, by mapping (MB/hour)", ", ".join(f"{k} {trend_mb_per_hour(warm, k):+.1f}" for k in MAPPING_KINDS))] if warm and "brk_heap" in warm[0] else []),
         ("worker RSS trend after warm-up / over the last half (least squares)", f"{summary['slope_mb_per_hour']:+.1f} / {summary['late_slope_mb_per_hour']:+.1f} MB/hour"),
         ("most clicks sent but not yet answered in a sample", f"{max(max(0.0, s['sent'] - s['answered']) for s in samples):,.0f}"),
         *([(f"{ENGINES[args.engine]} RSS start → end", f"{samples[0]['broker_mb']:.0f} MB → {samples[-1]['broker_mb']:.0f} MB")] if not args.broker else []),
@@ -259,9 +289,17 @@ def main() -> None:
     parser.add_argument("--broker", default=None, help="kafka://HOST:PORT of a running Apache Kafka instead of starting one")
     parser.add_argument("--no-write", action="store_true", help="print the figures only")
     parser.add_argument("--samples-json", type=Path, default=None, help="also write every sample to this JSON file")
+    parser.add_argument("--from-samples", type=Path, default=None, help="run nothing: report the run whose --samples-json this is (give it the run's other flags too)")
     args = parser.parse_args()
     if min(args.minutes, args.rate, args.session_ttl, args.sample_seconds, args.mean_length) <= 0 or args.live_sessions < 1:
         parser.error("--minutes, --rate, --session-ttl, --sample-seconds, --mean-length and --live-sessions must be positive")
+
+    if args.from_samples:
+        if not args.from_samples.is_file():
+            parser.error(f"--from-samples {args.from_samples}: no such file")
+        data = json.loads(args.from_samples.read_text())
+        report(data["samples"], data["summary"], args)
+        return
 
     from stream.broker import EmbeddedBroker, free_port
     from stream.kafka import KafkaCluster
@@ -296,7 +334,7 @@ def main() -> None:
                         if source.error is not None:
                             raise source.error
                         s = scrape(settings)
-                        s.update(t=time.monotonic() - started, worker_mb=rss_mb(worker.pid), broker_mb=rss_mb(broker.process.pid) if broker is not None else float("nan"), sent=source.sent, **memory_parts_mb(worker.pid))
+                        s.update(t=time.monotonic() - started, worker_mb=rss_mb(worker.pid), broker_mb=rss_mb(broker.process.pid) if broker is not None else float("nan"), sent=source.sent, **memory_by_mapping(worker.pid))
                         samples.append(s)
                         bar.update(round(s["t"]) - bar.n)
                         bar.set_postfix_str(f"rss {s['worker_mb']:.0f} MB, sessions {s['active_sessions']:,.0f}, answered {s['answered']:,.0f}/{source.sent:,}")
@@ -338,6 +376,11 @@ def main() -> None:
     }
     if args.samples_json:
         args.samples_json.write_text(json.dumps({"summary": summary, "samples": samples}, indent=0))
+    report(samples, summary, args)
+
+
+def report(samples: list[dict], summary: dict, args) -> None:
+    """Print the section, write it with the plot (unless --no-write), and fail if a click went unanswered."""
     section = render(samples, summary, args)
     print(section)
     print(json.dumps({k: v for k, v in summary.items() if k != "command"}, indent=1), file=sys.stderr)
@@ -347,7 +390,6 @@ def main() -> None:
         print(f"wrote {DOC.relative_to(ROOT)} ({SECTION}) and {PLOT.relative_to(ROOT)}", file=sys.stderr)
     if summary["answered"] != summary["sent"]:
         raise SystemExit(f"{summary['sent'] - summary['answered']:,.0f} clicks were not answered within 2 minutes of the end")
-
 
 if __name__ == "__main__":
     main()
