@@ -136,6 +136,15 @@ class SessionStore:
                 else:
                     data[key] = raw
 
+    def unsent(self, records: list) -> None:
+        """(key, raw) records whose changelog writes will never be made (under exactly_once, expiry
+        tombstones of a partition revoked before their transaction): out of ``pending``, unless a later
+        state replaced them, so that they neither leak nor hide the stored state."""
+        pending = self.pending
+        for key, raw in records:
+            if pending.get(key, _ABSENT) is raw:
+                del pending[key]
+
     def on_sent(self, topic: str, partition: int, records: list):
         """The done-callback ``confirmed`` bound to one changelog batch (stream.outbox.Outbox.send's ``on_sent``);
         None for a batch of another topic (answers the same send carries)."""

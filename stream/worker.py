@@ -393,11 +393,12 @@ class StreamWorker:
 
     async def _send_tombstones(self, tombstones: dict[int, list]) -> list:
         """Send the tombstones (partition -> records): under exactly_once one transaction per partition
-        (their futures), else through the outbox, into the store once confirmed (no futures to wait for)."""
+        ((its future, its records) each), else through the outbox, into the store once confirmed (nothing
+        to wait for)."""
         if not tombstones:
             return []
         if self.transactions is not None:
-            return [self.transactions.transact(p, records, None) for p, records in tombstones.items()]
+            return [(self.transactions.transact(p, records, None), records) for p, records in tombstones.items()]
         for records in tombstones.values():
             for topic, partition, key, value in records:
                 self.outbox.add(topic, partition, key, value)
@@ -439,14 +440,13 @@ class StreamWorker:
                 await asyncio.sleep(0)
         commits += await self._send_tombstones(tombstones)
         store.scanned(live)
-        for commit in asyncio.as_completed(commits):
-            try:
-                await commit
-            except NotOwned:
-                pass  # revoked meanwhile: its next owner expires the session
-            except Exception as exc:
-                log.error("a transaction of tombstones failed (%r); stopping", exc)
-                await self.app.crash(exc)
+        results = await asyncio.gather(*(commit for commit, _ in commits), return_exceptions=True)
+        for (_, records), result in zip(commits, results):
+            if isinstance(result, NotOwned):  # revoked meanwhile: its next owner expires the sessions
+                store.unsent([(key, None) for _, _, key, _ in records])
+            elif isinstance(result, Exception):
+                log.error("a transaction of tombstones failed (%r); stopping", result)
+                await self.app.crash(result)
                 return
         if expired:
             self.metrics.expired_sessions.inc(expired)

@@ -8,12 +8,13 @@ tests/test_stream_worker.py's, run for both stores.)
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import pytest
 
 from stream.process import start_worker, stop_worker
 from stream.settings import Settings
-from stream.store import lock_data_dir
+from stream.store import SessionStore, lock_data_dir
 from stream.worker import TABLE
 from streamrec.errors import UserError
 from tests.streamkit import REBALANCE_RERUN, PacedSender, answered, click_stream, end_offsets, kill_worker, sessions_of, streamrec
@@ -83,3 +84,18 @@ def test_a_sigkilled_worker_restarted_reads_only_the_changelog_tail_with_rocksdb
     else:
         assert recovered == written, (recovered, written)
     print(f"--store {store}: {len(sent):,} clicks, SIGKILL at {written:,} changelog records, the restart read {recovered:.0f} of them: {total:,} answers, {duplicates} duplicates")
+
+
+def test_tombstones_never_written_because_their_partition_moved_leave_pending_and_the_stored_state_shows_again():
+    """Under exactly_once an expiry tombstone whose transaction found its partition revoked (NotOwned) is
+    never written: it must not stay in ``pending`` (a leak, and it hid the stored state from the next
+    expiry scan, which then never dropped it), unless a later state replaced it."""
+    store = SessionStore(SimpleNamespace(data={b"a": b"state-a", b"b": b"state-b"}, changelog_topic_name="c"), rocksdb=False)
+    store.put(b"a", None)
+    store.put(b"b", None)
+    store.put(b"b", b"newer")  # a click after the tombstone was queued: its state replaces it
+    assert store.get(b"a", 0) is None and store.count() == 1
+    store.unsent([(b"a", None), (b"b", None)])
+    assert store.pending == {b"b": b"newer"}
+    assert store.get(b"a", 0) == b"state-a" and store.get(b"b", 0) == b"newer"
+    assert [key for key, _ in store.scan({0})] == [b"a", b"b"] and store.count() == 2
