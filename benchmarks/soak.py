@@ -197,7 +197,7 @@ def quantile(buckets: list[tuple[float, float]], q: float) -> float:
 def plot(samples: list[dict], args) -> None:
     plt = pyplot()
     minutes = [s["t"] / 60 for s in samples]
-    by_kind = all("brk_heap" in s for s in samples)
+    by_kind = any("brk_heap" in s for s in samples)
     fig, axes = plt.subplots(3 if by_kind else 2, 1, figsize=(8, 9 if by_kind else 6), sharex=True)
     top, bottom = axes[0], axes[-1]
     top.plot(minutes, [s["worker_mb"] for s in samples], label="worker RSS (MB)", color="tab:blue")
@@ -209,7 +209,7 @@ def plot(samples: list[dict], args) -> None:
     top.set_title(f"streamrec soak: {args.rate:,.0f} clicks/s, session TTL {args.session_ttl:.0f} s")
     if by_kind:
         for kind, label in MAPPING_KINDS.items():
-            axes[1].plot(minutes, [s[kind] for s in samples], label=label)
+            axes[1].plot(minutes, [s.get(kind, float("nan")) for s in samples], label=label)
         axes[1].set_ylabel("worker MB")
         axes[1].legend(loc="upper left", fontsize=7)
     bottom.plot(minutes, [s["active_sessions"] for s in samples], label="active sessions", color="tab:green")
