@@ -3,8 +3,9 @@
 Torch's and faiss's CPU thread counts and glibc's allocator are state of the whole process: set from a
 library call they change what every other user of that library in the process gets, and set from a
 thread (a hot swap loads its bundle in one) they race with whoever is computing. So a program sets
-them once, first thing: `streamrec`'s commands (``stream.cli``) and the worker (``stream.worker.serve``)
-call ``configure_process``; libraries (``training.trainer.fit``, the scorers, the exporter, a swap) never do.
+them once, first thing: each `streamrec` command that computes (train, export, retrain, the demo), the
+worker (``stream.worker.serve``) and the benchmarks call ``configure_process``; libraries
+(``training.trainer.fit``, the scorers, the exporter, a swap) never do.
 
 Torch and faiss are imported only by the code that needs them (a worker serving ONNX never loads
 torch), so the thread count is applied to each when it is loaded: code that uses one imports it
