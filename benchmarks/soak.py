@@ -257,7 +257,7 @@ def render(samples: list[dict], summary: dict, args) -> str:
         *table(["figure", "value"], figures),
         "",
         f"Warm-up = the first {summary['warmup_s'] / 60:.1f} minutes (session TTL plus the time for the first sessions to age out). "
-        + ("The embedded broker's memory grows by design (memory storage, no retention); " if args.engine == "tansu" and not args.broker else "") + "the worker's memory is what must stay flat.",
+        + ("The embedded broker's memory grows by design (memory storage, no retention); the worker's" if args.engine == "tansu" and not args.broker else "The worker's") + " memory is what must stay flat.",
         "",
         *table(["minute", "worker RSS MB", "of it anonymous", "active sessions", "expired (total)", "answered (total)", "not yet answered", "healthy"], rows, "rrrrrrrc"),
         "",
