@@ -48,10 +48,11 @@ class NotOwned(Exception):
 class Transactions:
     """The transactional producers of the clicks partitions this worker owns."""
 
-    def __init__(self, settings, producer_options: dict, app_id: str, clicks_topic: str, group_id: str):
+    def __init__(self, settings, producer_options: dict):
         self.settings = settings  # its kafka_kwargs(): the connection and security of every client made here
         self.producer_options = producer_options
-        self.app_id, self.clicks_topic, self.group_id = app_id, clicks_topic, group_id
+        # the consumer group is the Faust app's (its id), whose offsets the transactions commit
+        self.app_id, self.clicks_topic, self.group_id = settings.app_id, settings.clicks_topic, settings.app_id
         self.producers: dict[int, AIOKafkaProducer] = {}
         self.outboxes: dict[int, Outbox] = {}
         self.tails: dict[int, asyncio.Future] = {}  # each partition's committing task

@@ -119,7 +119,7 @@ class StreamWorker:
             **s.faust_credentials(),
         )
         if s.exactly_once:
-            self.transactions = Transactions(s, EOS_PRODUCER, s.app_id, s.clicks_topic, group_id=s.app_id)
+            self.transactions = Transactions(s, EOS_PRODUCER)
             self.transactions.committed = self.metrics.transactions.inc
         broker = broker_adapter(s)
         app.transport = stream_transport(broker.fetch_max_wait_ms(s), fetch_wait=broker.fetch_wait(s), exactly_once=self.transactions)(app.conf.broker_consumer, app)
