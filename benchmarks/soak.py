@@ -351,11 +351,8 @@ def main() -> None:
 
     warmup = min(args.session_ttl + 2 * args.live_sessions * args.mean_length / args.rate, 0.5 * total)
     warm = [s for s in samples if s["t"] >= warmup] or samples[-2:]
-    t = np.array([s["t"] for s in warm])
-    mb = np.array([s["worker_mb"] for s in warm])
-    slope = float(np.polyfit(t, mb, 1)[0]) * 3600 if len(warm) >= 2 else float("nan")
-    late = samples[len(samples) // 2 :]
-    late_slope = float(np.polyfit([s["t"] for s in late], [s["worker_mb"] for s in late], 1)[0]) * 3600 if len(late) >= 2 else float("nan")
+    slope = trend_mb_per_hour(warm, "worker_mb")
+    late_slope = trend_mb_per_hour(samples[len(samples) // 2 :], "worker_mb")
     summary = {
         "command": command,
         "cpus": os.cpu_count(),
@@ -366,7 +363,7 @@ def main() -> None:
         "expired": final["expired"],
         "sessions_started": source.sessions_started,
         "warmup_s": warmup,
-        "rss_warm": float(mb[0]),
+        "rss_warm": warm[0]["worker_mb"],
         "rss_end": final_rss,
         "slope_mb_per_hour": slope,
         "late_slope_mb_per_hour": late_slope,
