@@ -8,7 +8,9 @@ random topic centres plus noise ("clustered"), because trained item embeddings c
 catalogue of uniformly random vectors (``--embeddings uniform``) is the worst case for any
 index. Recall@20 of the ann bundle is measured against the exact fp32 bundle on the same
 timed calls (an ann item counts when its exact score reaches the exact 20th best), and at
-export on the parity prefixes. Not measured here: the stream end to end, trained embeddings.
+export on the parity prefixes. With ``--stream`` (the default) each way of serving is also run
+end to end: `streamrec serve` with the bundle on a fresh Apache Kafka node, through
+``benchmarks/stream.py --bundle`` (max events/s of one worker, p90 at 1,000 clicks/s, its RSS).
 
 Writes a section "## Catalogue scale" into docs/performance.md and docs/img/catalog_scale.png
 unless --no-write. Run it niced on a shared box:
@@ -177,6 +179,15 @@ def measure_bundle(bundle: Path, threads: int, events: int, exact: Path | None) 
     return result
 
 
+def stream_in_child(bundle: Path, threads: int, events: int) -> dict:
+    """One worker serving ``bundle`` on Apache Kafka (benchmarks/stream.py --bundle): events/s, latency, RSS."""
+    command = [sys.executable, str(Path(__file__).with_name("stream.py")), "--bundle", str(bundle), "--scorer-threads", str(threads), "--events", str(events), "--seconds", "15", "--timeout", "240"]
+    done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(threads)), check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"the stream run of {bundle} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def rss_mb() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -209,6 +220,8 @@ def main() -> None:
     parser.add_argument("--ann-index", choices=["hnsw", "ivf"], default="hnsw", help="faiss index of the ann bundles")
     parser.add_argument("--search", "--ef-search", default="", help="extra search widths to time on the same index, comma-separated (hnsw: ef_search, ivf: nprobe)")
     parser.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True, help="also export and time exact int8")
+    parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True, help="also run each way of serving end to end through a worker on Apache Kafka")
+    parser.add_argument("--stream-events", type=int, default=20_000, help="clicks of each stream saturation run")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # internal: time one bundle in this process
     parser.add_argument("--exact", type=Path, help=argparse.SUPPRESS)
@@ -237,6 +250,10 @@ def main() -> None:
                 row = {"model": {"gru4rec": "GRU4Rec H=100,", "sasrec": "SASRec,"}[args.model], "n_items": n_items, "mode": mode, **m, "bundle_mb": bundle_bytes(b["bundle"]) / 1e6, "export_seconds": b["seconds"], "manifest": b["manifest"]}
                 rows.append(row)
                 print(f"  [{n_items:,}] {mode}: " + " / ".join(f"{m['ms'][s]:.3f}" for s in BATCH_SIZES) + f" ms/event @{'/'.join(map(str, BATCH_SIZES))}, RSS {m['rss_mb']:.0f} MB", file=sys.stderr, flush=True)
+                if args.stream and mode in MODES:  # the search-width copies are scorer-only rows
+                    row["stream"] = stream_in_child(b["bundle"], args.threads, args.stream_events)
+                    st = row["stream"]
+                    print(f"  [{n_items:,}] {mode}, stream: {st['throughput']:,.0f} events/s ({st['cpu_ms'][0]:.3f} worker CPU ms/event), p90 {st['p90_ms']:.0f} ms at 1,000/s, worker RSS {st['worker_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
             for path in (data_dir, run_dir, *(b["bundle"] for b in bundles.values())):  # keep the disk small at 1M items
                 shutil.rmtree(path, ignore_errors=True)
     section = render(rows, args)
@@ -258,7 +275,30 @@ def targets(rows: list[dict]) -> list[list[str]]:
         out.append([f"{mode}: ms/event @256 at {big['n_items']:,} items <= 2x at {small['n_items']:,}", f"{ratio:.2f}x ({big['ms'][256]:.3f} vs {small['ms'][256]:.3f} ms)", "yes" if ratio <= 2 else "**no**"])
         worst = min(r["recall"] for r in ann.values())
         out.append([f"{mode}: recall@20 >= 0.99 against exact at every size", f"{worst:.4f} (lowest)", "yes" if worst >= 0.99 else "**no**"])
+        if "stream" in big:
+            rate = big["stream"]["throughput"]
+            out.append([f"{mode}: one worker sustains >= 2,000 events/s at {big['n_items']:,} items", f"{rate:,.0f} events/s", "yes" if rate >= 2000 else "**no**"])
     return out
+
+
+def stream_table(rows: list[dict]) -> list[str]:
+    """The end-to-end rows (one worker on Apache Kafka), or nothing when the run had --no-stream."""
+    measured = [r for r in rows if "stream" in r]
+    if not measured:
+        return []
+    body = []
+    for r in measured:
+        st = r["stream"]
+        lat = " / ".join(f"{st[f'p{q}_ms']:.0f}" if st[f"p{q}_ms"] is not None else "-" for q in (50, 90, 99))
+        body.append([f"{r['n_items']:,}", r["mode"], f"{st['throughput']:,.0f}", " / ".join(f"{c:.3f}" for c in st["cpu_ms"]), st["answered_saturation"], lat, st["answered_latency"], f"{st['worker_rss_mb']:.0f}" if st["worker_rss_mb"] else ""])
+    return [
+        "",
+        "End to end: `streamrec serve` with each bundle (1 scorer thread) on a fresh Apache Kafka node (4 partitions), measured as in "
+        "\"Stream\" (`benchmarks/stream.py --bundle`): the worker, the broker and the load generator share the 2 cores, so the "
+        "worker's events/s is bounded by all three (CPU ms per event of each given); at 1,000 clicks/s a worker slower than that falls behind and its latency is its backlog.",
+        "",
+        *table(["items", "served as", "max events/s", "CPU ms/event: worker / broker / load generator", "answered (saturation)", "p50 / p90 / p99 ms @1,000/s", "answered @1,000/s", "worker RSS MB"], body, align="--rrrrrr"),
+    ]
 
 
 def render(rows: list[dict], args) -> str:
@@ -301,11 +341,11 @@ def render(rows: list[dict], args) -> str:
                "`--embeddings uniform`)" if args.embeddings == "clustered" else "uniformly random, the worst case for an index")
             + "; the other weights are untrained (serving cost does not depend on them); window models see 8-click histories. RSS: the measuring process after loading the scorer and "
             "timing it (Python, numpy, torch and ONNX Runtime included). Recall@20: share of the ann answer's items whose exact score reaches the "
-            "exact 20th best, on the timed batch-256 calls and on the export's parity prefixes. Not measured here: the stream end to end "
-            "(events/s through the worker, p90 at 1,000 clicks/s), trained embeddings (Beauty, trained synthetic catalogues), 5M items.",
+            "exact 20th best, on the timed batch-256 calls and on the export's parity prefixes.",
             "",
             *produced_by(),
             *lines,
+            *stream_table(rows),
             "",
             *table(["target", "this run", "met"], targets(rows)),
             "",

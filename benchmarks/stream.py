@@ -30,6 +30,7 @@ catalogue of ~40k items, exported to a bundle with K=20.
     python benchmarks/stream.py            # both engines: writes "## Stream" in docs/performance.md and docs/img/stream_latency.png
     python benchmarks/stream.py --systems c --profile --no-write   # prints the profile table only
     python benchmarks/stream.py --eos-cost     # (c) under at_least_once and exactly_once on Apache Kafka: "## Stream: exactly-once cost"
+    python benchmarks/stream.py --bundle DIR --json   # (c) serving a given bundle on Apache Kafka; one JSON line (benchmarks/catalog_scale.py)
 
 With ``--eos-cost`` the answers of the exactly_once worker are read as a read_committed consumer
 reads them (an answer counts once its transaction is committed), those of the other as usual.
@@ -245,8 +246,9 @@ def new_broker(engine: str):
     return EmbeddedBroker()
 
 
-def measure(name: str, start, items: list[str], args, rng: np.random.Generator, engine: str, profile_path: Path | None = None, isolation_level: str = "read_uncommitted") -> dict:
-    """Start a system on a fresh broker, measure its max sustained rate and its latency at the offered rate."""
+def measure(name: str, start, items: list[str], args, rng: np.random.Generator, engine: str, profile_path: Path | None = None, isolation_level: str = "read_uncommitted", on_done=None) -> dict:
+    """Start a system on a fresh broker, measure its max sustained rate and its latency at the offered rate
+    (``on_done``: called while the system still runs, after the last measurement)."""
     from stream.settings import Settings
     from stream.topics import ensure_topics
 
@@ -278,6 +280,8 @@ def measure(name: str, start, items: list[str], args, rng: np.random.Generator, 
                 print(f"{name}: latency at {args.low_rate:,.0f}/s, {n_low:,} clicks ...", file=sys.stderr)
                 sent_q, received_q = asyncio.run(drive(broker.bootstrap, schedule(n_low, args.sessions, items, rng, "low"), args.low_rate, args.timeout, linger, isolation_level))
                 low = (received_q - sent_q) * 1000.0
+            if on_done is not None:
+                on_done()
         finally:
             process.terminate()
             try:
@@ -360,6 +364,44 @@ def build_bundle(work: Path, args) -> tuple[Path, Path, list[str]]:
     export_run(run_dir, bundle_dir, data_dir=work / "data", k=20, parity_sessions=20, log=lambda line: print(line, file=sys.stderr))
     export_run(run_dir, work / "bundle-int8", data_dir=work / "data", k=20, int8=True, min_overlap=0.0, parity_sessions=20, log=lambda line: print(line, file=sys.stderr))
     return run_dir, bundle_dir, data.vocab.item_ids
+
+
+def measure_given_bundle(bundle_dir: Path, args) -> dict:
+    """(c) serving ``bundle_dir`` on a fresh Apache Kafka node: max events/s, CPU per event, latency at
+    ``--rate`` and the worker's RSS at the end; for benchmarks that build their own bundles."""
+    from export.bundle import open_bundle
+    from stream.process import start_worker
+    from stream.settings import Settings
+
+    items = open_bundle(bundle_dir).vocab.item_ids
+    rng = np.random.default_rng(0)
+    peak = {}
+
+    with tempfile.TemporaryDirectory(prefix="streamrec-stream-bundle-") as tmp:
+        def start(broker):
+            settings = Settings(broker=broker.url, broker_quirks=broker.quirks, group_session_timeout=2.0, metrics_port=0, scorer_threads=args.scorer_threads)
+            process = start_worker(settings, bundle_dir, Path(tmp) / "streamrec.log")
+            peak["pid"] = process.pid
+            return process
+
+        result = measure("(c) streamrec worker", start, items, args, rng, "kafka", on_done=lambda: peak.update(rss_mb=rss_mb(peak["pid"])))
+    latency, low = result.pop("latency_ms"), result.pop("low_latency_ms")
+    result.update({f"p{q}_ms": float(np.percentile(latency, q)) if len(latency) else None for q in (50, 90, 99)})
+    result.update({f"low_p{q}_ms": float(np.percentile(low, q)) if low is not None and len(low) else None for q in (50, 90, 99)})
+    result["worker_rss_mb"] = peak.get("rss_mb")
+    result["saturated"] = bool(result["saturated"])
+    return result
+
+
+def rss_mb(pid: int) -> float | None:
+    """Resident MB of a running process (None once it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
 
 
 def scorer_ceiling(bundle_dir: Path, batch: int = 256, seconds: float = 3.0) -> tuple[float, float]:
@@ -512,9 +554,14 @@ def main() -> None:
     parser.add_argument("--eos-cost", action="store_true", help="only (c) under at_least_once and exactly_once, on Apache Kafka, and write their section")
     parser.add_argument("--profile", action="store_true", help="only profile (c) with py-spy during saturation and write its section")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
+    parser.add_argument("--bundle", type=Path, help="only (c), serving this bundle, on Apache Kafka; prints one JSON line (no docs written)")
+    parser.add_argument("--scorer-threads", type=int, default=1, help="the worker's --scorer-threads")
     args = parser.parse_args()
     if args.role:
         run_role(args)
+        return
+    if args.bundle:
+        print(json.dumps(measure_given_bundle(args.bundle, args)))
         return
 
     if args.profile and shutil.which("py-spy") is None:
