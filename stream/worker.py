@@ -42,7 +42,7 @@ from stream.transactions import NotOwned, Transactions
 from stream.transport import consumer_partition_report, stream_transport
 from stream.watchdog import BEAT_SECONDS, Watchdog, serve_http
 from streamrec.errors import UserError
-from streamrec.runtime import configure_process
+from streamrec.runtime import configure_process, release_free_heap
 
 log = logging.getLogger("streamrec.worker")
 
@@ -451,6 +451,7 @@ class StreamWorker:
         if expired:
             self.metrics.expired_sessions.inc(expired)
         self.metrics.active_sessions.set(store.count())
+        release_free_heap()  # what the expired states and the scan freed, back to the OS (streamrec.runtime)
 
 
 def serve(settings: Settings, bundle_dir: Path) -> None:

@@ -62,6 +62,25 @@ def _configured(name: str):
     return module
 
 
+def release_free_heap() -> bool:
+    """Give the pages of glibc's free heap chunks back to the OS (``malloc_trim(0)``); False without glibc.
+
+    A long-running worker frees and re-allocates session states, record batches and scan lists of every
+    size in the event loop's thread, which glibc serves from its main heap. Freed chunks stay in the heap
+    and the heap only shrinks from its top, so the free space between live chunks grows with churn (the
+    multi-hour soak: in-use memory flat, the heap's RSS creeping by about 4 MB an hour, docs/reliability.md).
+    ``malloc_trim`` also releases whole free pages inside the heap (MADV_DONTNEED), so RSS follows what is in
+    use; the chunks stay glibc's and are faulted back in when reused. Called by the worker after each expiry
+    pass (``stream.worker``), not from any library code.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
 def _keep_freed_memory() -> None:
     """Ask glibc to keep freed memory instead of returning it to the OS.
 
