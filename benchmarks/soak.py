@@ -163,9 +163,14 @@ def trend_mb_per_hour(samples: list[dict], key: str) -> float:
 
 
 def scrape(settings) -> dict[str, float]:
+    """The worker's figures from /metrics and /healthz; a worker that does not answer within 5 s gives an
+    unhealthy sample of NaNs (its event loop was blocked that long), not the end of the soak."""
     base = f"http://{settings.metrics_host}:{settings.metrics_port}"
-    with urllib.request.urlopen(f"{base}/metrics", timeout=5) as r:
-        text = r.read().decode()
+    try:
+        with urllib.request.urlopen(f"{base}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:  # a timeout or a refused connection (urllib.error.URLError is an OSError)
+        text = ""
     wanted = {
         "answered": 'streamrec_events_total{outcome="answered"}',
         "dead_lettered": 'streamrec_events_total{outcome="dead_lettered"}',
@@ -180,7 +185,7 @@ def scrape(settings) -> dict[str, float]:
     try:
         with urllib.request.urlopen(f"{base}/healthz", timeout=5) as r:
             out["healthy"] = r.status == 200
-    except urllib.error.HTTPError:
+    except OSError:  # urllib.error.HTTPError (not 200) and timeouts alike
         out["healthy"] = False
     return out
 
@@ -341,7 +346,7 @@ def main() -> None:
                 source.stop.set()
                 source.join(60)
                 deadline = time.monotonic() + 120
-                while (final := scrape(settings))["answered"] + final["dead_lettered"] < source.sent + 1 and time.monotonic() < deadline:  # +1: the readiness probe
+                while not (final := scrape(settings))["answered"] + final["dead_lettered"] >= source.sent + 1 and time.monotonic() < deadline:  # +1: the readiness probe
                     time.sleep(1)
                 final_rss = rss_mb(worker.pid)
             finally:
