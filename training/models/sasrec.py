@@ -15,7 +15,9 @@ a softmax over each target and ``n_sample`` items drawn uniformly from the
 catalogue, one draw shared by the mini-batch (a negative that is the row's own
 target is masked out; uniform draws need no logQ correction): the full softmax
 costs every position a product with the whole item table, which on a 1M-item
-catalogue is hours per epoch on two cores (benchmarks/training_scale.py).
+catalogue is hours per epoch on two cores (benchmarks/training_scale.py). With
+it the item table gets sparse gradients (SparseAdam for its rows, see
+``trainer.make_optimizer``), so a step's cost no longer grows with the catalogue.
 
 Initialisation (``init``): ``default`` draws item embeddings from N(0, 1/d) and leaves the
 other layers at PyTorch's defaults (position embeddings N(0, 1), Linear layers Kaiming-uniform);
@@ -102,6 +104,10 @@ class SASRecNet(nn.Module):
             x = block(x, allowed)
         return self.norm(x)
 
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        """The item table while training looks it up sparsely (loss "sampled"; see ``trainer.make_optimizer``)."""
+        return [self.item_embedding.weight] if self.item_embedding.sparse else []
+
     def forward(self, window: torch.Tensor) -> torch.Tensor:
         last = self.hidden(window)[:, -1]
         return mask_padding_column(last @ self.item_embedding.weight.T)
@@ -172,5 +178,11 @@ class SASRec(WindowModel):
             neg = (states * net.item_embedding(negatives[real])).sum(-1)
             return F.binary_cross_entropy_with_logits(torch.cat([pos, neg]), torch.cat([torch.ones_like(pos), torch.zeros_like(neg)]))
 
-        model.fit_result = fit(net, config, lambda epoch: shuffled(config, epoch, len(chunks), make), loss_fn, validate=validate, run_dir=run_dir, progress=progress)
+        # sampled: every use of the item table in the loss is a lookup, so its gradient is the rows a
+        # step touches (a dense one over 1M items costs a second per step in Adam alone)
+        net.item_embedding.sparse = config.loss == "sampled"
+        try:
+            model.fit_result = fit(net, config, lambda epoch: shuffled(config, epoch, len(chunks), make), loss_fn, validate=validate, run_dir=run_dir, progress=progress)
+        finally:
+            net.item_embedding.sparse = False
         return model
