@@ -104,7 +104,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated, from: " + ", ".join(MODELS))
-    parser.add_argument("--eval-sessions", type=int, default=2000, help="test sessions evaluated (seeded sample; 0 = all)")
+    parser.add_argument("--eval-sessions", type=int, default=1000, help="test sessions evaluated (seeded sample; 0 = all)")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     parser.add_argument("--evaluate", type=Path, help=argparse.SUPPRESS)  # internal: evaluate one run in this process
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
