@@ -208,6 +208,8 @@ def test_the_score_budget_bounds_every_batch_however_large_the_batch_size():
     model.rows.clear()
     evaluate(model, sessions, batch_size=512, score_budget=10, progress=False)  # below one row: one row at a time
     assert set(model.rows) == {1}
+    with pytest.raises(UserError, match="score budget"):
+        evaluate(model, sessions, score_budget=0, progress=False)
 
 
 def test_a_model_that_ignores_the_batch_size_is_a_user_error():
