@@ -155,3 +155,67 @@ def test_score_positions_path_equals_score_next_path(mode):
     generic = evaluate(ScoreNextOnly(model), test, mode=mode, popularity=popularity, batch_size=7, progress=False)
     assert direct == generic
     assert direct["n_events"] + direct["n_skipped"] == (len(evaluation_positions(test, mode)))
+
+
+class RecordingTable(SessionModel):
+    """Integer scores (many ties) by input item from a random table; records the rows of every batch it yields."""
+
+    name = "recording"
+    state_kind = "items"
+
+    def __init__(self, n_items: int, seed: int = 0):
+        self.n_items = n_items
+        self.table = np.random.default_rng(seed).integers(0, 4, size=(n_items + 1, n_items + 1)).astype(np.float32)
+        self.rows: list[int] = []
+
+    def score_next(self, sessions, batch_size=512):
+        positions = next_positions(sessions)
+        for start in range(0, len(positions), batch_size):
+            chunk = positions[start : start + batch_size]
+            self.rows.append(len(chunk))
+            yield chunk, self.table[sessions.items[chunk]]
+
+
+def _random_sessions(n_items: int, n: int, seed: int) -> Sessions:
+    rng = np.random.default_rng(seed)
+    return Sessions.from_lists([rng.integers(0, n_items + 1, size=rng.integers(1, 9)).tolist() for _ in range(n)])
+
+
+@pytest.mark.parametrize("exclude_seen", [False, True])
+@pytest.mark.parametrize("budget_rows", [1, 3])
+def test_a_tiny_score_budget_gives_exactly_the_metrics_of_one_large_batch(exclude_seen, budget_rows):
+    n_items = 30
+    sessions = _random_sessions(n_items, 60, seed=5)
+    popularity = np.random.default_rng(6).integers(0, 50, size=n_items + 1).astype(np.float64)
+    categories = np.arange(n_items + 1) % 4
+    options = dict(ks=(1, 5, 20), popularity=popularity, item_features=categories, exclude_seen=exclude_seen, progress=False)
+    whole_model, chunked_model = RecordingTable(n_items), RecordingTable(n_items)
+    whole = evaluate(whole_model, sessions, batch_size=10_000, **options)
+    chunked = evaluate(chunked_model, sessions, batch_size=10_000, score_budget=budget_rows * (n_items + 1), **options)
+    assert whole_model.rows == [len(next_positions(sessions))]  # the reference really is one batch
+    assert max(chunked_model.rows) == budget_rows
+    assert chunked == whole
+    assert whole["HR@5"] != whole["HR@5_optimistic"]  # the table's ties are exercised
+
+
+def test_the_score_budget_bounds_every_batch_however_large_the_batch_size():
+    n_items = 97
+    sessions = _random_sessions(n_items, 40, seed=7)
+    model = RecordingTable(n_items)
+    evaluate(model, sessions, batch_size=512, score_budget=5 * (n_items + 1) + 50, progress=False)
+    assert max(model.rows) == 5
+    assert sum(model.rows) == len(next_positions(sessions))
+    model.rows.clear()
+    evaluate(model, sessions, batch_size=512, score_budget=10, progress=False)  # below one row: one row at a time
+    assert set(model.rows) == {1}
+    with pytest.raises(UserError, match="score budget"):
+        evaluate(model, sessions, score_budget=0, progress=False)
+
+
+def test_a_model_that_ignores_the_batch_size_is_a_user_error():
+    class Greedy(RecordingTable):
+        def score_next(self, sessions, batch_size=512):
+            return super().score_next(sessions, batch_size=10_000)
+
+    with pytest.raises(UserError, match="score rows"):
+        evaluate(Greedy(10), _random_sessions(10, 20, seed=1), score_budget=11, progress=False)

@@ -103,3 +103,12 @@ def test_cli_synth_raw_prepare_and_stats(tmp_path, monkeypatch, capsys):
     assert "items: " in report and "train session lengths" in report and "most popular items" in report
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert run_main(monkeypatch, "data", "stats", tmp_path / "nothing") == 2
+
+
+def test_valid_days_zero_writes_no_validation_split_and_a_negative_one_is_refused():
+    data = synthesize(300, 2000, seed=1, test_fraction=0.2, valid_days=0)
+    assert data.valid is None or len(data.valid) == 0
+    assert data.stats["source"]["synthetic"]["valid_days"] == 0
+    assert len(synthesize(300, 2000, seed=1, test_fraction=0.2).valid) > 0
+    with pytest.raises(UserError, match="valid-days"):
+        synthesize(300, 2000, seed=1, test_fraction=0.2, valid_days=-1)

@@ -145,3 +145,69 @@ def test_epoch_rng_depends_on_seed_and_epoch_only():
     assert np.array_equal(a, epoch_rng(TrainerConfig(seed=1), 3).random(4))
     assert not np.array_equal(a, epoch_rng(TrainerConfig(seed=1), 4).random(4))
     assert not np.array_equal(a, epoch_rng(TrainerConfig(seed=2), 3).random(4))
+
+
+class TableRegression(nn.Module):
+    """An item table plus a dense layer; the table's gradient is sparse when ``sparse`` (as SASRec's with loss "sampled")."""
+
+    def __init__(self, sparse: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.table = nn.Embedding(30, 4, sparse=sparse)
+        self.head = nn.Linear(4, 1)
+
+    def sparse_parameters(self):
+        return [self.table.weight] if self.table.sparse else []
+
+
+def table_task(module: TableRegression, config: TrainerConfig, rows_per_batch: int, fail_at_epoch: int | None = None):
+    def batches(epoch: int):
+        if epoch == fail_at_epoch:
+            raise KeyboardInterrupt
+        rng = epoch_rng(config, epoch)
+        return [torch.from_numpy(rng.permutation(30)[:rows_per_batch]) for _ in range(4)]
+
+    def loss_fn(rows):
+        return ((module.head(module.table(rows)).squeeze(1) - rows.float() / 10) ** 2).mean()
+
+    return batches, loss_fn
+
+
+def test_sparse_item_tables_train_with_adam_like_dense_ones_when_every_row_is_touched():
+    config = TrainerConfig(epochs=3, lr=0.05, optimizer="adam", threads=1)
+    dense, sparse = TableRegression(sparse=False), TableRegression(sparse=True)
+    start = TableRegression(sparse=False).table.weight.detach().clone()
+    fit(dense, config, *table_task(dense, config, rows_per_batch=30), progress=False)
+    fit(sparse, config, *table_task(sparse, config, rows_per_batch=30), progress=False)
+    assert (dense.table.weight - start).abs().min() > 0.02  # every row moved, by far more than the tolerance below
+    for key, value in dense.state_dict().items():  # SparseAdam adds eps after the bias correction, Adam before: close, not equal
+        torch.testing.assert_close(sparse.state_dict()[key], value, rtol=1e-2, atol=1e-3)
+
+
+def test_a_sparse_step_leaves_untouched_rows_alone_and_resume_equals_an_uninterrupted_run(tmp_path):
+    config = TrainerConfig(epochs=4, lr=0.05, optimizer="adam", lr_schedule="cosine", threads=1)
+    before = TableRegression(sparse=True).table.weight.detach().clone()
+    straight = TableRegression(sparse=True)
+    batches, loss_fn = table_task(straight, config, rows_per_batch=3)
+    seen = torch.cat([b for epoch in range(4) for b in batches(epoch)]).unique()
+    fit(straight, config, batches, loss_fn, run_dir=tmp_path / "straight", progress=False)
+    untouched = torch.ones(30, dtype=torch.bool)
+    untouched[seen] = False
+    assert untouched.any() and torch.equal(straight.table.weight[untouched], before[untouched])
+    assert not torch.equal(straight.table.weight[seen], before[seen])
+
+    interrupted = TableRegression(sparse=True)
+    with pytest.raises(KeyboardInterrupt):
+        fit(interrupted, config, *table_task(interrupted, config, 3, fail_at_epoch=2), run_dir=tmp_path / "resumed", progress=False)
+    resumed = TableRegression(sparse=True)
+    fit(resumed, TrainerConfig(**{**config.__dict__, "resume": True}), *table_task(resumed, config, 3), run_dir=tmp_path / "resumed", progress=False)
+    for key, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value)
+
+
+@pytest.mark.parametrize("setting, message", [({"weight_decay": 0.1}, "weight decay"), ({"grad_clip": 1.0}, "grad_clip")])
+def test_sparse_item_tables_refuse_weight_decay_and_clipping(setting, message):
+    config = TrainerConfig(epochs=1, optimizer="adamw", threads=1, **setting)
+    module = TableRegression(sparse=True)
+    with pytest.raises(UserError, match=message):
+        fit(module, config, *table_task(module, config, 3), progress=False)

@@ -351,3 +351,25 @@ def test_bert4rec_normal_init_draws_its_linear_layers_from_n_0_002_like_hugging_
     assert float(ours.blocks[0].ffn[0].weight.std()) > 0.05  # PyTorch's default, about 1 / sqrt(3 * 64)
     with pytest.raises(UserError, match="init 'xavier' unknown"):
         get_model("bert4rec").train(synthesize(n_items=50, n_sessions=60, seed=1, test_fraction=0.2), BERT4RecConfig(init="xavier"), progress=False)
+
+
+def test_sampled_cross_entropy_over_the_whole_catalogue_equals_the_full_softmax():
+    from training.models.sasrec import sampled_cross_entropy
+
+    torch.manual_seed(0)
+    embedding = torch.nn.Embedding(41, 8)
+    states = torch.randn(13, 8, requires_grad=True)
+    targets = torch.randint(1, 41, (13,))
+    sampled = sampled_cross_entropy(states, embedding, targets, torch.arange(1, 41))
+    full = catalogue_cross_entropy(states, embedding.weight, targets)
+    torch.testing.assert_close(sampled, full)
+    grad_sampled = torch.autograd.grad(sampled, states)[0]
+    torch.testing.assert_close(grad_sampled, torch.autograd.grad(full, states)[0])
+
+
+def test_sasrec_sampled_softmax_learns_the_walks_and_rejects_a_zero_sample(data, pop_mrr):
+    cls = get_model("sasrec")
+    model = cls.train(data, cls.Config(threads=1, loss="sampled", n_sample=30, **SMALL["sasrec"]), progress=False)
+    assert evaluate(model, data.test, ks=(20,), progress=False)["MRR@20"] > pop_mrr + MARGIN
+    with pytest.raises(UserError, match="n_sample"):
+        cls.train(data, cls.Config(loss="sampled", n_sample=0, epochs=1), progress=False)

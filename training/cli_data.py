@@ -150,8 +150,9 @@ def prepare(fmt, input_path, train_path, test_path, out, protocol, test_days, va
 @click.option("--sessions", "n_sessions", type=int, default=20000, show_default=True, help="Number of sessions.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--test-fraction", type=float, default=0.2, show_default=True, help="Share of sessions (the latest) held out as test.")
+@click.option("--valid-days", type=float, default=1.0, show_default=True, help="Last days of train also written as valid.npz (0 = none).")
 @click.option("--raw", type=click.Path(dir_okay=False, path_type=Path), help="Also write the whole log as a YooChoose-format TSV.")
-def synth(out, n_items, n_sessions, seed, test_fraction, raw) -> None:
+def synth(out, n_items, n_sessions, seed, test_fraction, valid_days, raw) -> None:
     """Generate a synthetic click log with learnable structure and write DATA_DIR.
 
     \b
@@ -162,7 +163,7 @@ def synth(out, n_items, n_sessions, seed, test_fraction, raw) -> None:
 
     step = _Steps()
     step(f"generating {n_sessions:,} sessions over {n_items:,} items (seed {seed})")
-    prepared = synthesize(n_items, n_sessions, seed, test_fraction, raw=raw)
+    prepared = synthesize(n_items, n_sessions, seed, test_fraction, raw=raw, valid_days=valid_days)
     step(f"writing {out}")
     _clear_out(out)
     prepared.save(out)

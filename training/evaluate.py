@@ -27,6 +27,12 @@ Rules, chosen to match what the stream does and to avoid flattering a model:
   Vasilev's ``filter_seen`` and the stream's exclude-seen do; a target that
   repeats one of them is then a miss. Off by default: session-based data has
   real repeats, and the figures in docs/results.md say which setting they use.
+- Memory is bounded by ``score_budget`` (score cells per batch, default
+  ``SCORE_BUDGET``): the model is asked for at most
+  ``score_budget // (n_items + 1)`` rows at a time (at least one), so the
+  [batch, n_items + 1] score matrix and the comparisons over it stay a fixed
+  size however large the catalogue or ``batch_size``. Events are ranked one
+  row at a time, so the metrics do not depend on the batching.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from streamrec.errors import UserError
 from training.models.base import next_positions
 from training.sessions import Sessions
 
+SCORE_BUDGET = 2**25  # score cells per evaluated batch (128 MiB of float32): 33 rows at 1M items, 512 up to 65k items
 LENGTH_BUCKETS = ((2, 2), (3, 3), (4, 4), (5, 5), (6, 7), (8, 9), (10, 14), (15, 19), (20, None))
 
 
@@ -48,6 +55,13 @@ def _bucket_label(lo: int, hi: int | None) -> str:
     if hi is None:
         return f"{lo}+"
     return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
+def score_rows(n_items: int, batch_size: int, score_budget: int = SCORE_BUDGET) -> int:
+    """Rows of a [rows, n_items + 1] score batch that keep it within ``score_budget`` cells (at least one row)."""
+    if batch_size < 1 or score_budget < 1:
+        raise UserError(f"batch size and score budget must be positive, got {batch_size} and {score_budget}")
+    return max(1, min(batch_size, score_budget // (n_items + 1)))
 
 
 def evaluation_positions(sessions: Sessions, mode: str) -> np.ndarray:
@@ -117,6 +131,7 @@ def evaluate(
     batch_size: int = 512,
     progress: bool = True,
     exclude_seen: bool = False,
+    score_budget: int = SCORE_BUDGET,
 ) -> dict:
     """Full-ranking metrics of ``model`` on ``sessions`` (see module docstring for the rules).
 
@@ -126,7 +141,8 @@ def evaluate(
     normalised by the largest count; needs ``popularity``), diversity@K when
     ``item_features`` are given, ``n_events``, ``n_skipped``,
     ``n_unknown_inputs`` and ``by_length`` (metrics at the largest K per
-    session-length bucket).
+    session-length bucket). ``batch_size`` is lowered to keep each score batch
+    within ``score_budget`` cells (``score_rows``).
     """
     ks = tuple(sorted(set(int(k) for k in ks)))
     if not ks or ks[0] < 1:
@@ -143,6 +159,7 @@ def evaluate(
         if len(f) != n_items + 1:
             raise UserError(f"item feature '{name}' has {len(f)} rows, expected {n_items + 1}")
 
+    batch_size = score_rows(n_items, batch_size, score_budget)
     positions_wanted = evaluation_positions(sessions, mode)
     wanted = np.zeros(sessions.n_events, dtype=bool)
     wanted[positions_wanted] = True
@@ -176,6 +193,8 @@ def evaluate(
         scores = scores.numpy() if isinstance(scores, torch.Tensor) else np.asarray(scores)
         if scores.ndim != 2 or scores.shape[1] != n_items + 1:
             raise UserError(f"model returned scores of shape {scores.shape}, expected [batch, {n_items + 1}]")
+        if len(scores) > batch_size:
+            raise UserError(f"model returned {len(scores)} score rows for a batch of {batch_size}")
         copied = not keep.all()
         if copied:
             positions, targets, scores = positions[keep], targets[keep], scores[keep]

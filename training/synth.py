@@ -103,18 +103,21 @@ def split_log(df: pd.DataFrame, test_fraction: float) -> tuple[pd.DataFrame, pd.
     return df[~is_test], df[is_test]
 
 
-def synthesize(n_items: int, n_sessions: int, seed: int, test_fraction: float, raw: Path | None = None) -> PreparedData:
-    """A prepared dataset (protocol "given", 1 validation day); ``raw`` also gets the
-    whole log as a YooChoose-format TSV."""
+def synthesize(n_items: int, n_sessions: int, seed: int, test_fraction: float, raw: Path | None = None, valid_days: float = 1.0) -> PreparedData:
+    """A prepared dataset (protocol "given", the last ``valid_days`` of train also as validation,
+    0 = none: at 1M items a validation pass costs minutes); ``raw`` also gets the whole log as a
+    YooChoose-format TSV."""
     from training.protocols import given
 
+    if valid_days < 0:
+        raise UserError("--valid-days must be >= 0")
     df = generate_log(n_items, n_sessions, seed)
     if raw is not None:
         write_yoochoose_tsv(df, raw)
     train, test = split_log(df, test_fraction)
-    data = given(train, test, valid_days=1.0, item_features=("category",))
+    data = given(train, test, valid_days=valid_days, item_features=("category",))
     data.stats["source"] = {
-        "synthetic": {"items": n_items, "sessions": n_sessions, "seed": seed, "test_fraction": test_fraction}
+        "synthetic": {"items": n_items, "sessions": n_sessions, "seed": seed, "test_fraction": test_fraction, "valid_days": valid_days}
     }
     return data
 

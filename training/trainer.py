@@ -60,6 +60,9 @@ Contracts for the callbacks:
     its batch's device, and scoring moves its inputs to the network's device (``WindowModel.scores``,
     GRU4Rec's ``_score``) and returns CPU arrays.
 
+A module whose ``sparse_parameters()`` returns parameters trains them with sparse gradients
+(``make_optimizer``: SparseAdam beside Adam/AdamW; no weight decay or grad_clip for them).
+
 Optimizers (``config.optimizer``): ``adam``, ``adamw``, ``sgd`` (with ``momentum``) and ``adagrad``
 (Adagrad with optional momentum, GRU4Rec's default; ``momentum`` 0 = plain Adagrad). For ``sgd`` and
 ``adagrad`` the momentum is classical (heavy-ball) unless ``nesterov`` is set.
@@ -274,9 +277,49 @@ class AdagradMomentum(torch.optim.Optimizer):
         p.index_add_(0, rows, -update)
 
 
-def make_optimizer(params, config: TrainerConfig) -> torch.optim.Optimizer:
-    """The optimizer named by ``config.optimizer``."""
+class Optimizers:
+    """Several optimizers stepped as one (the parts of the trainer's optimizer API ``fit`` uses)."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for o in self.optimizers for group in o.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for o, s in zip(self.optimizers, state["optimizers"], strict=True):
+            o.load_state_dict(s)
+
+
+def make_optimizer(params, config: TrainerConfig, sparse_params=()) -> torch.optim.Optimizer | Optimizers:
+    """The optimizer named by ``config.optimizer``.
+
+    ``sparse_params`` get sparse gradients (item tables looked up with ``sparse=True``). Adam and
+    AdamW cannot take those, so they go to ``torch.optim.SparseAdam`` (lazy Adam: the moments of the
+    rows a step does not touch stay as they are), the rest to Adam/AdamW: a dense Adam step over a
+    1M-row table costs a second per step on the CPU, the sparse one a few ms. SGD and Adagrad take
+    them as they are.
+    """
     name = config.optimizer
+    sparse_params = list(sparse_params)
+    if sparse_params and name in ("adam", "adamw"):
+        if config.weight_decay:
+            raise UserError(f"optimizer '{name}' with sparse item tables has no weight decay: set weight_decay 0")
+        sparse_ids = {id(p) for p in sparse_params}
+        dense = [p for p in params if id(p) not in sparse_ids]
+        return Optimizers(make_optimizer(dense, config), torch.optim.SparseAdam(sparse_params, lr=config.lr))
     if name == "adam":
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     if name == "adamw":
@@ -365,7 +408,10 @@ def fit(
     on_cpu = device.type == "cpu"
     seed_everything(config.seed)
     module.to(device)
-    optimizer = make_optimizer(module.parameters(), config)
+    sparse_params = list(getattr(module, "sparse_parameters", list)())
+    if sparse_params and config.grad_clip:
+        raise UserError("grad_clip does not apply to a model trained with sparse item tables: set grad_clip 0")
+    optimizer = make_optimizer(module.parameters(), config, sparse_params)
     result = FitResult()
     best_state: dict | None = None
     start_epoch, step, since_best = 0, 0, 0

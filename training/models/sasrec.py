@@ -10,7 +10,14 @@ Loss: by default full cross-entropy over all items at every position
 really better than SASRec?": it beats the paper's sampled BCE by a wide margin
 under full ranking). ``loss="bce"`` is the paper's binary cross-entropy with
 one uniformly sampled negative per target (the paper excludes the user's own
-items from negatives; we sample from the whole catalogue).
+items from negatives; we sample from the whole catalogue). ``loss="sampled"`` is
+a softmax over each target and ``n_sample`` items drawn uniformly from the
+catalogue, one draw shared by the mini-batch (a negative that is the row's own
+target is masked out; uniform draws need no logQ correction): the full softmax
+costs every position a product with the whole item table, which on a 1M-item
+catalogue is hours per epoch on two cores (benchmarks/training_scale.py). With
+it the item table gets sparse gradients (SparseAdam for its rows, see
+``trainer.make_optimizer``), so a step's cost no longer grows with the catalogue.
 
 Initialisation (``init``): ``default`` draws item embeddings from N(0, 1/d) and leaves the
 other layers at PyTorch's defaults (position embeddings N(0, 1), Linear layers Kaiming-uniform);
@@ -45,7 +52,7 @@ from training.models.window import TransformerBlock, WindowModel, attention_mask
 from training.trainer import TrainerConfig, fit
 from training.windows import sequence_chunks
 
-LOSSES = ("ce", "bce")
+LOSSES = ("ce", "bce", "sampled")
 INITS = ("default", "normal")
 
 
@@ -59,6 +66,7 @@ class SASRecConfig(TrainerConfig):
     heads: int = 1
     dropout: float = 0.5
     loss: str = "ce"
+    n_sample: int = 1024  # loss "sampled": uniform negatives per mini-batch
     init: str = "default"  # "normal": N(0, 0.02) everywhere, Klenitskiy & Vasilev's SASRec
     epochs: int = 100
     batch_size: int = 128
@@ -96,9 +104,25 @@ class SASRecNet(nn.Module):
             x = block(x, allowed)
         return self.norm(x)
 
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        """The item table while training looks it up sparsely (loss "sampled"; see ``trainer.make_optimizer``)."""
+        return [self.item_embedding.weight] if self.item_embedding.sparse else []
+
     def forward(self, window: torch.Tensor) -> torch.Tensor:
         last = self.hidden(window)[:, -1]
         return mask_padding_column(last @ self.item_embedding.weight.T)
+
+
+def sampled_cross_entropy(states: torch.Tensor, embedding: nn.Embedding, targets: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    """Mean softmax cross-entropy of each state over its target and the shared ``negatives`` [S].
+
+    Column 0 of the logits is the target; a negative equal to the row's target is masked, so the
+    target is never its own negative. Cost [N, S] instead of [N, n_items].
+    """
+    positive = (states * embedding(targets)).sum(-1, keepdim=True)
+    negative = (states @ embedding(negatives).T).masked_fill(negatives[None, :] == targets[:, None], float("-inf"))
+    logits = torch.cat([positive, negative], 1)
+    return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
 
 
 class SASRec(WindowModel):
@@ -116,6 +140,8 @@ class SASRec(WindowModel):
         config.check()
         if config.loss not in LOSSES:
             raise UserError(f"sasrec loss '{config.loss}' unknown (known: {', '.join(LOSSES)})")
+        if config.n_sample < 1:
+            raise UserError(f"setting 'n_sample' must be at least 1, got {config.n_sample}")
         if config.init not in INITS:
             raise UserError(f"sasrec init '{config.init}' unknown (known: {', '.join(INITS)})")
         torch.manual_seed(config.seed)
@@ -129,10 +155,14 @@ class SASRec(WindowModel):
 
         def make(idx: np.ndarray, rng: np.random.Generator):
             batch = chunks[idx]
-            negatives = rng.integers(1, n_items + 1, size=(len(idx), config.history_len)) if config.loss == "bce" else None
             start = first_column(batch)  # all-padding columns dropped here, on the CPU: no GPU sync in loss_fn
-            trimmed = np.ascontiguousarray(batch[:, start:])
-            return torch.from_numpy(trimmed), None if negatives is None else torch.from_numpy(np.ascontiguousarray(negatives[:, start:]))
+            trimmed = torch.from_numpy(np.ascontiguousarray(batch[:, start:]))
+            if config.loss == "bce":
+                negatives = rng.integers(1, n_items + 1, size=(len(idx), config.history_len))
+                return trimmed, torch.from_numpy(np.ascontiguousarray(negatives[:, start:]))
+            if config.loss == "sampled":
+                return trimmed, torch.from_numpy(rng.integers(1, n_items + 1, size=config.n_sample))
+            return trimmed, None
 
         def loss_fn(batch) -> torch.Tensor:
             chunk, negatives = batch
@@ -142,9 +172,17 @@ class SASRec(WindowModel):
             states = hidden[real]
             if config.loss == "ce":
                 return catalogue_cross_entropy(states, net.item_embedding.weight, targets[real])
+            if config.loss == "sampled":
+                return sampled_cross_entropy(states, net.item_embedding, targets[real], negatives)
             pos = (states * net.item_embedding(targets[real])).sum(-1)
             neg = (states * net.item_embedding(negatives[real])).sum(-1)
             return F.binary_cross_entropy_with_logits(torch.cat([pos, neg]), torch.cat([torch.ones_like(pos), torch.zeros_like(neg)]))
 
-        model.fit_result = fit(net, config, lambda epoch: shuffled(config, epoch, len(chunks), make), loss_fn, validate=validate, run_dir=run_dir, progress=progress)
+        # sampled: every use of the item table in the loss is a lookup, so its gradient is the rows a
+        # step touches (a dense one over 1M items costs a second per step in Adam alone)
+        net.item_embedding.sparse = config.loss == "sampled"
+        try:
+            model.fit_result = fit(net, config, lambda epoch: shuffled(config, epoch, len(chunks), make), loss_fn, validate=validate, run_dir=run_dir, progress=progress)
+        finally:
+            net.item_embedding.sparse = False
         return model

@@ -25,7 +25,7 @@ from torch import nn
 
 from streamrec.errors import UserError
 from training.data import PreparedData
-from training.evaluate import evaluation_positions, ranks
+from training.evaluate import evaluation_positions, ranks, score_rows
 from training.models.base import SessionModel, next_positions, write_run_config
 from training.protocols import early_stopping_split
 from training.sessions import Sessions
@@ -232,7 +232,8 @@ def training_split(model: "WindowModel", data: PreparedData) -> tuple[Sessions, 
     without the validation sessions / targets, so early stopping is not fooled
     by leakage) and the callback returns MRR@20 at the dataset's evaluation
     positions ("next": every position, "last": each sequence's last target),
-    full ranking with conservative ties. Without one: all of train, no callback.
+    full ranking with conservative ties, in batches that keep the [rows, n_items + 1]
+    scores within the evaluator's score budget. Without one: all of train, no callback.
     """
     if data.valid is None or len(data.valid) == 0:
         return data.train, None
@@ -242,10 +243,12 @@ def training_split(model: "WindowModel", data: PreparedData) -> tuple[Sessions, 
     windows, feats = prefix_windows(valid, positions, model.history_len, model.event_features)
     inputs = [torch.from_numpy(windows)] + [torch.from_numpy(feats[name]) for name in model.event_features]
 
+    batch = score_rows(model.n_items, VALIDATION_BATCH)
+
     def validate() -> float:
         reciprocal = 0.0
-        for start in range(0, len(targets), VALIDATION_BATCH):
-            rows = slice(start, start + VALIDATION_BATCH)
+        for start in range(0, len(targets), batch):
+            rows = slice(start, start + batch)
             rank, _ = ranks(model.scores(*(x[rows] for x in inputs)), np.maximum(targets[rows], 1))
             reciprocal += float(np.where((targets[rows] > 0) & (rank <= 20), 1.0 / rank, 0.0).sum())
         return reciprocal / max(len(targets), 1)
