@@ -264,3 +264,29 @@ def test_symlink_switch_from_exact_to_ann_loses_no_click(broker, stream_data, gr
     assert_swapped_mid_stream(records, settings, messages, sessions, half, bundle_a, bundle_b)
     assert f'version="{version_b}"' in text and f'version="{version_a}"' not in text
     assert model_tag(load_scorer(bundle_a)) != model_tag(load_scorer(bundle_b))
+
+
+def test_top_k_helpers_of_the_parity_check_equal_full_sorts_ties_included():
+    from export.parity import _stable_top, top_k_values
+
+    rng = np.random.default_rng(3)
+    scores = rng.integers(0, 6, size=(40, 300)).astype(np.float32)  # many ties
+    scores[:, 0] = -np.inf
+    for k in (1, 5, 20, 299):
+        assert np.array_equal(top_k_values(scores, k), -np.sort(-scores, axis=1)[:, :k])
+        assert np.array_equal(_stable_top(scores, k), np.argsort(-scores, axis=1, kind="stable")[:, :k])
+
+
+@pytest.mark.parametrize("name", ["gru4rec", "sasrec"])
+def test_the_parity_check_in_small_chunks_reports_what_it_reports_in_one(name, trained, synth_data, tmp_path):
+    from export.parity import check_parity
+
+    run_dir = trained(name)
+    export_run(run_dir, tmp_path / "ann", retrieval="ann", candidates=least_candidates(run_dir), ann_index="hnsw", min_recall=0.0, **QUIET)
+    model, sessions = load_run(run_dir), sample_sessions(PreparedData.load(synth_data).test, 60)
+    scorer = load_scorer(tmp_path / "ann", threads=1)
+    whole = check_parity(model, scorer, sessions, score_cells=10**9)
+    chunked = check_parity(model, scorer, sessions, score_cells=3 * (model.n_items + 1))  # 3 reference rows at a time
+    assert whole["positions"] == chunked["positions"] > 0
+    assert whole["top_k_recall"] == pytest.approx(chunked["top_k_recall"], abs=1e-12) and whole["exact_top_k_share"] == pytest.approx(chunked["exact_top_k_share"], abs=1e-12)
+    assert whole["max_score_diff"] == pytest.approx(chunked["max_score_diff"], abs=1e-5)
