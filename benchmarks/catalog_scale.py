@@ -288,19 +288,19 @@ def trained_rows(args) -> list[dict]:
 
 def render_trained(rows: list[dict], args) -> str:
     """The section of --trained runs: recall@20 of the ann bundle against exact on test prefixes, and the cost of both."""
+    from export.retrieval import describe
+
     body = []
     for r in rows:
         recall = r["manifest"]["retrieval"].get("recall")
-        body.append([r["run"], r["model"], f"{r['n_items']:,}", r["mode"], *(f"{r['ms'][b]:.3f} ({r['cpu_ms'][b]:.3f})" for b in BATCH_SIZES), f"{r['rss_mb']:.0f}",
+        body.append([f"{r['run']}" + (f" ({describe(r['manifest']['retrieval']).removeprefix('faiss ')})" if r["mode"] == "ann" else ""), r["model"], f"{r['n_items']:,}", r["mode"], *(f"{r['ms'][b]:.3f} ({r['cpu_ms'][b]:.3f})" for b in BATCH_SIZES), f"{r['rss_mb']:.0f}",
                      f"{recall['recall']:.4f} ({recall['positions']:,} prefixes)" if recall else "", f"{r['recall']:.4f}" if "recall" in r else ""])
     ann = next((r["manifest"]["retrieval"] for r in rows if r["mode"] == "ann"), None)
-    from export.retrieval import describe
-
     return "\n".join(
         [
             TRAINED_SECTION,
             "",
-            f"Trained models (run directories below), each exported exact in fp32 and with `--retrieval ann` ({describe(ann) if ann else 'ann'}; the candidates re-scored exactly; "
+            f"Trained models (run directories below), each exported exact in fp32 and with `--retrieval ann` (faiss {ann['index'] if ann else ''}, its settings in the first column; the candidates re-scored exactly; "
             f"`--min-recall 0` so that a low recall is reported, not refused). Recall@20 on test prefixes: the export's own measurement on the prefixes of {args.parity_sessions:,} "
             "test sessions (share of the ann answer's items whose exact score reaches the exact 20th best, every known position of each session). "
             f"Cost: `Scorer.step` on random clicks (random hidden states, 8-click histories), {args.threads} thread(s), best of 3, each bundle in a fresh process, "
