@@ -11,11 +11,14 @@ timed calls (an ann item counts when its exact score reaches the exact 20th best
 export on the parity prefixes. With ``--stream`` (the default) each way of serving is also run
 end to end: `streamrec serve` with the bundle on a fresh Apache Kafka node, through
 ``benchmarks/stream.py --bundle`` (max events/s of one worker, p90 at 1,000 clicks/s, its RSS).
+``--trained RUN_DIR...`` measures trained runs instead (recall on their own test prefixes;
+section "## Catalogue scale: trained embeddings").
 
 Writes a section "## Catalogue scale" into docs/performance.md and docs/img/catalog_scale.png
 unless --no-write. Run it niced on a shared box:
 
-    OMP_NUM_THREADS=1 nice -n 15 python benchmarks/catalog_scale.py [--sizes 40000,200000,1000000] [--model gru4rec|sasrec] [--ann-index hnsw|ivf] [--search 512,1024]
+    OMP_NUM_THREADS=1 nice -n 15 python benchmarks/catalog_scale.py [--sizes 40000,200000,1000000] [--model gru4rec|sasrec] [--ann-index ivfpq|ivf|hnsw] [--search 512,1024]
+    OMP_NUM_THREADS=1 nice -n 15 python benchmarks/catalog_scale.py --trained RUN_DIR [RUN_DIR ...]
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from export.defaults import ANN_INDEX, ANN_INDEXES
 from streamrec.runtime import configure_process
 
 from _report import environment, produced_by, pyplot, save_figure, table, write_section  # benchmarks/ is on sys.path
@@ -41,7 +45,7 @@ BATCH_SIZES = (1, 32, 256)
 K = 20
 DOC = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
 PLOT = DOC.parent / "img" / "catalog_scale.png"
-SECTION = "## Catalogue scale"  # an --ann-index ivf run writes "## Catalogue scale: IVF" and its own plot
+SECTION = "## Catalogue scale"  # a run with another index than the default, e.g. --ann-index ivf, writes "## Catalogue scale: IVF" and its own plot
 MODES = ("exact fp32", "exact int8", "ann")  # "ann" is searched with the export's ef_search; --ef-search adds "ann, ef N" rows
 
 
@@ -100,7 +104,7 @@ def model_label(name: str) -> str:
     return f"SASRec (paper defaults: hidden {c.hidden_size}, {c.blocks} blocks, window {c.history_len})"
 
 
-SEARCH_KNOB = {"hnsw": "ef_search", "ivf": "nprobe"}
+SEARCH_KNOB = {"hnsw": "ef_search", "ivf": "nprobe", "ivfpq": "nprobe"}
 
 
 def same_index(ann: dict, width: int) -> dict:
@@ -129,7 +133,8 @@ def export_all(run_dir: Path, data_dir: Path, work: Path, n_items: int, threads:
         bundle = work / f"bundle-{n_items}-{mode.replace(' ', '-')}"
         started = time.perf_counter()
         manifest = export_run(run_dir, bundle, data_dir=data_dir, parity_sessions=30, threads=threads, log=log, **options)
-        out[mode] = {"bundle": bundle, "manifest": manifest, "seconds": time.perf_counter() - started}
+        out[mode] = {"bundle": bundle, "manifest": manifest, "seconds": time.perf_counter() - started, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        log(f"{mode}: exported; this process's peak RSS so far {out[mode]['peak_rss_mb']:,.0f} MB")
     return out
 
 
@@ -217,11 +222,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--events", type=int, default=1024, help="clicks timed per batch size (batch 1 uses a quarter)")
     parser.add_argument("--model", choices=["gru4rec", "sasrec"], default="gru4rec", help="the model served (untrained, synthetic item vectors)")
-    parser.add_argument("--ann-index", choices=["hnsw", "ivf"], default="hnsw", help="faiss index of the ann bundles")
+    parser.add_argument("--ann-index", choices=list(ANN_INDEXES), default=ANN_INDEX, help="faiss index of the ann bundles (default: the export's)")
     parser.add_argument("--search", "--ef-search", default="", help="extra search widths to time on the same index, comma-separated (hnsw: ef_search, ivf: nprobe)")
     parser.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True, help="also export and time exact int8")
     parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True, help="also run each way of serving end to end through a worker on Apache Kafka")
     parser.add_argument("--stream-events", type=int, default=20_000, help="clicks of each stream saturation run")
+    parser.add_argument("--trained", type=Path, nargs="+", help="trained run directories instead of synthetic catalogues: recall on their test prefixes, cost ann against exact")
+    parser.add_argument("--parity-sessions", type=int, default=1000, help="--trained: test sessions whose prefixes measure recall at export")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # internal: time one bundle in this process
     parser.add_argument("--exact", type=Path, help=argparse.SUPPRESS)
@@ -231,6 +238,13 @@ def main() -> None:
         return
 
     configure_process(threads=args.threads, keep_freed_memory=True)  # once, at the start: torch's threads, and glibc keeps freed memory for training
+    if args.trained:
+        section = render_trained(trained_rows(args), args)
+        print(section)
+        if not args.no_write:
+            write_section(DOC, section)
+            print(f"wrote {DOC} ({TRAINED_SECTION})", file=sys.stderr)
+        return
     rng = np.random.default_rng(0)
     rows = []
     with tempfile.TemporaryDirectory(prefix="streamrec-catalog-") as tmp:
@@ -241,7 +255,7 @@ def main() -> None:
             data = synthetic_data(n_items, data_dir, rng)
             model_run(args.model, data, data_dir, run_dir, args.embeddings, rng)
             bundles = export_all(run_dir, data_dir, work, n_items, args.threads, args.ann_index, args.int8)
-            knob = {"hnsw": "ef", "ivf": "nprobe"}[args.ann_index]
+            knob = {"hnsw": "ef", "ivf": "nprobe", "ivfpq": "nprobe"}[args.ann_index]
             for width in (int(e) for e in args.search.split(",") if e.strip()):
                 bundles[f"ann, {knob} {width}"] = same_index(bundles["ann"], width)
             for mode in bundles:
@@ -263,6 +277,58 @@ def main() -> None:
         plot(rows, path)
         write_section(DOC, section)
         print(f"wrote {DOC} ({heading}) and {path}", file=sys.stderr)
+
+
+TRAINED_SECTION = f"{SECTION}: trained embeddings"
+
+
+def trained_rows(args) -> list[dict]:
+    """Every trained run exported exact and ann (the default index, or --ann-index), recall on its test prefixes, both timed."""
+    from export.exporter import export_run
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="streamrec-trained-") as tmp:
+        for run_dir in args.trained:
+            log = lambda line, run=run_dir.name: print(f"  [{run}] {line}", file=sys.stderr, flush=True)  # noqa: E731
+            bundles = {}
+            for mode, options in (("exact fp32", {}), ("ann", {"retrieval": "ann", "ann_index": args.ann_index, "min_recall": 0.0})):
+                bundle = Path(tmp) / f"{run_dir.name}-{mode.replace(' ', '-')}"
+                started = time.perf_counter()
+                manifest = export_run(run_dir, bundle, parity_sessions=args.parity_sessions, threads=args.threads, log=log, **options)
+                bundles[mode] = (bundle, manifest, time.perf_counter() - started)
+            for mode, (bundle, manifest, seconds) in bundles.items():
+                m = measure_in_child(bundle, args.threads, args.events, bundles["exact fp32"][0] if mode == "ann" else None)
+                rows.append({"run": run_dir.name, "model": manifest["model"], "n_items": manifest["n_items"], "mode": mode, **m, "export_seconds": seconds, "manifest": manifest})
+                print(f"  [{run_dir.name}] {mode}: " + " / ".join(f"{m['cpu_ms'][b]:.3f}" for b in BATCH_SIZES) + " CPU ms/event", file=sys.stderr, flush=True)
+    return rows
+
+
+def render_trained(rows: list[dict], args) -> str:
+    """The section of --trained runs: recall@20 of the ann bundle against exact on test prefixes, and the cost of both."""
+    from export.retrieval import describe
+
+    body = []
+    for r in rows:
+        recall = r["manifest"]["retrieval"].get("recall")
+        body.append([f"{r['run']}" + (f" ({describe(r['manifest']['retrieval']).removeprefix('faiss ')})" if r["mode"] == "ann" else ""), r["model"], f"{r['n_items']:,}", r["mode"], *(f"{r['ms'][b]:.3f} ({r['cpu_ms'][b]:.3f})" for b in BATCH_SIZES), f"{r['rss_mb']:.0f}",
+                     f"{recall['recall']:.4f} ({recall['positions']:,} prefixes)" if recall else "", f"{r['recall']:.4f}" if "recall" in r else ""])
+    ann = next((r["manifest"]["retrieval"] for r in rows if r["mode"] == "ann"), None)
+    return "\n".join(
+        [
+            TRAINED_SECTION,
+            "",
+            f"Trained models (run directories below), each exported exact in fp32 and with `--retrieval ann` (faiss {ann['index'] if ann else ''}, its settings in the first column; the candidates re-scored exactly; "
+            f"`--min-recall 0` so that a low recall is reported, not refused). Recall@20 on test prefixes: the export's own measurement on the prefixes of {args.parity_sessions:,} "
+            "test sessions (share of the ann answer's items whose exact score reaches the exact 20th best, every known position of each session). "
+            f"Cost: `Scorer.step` on random clicks (random hidden states, 8-click histories), {args.threads} thread(s), best of 3, each bundle in a fresh process, "
+            "with recall against the exact bundle on those timed calls too. "
+            f"({environment('torch', 'onnxruntime', 'faiss-cpu')}; the box is shared: CPU time in brackets.)",
+            "",
+            *produced_by(),
+            *table(["run", "model", "items", "served as", *(f"ms/event @{b} (CPU)" for b in BATCH_SIZES), "RSS MB", "recall@20, test prefixes", "recall@20, timed calls"], body, align="---" + "r" * (len(BATCH_SIZES) + 4)),
+            "",
+        ]
+    )
 
 
 def targets(rows: list[dict]) -> list[list[str]]:
@@ -356,11 +422,11 @@ def render(rows: list[dict], args) -> str:
 
 
 def outputs(args) -> tuple[str, Path]:
-    """(section heading, plot path): the HNSW run owns "## Catalogue scale", an IVF run a section of its own."""
-    parts = ([] if args.model == "gru4rec" else [args.model]) + ([] if args.ann_index == "hnsw" else [args.ann_index])
+    """(section heading, plot path): a run with the export's default index owns "## Catalogue scale", other indexes a section each."""
+    parts = ([] if args.model == "gru4rec" else [args.model]) + ([] if args.ann_index == ANN_INDEX else [args.ann_index])
     if not parts:
         return SECTION, PLOT
-    heading = f"{SECTION}: " + ", ".join(p.upper() if p in ("ivf", "hnsw") else {"sasrec": "SASRec"}.get(p, p) for p in parts)
+    heading = f"{SECTION}: " + ", ".join(p.upper() if p in ANN_INDEXES else {"sasrec": "SASRec"}.get(p, p) for p in parts)
     return heading, PLOT.with_name("catalog_scale_" + "_".join(parts) + ".png")
 
 

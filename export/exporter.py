@@ -216,10 +216,10 @@ def _ann_settings(model, retrieval: str, k: int, history_len: int, candidates: i
         raise UserError(f"--retrieval must be exact or ann, got {retrieval!r}")
     check_model(model.name)
     index = index or defaults.ANN_INDEX
-    if index not in ("hnsw", "ivf"):
-        raise UserError(f"--ann-index must be hnsw or ivf, got {index!r}")
-    if index == "hnsw" and (nlist is not None or nprobe is not None) or index == "ivf" and any(v is not None for v in (m, ef_construction, ef_search)):
-        raise UserError(f"--ann-index {index}: --ann-m/--ann-ef-construction/--ann-ef-search are hnsw settings, --ann-nlist/--ann-nprobe ivf ones")
+    if index not in defaults.ANN_INDEXES:
+        raise UserError(f"--ann-index must be {', '.join(defaults.ANN_INDEXES[:-1])} or {defaults.ANN_INDEXES[-1]}, got {index!r}")
+    if index == "hnsw" and (nlist is not None or nprobe is not None) or index != "hnsw" and any(v is not None for v in (m, ef_construction, ef_search)):
+        raise UserError(f"--ann-index {index}: --ann-m/--ann-ef-construction/--ann-ef-search are hnsw settings, --ann-nlist/--ann-nprobe ivf and ivfpq ones")
     for flag, value in given.items():
         if flag != "--ann-index" and value is not None and value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
@@ -227,13 +227,13 @@ def _ann_settings(model, retrieval: str, k: int, history_len: int, candidates: i
     candidates = min(defaults.CANDIDATES if candidates is None else candidates, model.n_items)
     if candidates < needed:
         raise UserError(f"--candidates {candidates} is too few: exclude-seen needs K + history_len = {k} + {history_len} candidates so that K remain")
-    return ann_settings(index, model.n_items, candidates, m or defaults.HNSW_M, ef_construction or defaults.HNSW_EF_CONSTRUCTION, ef_search or defaults.HNSW_EF_SEARCH, nlist, nprobe or defaults.IVF_NPROBE)
+    return ann_settings(index, model.n_items, candidates, m or defaults.HNSW_M, ef_construction or defaults.HNSW_EF_CONSTRUCTION, ef_search or defaults.HNSW_EF_SEARCH, nlist, nprobe or (defaults.IVFPQ_NPROBE if index == "ivfpq" else defaults.IVF_NPROBE))
 
 
 def _write_ann_model(model, kind: str, manifest: dict, writer: BundleWriter, threads: int, log) -> None:
     """The model cut before its catalogue product, the item vectors and the faiss index over them."""
     from export.onnx_export import export_step_query_model, export_window_query_model
-    from export.retrieval import build_index, describe, item_vectors, query_module, write_index
+    from export.retrieval import build_index, describe, item_vectors, ivfpq_settings, query_module, write_index
 
     settings = manifest["retrieval"]
     net = model.net.eval()  # not a copy: at 1M items each copy of GRU4Rec's item matrix is 400 MB
@@ -246,6 +246,8 @@ def _write_ann_model(model, kind: str, manifest: dict, writer: BundleWriter, thr
         _write_model(model, kind, manifest, writer, 0, 0)  # SR-GNN: the torch model; the scorer cuts it at the query
     vectors = item_vectors(model.name, net)
     np.save(writer.path(settings["vectors_file"]), vectors)
+    if settings["index"] == "ivfpq":
+        settings.update(ivfpq_settings(vectors.shape[1], settings["nlist"]))
     log(f"building {describe(settings)} over {model.n_items:,} items of {vectors.shape[1]} dims")
     index, seconds = build_index(vectors, settings, threads)
     write_index(index, writer.path(settings["index_file"]))

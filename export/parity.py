@@ -31,6 +31,7 @@ from training.models.items import HistoryIndex
 from training.sessions import Sessions
 
 TOLERANCE = 1e-4
+SCORE_CELLS = 1 << 24  # reference scores held at once by the parity check: 64 MB of float32, 16 rows at 1M items
 
 
 @dataclass
@@ -96,8 +97,12 @@ def replay(scorer: Scorer, sessions: Sessions, exclude_seen: bool = False, batch
     return Replay(positions, out_items[positions], out_scores[positions], seconds, steps)
 
 
-def check_parity(model, scorer: Scorer, sessions: Sessions, tol: float = TOLERANCE) -> dict:
-    """Compare ``scorer`` with ``model.score_next`` on ``sessions``; raise UserError on a mismatch, else a report."""
+def check_parity(model, scorer: Scorer, sessions: Sessions, tol: float = TOLERANCE, score_cells: int = SCORE_CELLS) -> dict:
+    """Compare ``scorer`` with ``model.score_next`` on ``sessions``; raise UserError on a mismatch, else a report.
+
+    The reference rows are dense ``[rows, n_items + 1]``: ``score_cells`` bounds rows x columns per chunk
+    (and the chunk's copies), so memory stays bounded at a million items.
+    """
     served = replay(scorer, sessions)
     approximate = scorer.ann is not None
     where = np.full(sessions.n_events, -1, dtype=np.int64)
@@ -106,15 +111,15 @@ def check_parity(model, scorer: Scorer, sessions: Sessions, tol: float = TOLERAN
     n_checked = n_exact = n_bad = 0
     hits = 0.0
     worst = 0.0
-    for positions, scores in model.score_next(sessions):
+    for positions, scores in model.score_next(sessions, batch_size=max(1, score_cells // (scorer.n_items + 1))):
         rows = where[positions]
         keep = rows >= 0  # positions with an unknown input item are answered by popularity, not the model
         if not keep.any():
             continue
-        ref = np.asarray(scores, dtype=np.float32)[keep].copy()
+        ref = np.asarray(scores, dtype=np.float32)[keep]  # a copy (boolean index)
         ref[:, 0] = -np.inf
         items, got = served.top_items[rows[keep]], served.top_scores[rows[keep]]
-        best = -np.sort(-ref, axis=1)[:, :k]
+        best = top_k_values(ref, k)
         at_served = np.take_along_axis(ref, items, 1)
         diff = _gap(got, at_served).max(1) if approximate else np.maximum(_gap(got, best).max(1), _gap(got, at_served).max(1))
         hits += float((at_served >= best[:, -1:] - tol).sum())
@@ -149,5 +154,17 @@ def _gap(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.where(a == b, 0.0, np.abs(a - b))
 
 
+def top_k_values(scores: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` best values of every row, best first, without sorting (or copying twice) whole rows."""
+    part = -np.partition(-scores, k - 1, axis=1)[:, :k] if k < scores.shape[1] else scores
+    return -np.sort(-part, axis=1)
+
+
 def _stable_top(scores: np.ndarray, k: int) -> np.ndarray:
-    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    """``np.argsort(-scores, kind="stable")[:, :k]`` (ties: lower index first), looking only at columns reaching the k-th best."""
+    kth = top_k_values(scores, k)[:, -1]
+    out = np.empty((len(scores), k), dtype=np.int64)
+    for r, row in enumerate(scores):
+        cols = np.flatnonzero(row >= kth[r])  # ascending, so a stable sort of these keeps the full sort's tie order
+        out[r] = cols[np.argsort(-row[cols], kind="stable")[:k]]
+    return out

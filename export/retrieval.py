@@ -8,7 +8,9 @@ GRU4Rec). An ``ann`` bundle splits that last step off:
 - ``item_vectors.npy`` holds ``[w_i, b_i]`` for every item (row 0 = padding, never returned),
   so a score is the inner product of ``[q, 1]`` with a row, bias included;
 - ``index.faiss`` (faiss's own binary format, no pickle) is an inner-product index over
-  rows 1..n_items, searched for C candidates (``retrieval.candidates``, well above K);
+  rows 1..n_items, searched for C candidates (``retrieval.candidates``, well above K): ``ivfpq``
+  (the default: IVF over 4-bit PQ fast-scan codes, the faiss factory string in ``retrieval.factory``),
+  ``ivf`` (IVF-Flat) or ``hnsw``;
 - the candidates are re-scored exactly from ``item_vectors.npy`` and sorted, then
   exclude-seen drops the session's recent items (C >= K + history_len, so K remain).
 
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from export.defaults import ANN_INDEXES
 from streamrec import runtime
 from streamrec.errors import UserError
 
@@ -144,8 +147,12 @@ def _build_index(faiss, vectors: np.ndarray, settings: dict):
         index = faiss.IndexIVFFlat(quantizer, dim, int(settings["nlist"]), faiss.METRIC_INNER_PRODUCT)
         index.cp.seed = 0
         index.train(rows)  # faiss's Python wrapper keeps the quantizer alive with the index
+    elif settings["index"] == "ivfpq":
+        index = faiss.index_factory(dim, settings.get("factory") or ivfpq_settings(dim, int(settings["nlist"]))["factory"], faiss.METRIC_INNER_PRODUCT)
+        faiss.extract_index_ivf(index).cp.seed = 0
+        index.train(rows)
     else:
-        raise UserError(f"unknown ann index {settings['index']!r} (known: hnsw, ivf)")
+        raise UserError(f"unknown ann index {settings['index']!r} (known: {', '.join(ANN_INDEXES)})")
     index.add(rows)
     return index, time.perf_counter() - started
 
@@ -155,9 +162,20 @@ def ann_settings(index: str, n_items: int, candidates: int, hnsw_m: int, ef_cons
     settings = {"mode": "ann", "library": "faiss-cpu", "library_version": faiss_version(), "index": index, "metric": "inner_product", "candidates": candidates, "index_file": INDEX_FILE, "vectors_file": VECTORS_FILE}
     if index == "hnsw":
         settings.update(hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search)
-    else:
-        settings.update(nlist=min(nlist or max(1, min(int(4 * math.sqrt(n_items)), n_items // 39)), n_items), nprobe=nprobe)
-    return settings
+        return settings
+    settings.update(nlist=min(nlist or max(1, min(int(4 * math.sqrt(n_items)), n_items // 39)), n_items), nprobe=nprobe)
+    return settings  # ivfpq: its code layout (ivfpq_settings) is added once the vectors' width is known
+
+
+def ivfpq_settings(dim: int, nlist: int) -> dict:
+    """IVF over 4-bit PQ fast-scan codes, one code per dimension after a random rotation padded to a multiple of 4.
+
+    Fast scan reads 4-bit codes with SIMD look-ups, several times cheaper per item than IVF-Flat's floats; one
+    code per dimension keeps the ranking close enough that the exact re-scoring of the candidates recovers
+    the top K (two dimensions per code lost a quarter of the top 20 at 1M items: docs/performance.md).
+    """
+    padded = -(-dim // 4) * 4
+    return {"factory": f"RR{padded},IVF{nlist},PQ{padded}x4fs", "pq_m": padded, "pq_bits": 4, "rotation": f"random {dim} -> {padded}"}
 
 
 def describe(settings: dict) -> str:
@@ -165,7 +183,7 @@ def describe(settings: dict) -> str:
     if settings["index"] == "hnsw":
         knobs = f"M={settings['hnsw_m']}, ef_construction={settings['ef_construction']}, ef_search={settings['ef_search']}"
     else:
-        knobs = f"nlist={settings['nlist']}, nprobe={settings['nprobe']}"
+        knobs = f"nlist={settings['nlist']}, nprobe={settings['nprobe']}" + (f", PQ {settings['pq_m']}x{settings['pq_bits']} fast scan" if settings["index"] == "ivfpq" else "")
     return f"faiss {settings['index']} ({knobs}), {settings['candidates']} candidates"
 
 
@@ -199,7 +217,7 @@ class AnnIndex:
         if settings["index"] == "hnsw":
             self.index.hnsw.efSearch = int(settings["ef_search"])
         else:
-            self.index.nprobe = int(settings["nprobe"])
+            faiss.extract_index_ivf(self.index).nprobe = int(settings["nprobe"])  # ivfpq: the IVF inside the rotation
         self.candidates = min(int(settings["candidates"]), n_items)
         self.fill = np.argsort(-bundle.popularity[1:], kind="stable")[: self.candidates].astype(np.int64)  # ids for slots the index leaves empty
 

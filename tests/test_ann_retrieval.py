@@ -79,13 +79,14 @@ def least_candidates(run_dir) -> int:
 @pytest.mark.parametrize("name", ANN_MODELS)
 def test_an_ann_bundle_round_trips_and_answers_like_the_exact_one(name, trained, synth_data, tmp_path, monkeypatch, capsys):
     run_dir = trained(name)
-    candidates = least_candidates(run_dir)
+    candidates = least_candidates(run_dir) + K  # the default index ranks by 4-bit codes: a margin of K over the least (200 by default)
     exact = export_run(run_dir, tmp_path / "exact", **QUIET)
     ann = export_run(run_dir, tmp_path / "ann", retrieval="ann", candidates=candidates, **QUIET)
 
     assert exact["retrieval"] == {"mode": "exact"}
     r = ann["retrieval"]
-    assert r["mode"] == "ann" and r["library"] == "faiss-cpu" and r["index"] == "ivf" and r["nprobe"] == 64 and r["metric"] == "inner_product"
+    assert r["mode"] == "ann" and r["library"] == "faiss-cpu" and r["index"] == "ivfpq" and r["nprobe"] == 128 and r["metric"] == "inner_product"
+    assert r["factory"] == f"RR{r['pq_m']},IVF{r['nlist']},PQ{r['pq_m']}x4fs" and r["pq_m"] % 4 == 0 and r["pq_m"] - 4 < r["dim"] <= r["pq_m"]
     assert r["candidates"] == candidates and r["dim"] > 1 and r["build_seconds"] >= 0
     assert r["recall"]["k"] == K and r["recall"]["recall"] >= r["recall"]["min_recall"] == 0.99
     assert {"index.faiss", "item_vectors.npy"} <= set(ann["files"])  # inside the checksums
@@ -94,7 +95,7 @@ def test_an_ann_bundle_round_trips_and_answers_like_the_exact_one(name, trained,
         assert ann["onnx"]["size_bytes"] < exact["onnx"]["size_bytes"]
 
     code, out, err = run_cli(monkeypatch, capsys, "bundle", "verify", str(tmp_path / "ann"))
-    assert code == 0 and out.strip().endswith(f"version {ann['model_version']})") and "ann ivf retrieval" in out, err
+    assert code == 0 and out.strip().endswith(f"version {ann['model_version']})") and "ann ivfpq retrieval" in out, err
     code, out, _ = run_cli(monkeypatch, capsys, "bundle", "inspect", str(tmp_path / "ann"))
     assert code == 0 and "checksums ok" in out and "mode: ann" in out and "index.faiss" in out
 
@@ -115,6 +116,17 @@ def test_an_ann_bundle_round_trips_and_answers_like_the_exact_one(name, trained,
     index.write_bytes(bytes(data))
     with pytest.raises(UserError, match=r"index\.faiss is corrupted \(sha256 does not match the manifest\)"):
         load_scorer(tmp_path / "ann")
+
+
+def test_an_ivf_flat_index_round_trips_too(trained, synth_data, tmp_path, monkeypatch, capsys):
+    run_dir = trained("gru4rec")
+    manifest = export_run(run_dir, tmp_path / "ann", retrieval="ann", candidates=least_candidates(run_dir), ann_index="ivf", **QUIET)
+    r = manifest["retrieval"]
+    assert r["index"] == "ivf" and r["nprobe"] == 64 and "factory" not in r and r["recall"]["recall"] >= 0.99
+    code, out, err = run_cli(monkeypatch, capsys, "bundle", "verify", str(tmp_path / "ann"))
+    assert code == 0 and "ann ivf retrieval" in out, err
+    scorer = load_scorer(tmp_path / "ann")
+    assert type(scorer.ann.index).__name__ == "IndexIVFFlat" and scorer.ann.index.nprobe == 64
 
 
 @pytest.mark.parametrize("name", ["gru4rec", "bst"])
@@ -143,6 +155,9 @@ def test_the_recall_check_refuses_an_index_that_misses_the_exact_top_k(trained, 
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert code == 2 and errors == [err.strip().splitlines()[-1]] and errors[0].startswith("error: ann index recall@20 is ") and "Traceback" not in err
     assert not (tmp_path / "bad").exists()
+    with pytest.raises(UserError, match=r"ann index recall@20 is .* \(faiss ivfpq \(nlist=64, nprobe=1, PQ \d+x4 fast scan\), 70 candidates\).*nothing written"):
+        export_run(run_dir, tmp_path / "bad", retrieval="ann", candidates=70, ann_nlist=64, ann_nprobe=1, **QUIET)
+    assert list(tmp_path.iterdir()) == []
     # accepted when asked to (--min-recall 0): the slots the index leaves empty hold popular items, each once, never item 0
     export_run(run_dir, tmp_path / "poor", retrieval="ann", candidates=70, ann_index="ivf", ann_nlist=64, ann_nprobe=1, min_recall=0.0, **QUIET)
     scorer = load_scorer(tmp_path / "poor")
@@ -160,7 +175,8 @@ def test_bad_retrieval_flags_are_refused_in_one_line(trained, synth_data, tmp_pa
     for args, message in [
         (["--ann-ef-search", "64"], "--ann-ef-search only apply with --retrieval ann"),
         (["--retrieval", "ann", "--candidates", "30"], "--candidates 30 is too few: exclude-seen needs K + history_len = 20 + 50"),
-        (["--retrieval", "ann", "--ann-ef-search", "64"], "--ann-index ivf: --ann-m/--ann-ef-construction/--ann-ef-search are hnsw settings"),
+        (["--retrieval", "ann", "--ann-ef-search", "64"], "--ann-index ivfpq: --ann-m/--ann-ef-construction/--ann-ef-search are hnsw settings"),
+        (["--retrieval", "ann", "--ann-index", "ivf", "--ann-m", "8"], "--ann-index ivf: --ann-m/--ann-ef-construction/--ann-ef-search are hnsw settings"),
         (["--retrieval", "ann", "--ann-index", "hnsw", "--ann-nprobe", "4"], "--ann-index hnsw: --ann-m/--ann-ef-construction/--ann-ef-search are hnsw settings"),
         (["--retrieval", "ann", "--ann-nprobe", "0"], "--ann-nprobe must be at least 1"),
     ]:
@@ -203,7 +219,7 @@ def test_exclude_seen_with_ann_drops_the_history_and_keeps_exact_scores(name, tr
 
 def test_int8_applies_to_the_query_model_of_an_ann_bundle(trained, tmp_path):
     run_dir = trained("sasrec")
-    manifest = export_run(run_dir, tmp_path / "int8", retrieval="ann", candidates=28, int8=True, min_overlap=0.5, **QUIET)
+    manifest = export_run(run_dir, tmp_path / "int8", retrieval="ann", ann_index="ivf", candidates=28, int8=True, min_overlap=0.5, **QUIET)  # IVF-Flat: all 10 lists searched, exact at the least candidates
     assert manifest["precision"] == "int8" and manifest["retrieval"]["mode"] == "ann"
     assert 0.5 <= manifest["int8"]["top_k_overlap"] <= 1.0
     bundle = open_bundle(tmp_path / "int8")
@@ -264,3 +280,29 @@ def test_symlink_switch_from_exact_to_ann_loses_no_click(broker, stream_data, gr
     assert_swapped_mid_stream(records, settings, messages, sessions, half, bundle_a, bundle_b)
     assert f'version="{version_b}"' in text and f'version="{version_a}"' not in text
     assert model_tag(load_scorer(bundle_a)) != model_tag(load_scorer(bundle_b))
+
+
+def test_top_k_helpers_of_the_parity_check_equal_full_sorts_ties_included():
+    from export.parity import _stable_top, top_k_values
+
+    rng = np.random.default_rng(3)
+    scores = rng.integers(0, 6, size=(40, 300)).astype(np.float32)  # many ties
+    scores[:, 0] = -np.inf
+    for k in (1, 5, 20, 299):
+        assert np.array_equal(top_k_values(scores, k), -np.sort(-scores, axis=1)[:, :k])
+        assert np.array_equal(_stable_top(scores, k), np.argsort(-scores, axis=1, kind="stable")[:, :k])
+
+
+@pytest.mark.parametrize("name", ["gru4rec", "sasrec"])
+def test_the_parity_check_in_small_chunks_reports_what_it_reports_in_one(name, trained, synth_data, tmp_path):
+    from export.parity import check_parity
+
+    run_dir = trained(name)
+    export_run(run_dir, tmp_path / "ann", retrieval="ann", candidates=least_candidates(run_dir), ann_index="hnsw", min_recall=0.0, **QUIET)
+    model, sessions = load_run(run_dir), sample_sessions(PreparedData.load(synth_data).test, 60)
+    scorer = load_scorer(tmp_path / "ann", threads=1)
+    whole = check_parity(model, scorer, sessions, score_cells=10**9)
+    chunked = check_parity(model, scorer, sessions, score_cells=3 * (model.n_items + 1))  # 3 reference rows at a time
+    assert whole["positions"] == chunked["positions"] > 0
+    assert whole["top_k_recall"] == pytest.approx(chunked["top_k_recall"], abs=1e-12) and whole["exact_top_k_share"] == pytest.approx(chunked["exact_top_k_share"], abs=1e-12)
+    assert whole["max_score_diff"] == pytest.approx(chunked["max_score_diff"], abs=1e-5)
