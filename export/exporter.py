@@ -50,6 +50,7 @@ def export_run(
     ann_ef_search: int | None = None,
     ann_nlist: int | None = None,
     ann_nprobe: int | None = None,
+    ann_metric: str | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Export the trained run in ``run_dir`` to the bundle ``out``; returns the manifest."""
@@ -79,7 +80,7 @@ def export_run(
     candidates_in_graph = min(k + history_len, model.n_items)
     if int8 and kind not in ("hidden", "window"):
         raise UserError(f"--int8 applies to ONNX models (state kinds hidden, window); '{model.name}' is served as '{kind}'")
-    ann = _ann_settings(model, retrieval, k, history_len, candidates, ann_index, ann_m, ann_ef_construction, ann_ef_search, ann_nlist, ann_nprobe)
+    ann = _ann_settings(model, retrieval, k, history_len, candidates, ann_index, ann_m, ann_ef_construction, ann_ef_search, ann_nlist, ann_nprobe, ann_metric)
     if ann is not None and not 0 <= min_recall <= 1:
         raise UserError(f"--min-recall must be between 0 and 1, got {min_recall}")
 
@@ -203,11 +204,11 @@ def _event_features(model: WindowStateModel, manifest: dict) -> dict:
     return features
 
 
-def _ann_settings(model, retrieval: str, k: int, history_len: int, candidates: int | None, index: str | None, m, ef_construction, ef_search, nlist, nprobe) -> dict | None:
+def _ann_settings(model, retrieval: str, k: int, history_len: int, candidates: int | None, index: str | None, m, ef_construction, ef_search, nlist, nprobe, metric: str | None = None) -> dict | None:
     """The ``retrieval`` block for ``--retrieval ann`` (None for exact); index flags without ann are refused."""
-    from export.retrieval import ann_settings, check_model
+    from export.retrieval import METRICS, ann_settings, check_model
 
-    given = {"--candidates": candidates, "--ann-index": index, "--ann-m": m, "--ann-ef-construction": ef_construction, "--ann-ef-search": ef_search, "--ann-nlist": nlist, "--ann-nprobe": nprobe}
+    given = {"--candidates": candidates, "--ann-index": index, "--ann-m": m, "--ann-ef-construction": ef_construction, "--ann-ef-search": ef_search, "--ann-nlist": nlist, "--ann-nprobe": nprobe, "--ann-metric": metric}
     if retrieval == "exact":
         if any(v is not None for v in given.values()):
             raise UserError(f"{', '.join(f for f, v in given.items() if v is not None)} only apply with --retrieval ann")
@@ -221,19 +222,22 @@ def _ann_settings(model, retrieval: str, k: int, history_len: int, candidates: i
     if index == "hnsw" and (nlist is not None or nprobe is not None) or index != "hnsw" and any(v is not None for v in (m, ef_construction, ef_search)):
         raise UserError(f"--ann-index {index}: --ann-m/--ann-ef-construction/--ann-ef-search are hnsw settings, --ann-nlist/--ann-nprobe ivf and ivfpq ones")
     for flag, value in given.items():
-        if flag != "--ann-index" and value is not None and value < 1:
+        if flag not in ("--ann-index", "--ann-metric") and value is not None and value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
+    metric = metric or defaults.ANN_METRIC
+    if metric not in METRICS:
+        raise UserError(f"--ann-metric must be {' or '.join(METRICS)}, got {metric!r}")
     needed = min(k + history_len, model.n_items)
     candidates = min(defaults.CANDIDATES if candidates is None else candidates, model.n_items)
     if candidates < needed:
         raise UserError(f"--candidates {candidates} is too few: exclude-seen needs K + history_len = {k} + {history_len} candidates so that K remain")
-    return ann_settings(index, model.n_items, candidates, m or defaults.HNSW_M, ef_construction or defaults.HNSW_EF_CONSTRUCTION, ef_search or defaults.HNSW_EF_SEARCH, nlist, nprobe or (defaults.IVFPQ_NPROBE if index == "ivfpq" else defaults.IVF_NPROBE))
+    return ann_settings(index, model.n_items, candidates, m or defaults.HNSW_M, ef_construction or defaults.HNSW_EF_CONSTRUCTION, ef_search or defaults.HNSW_EF_SEARCH, nlist, nprobe or (defaults.IVFPQ_NPROBE if index == "ivfpq" else defaults.IVF_NPROBE), metric)
 
 
 def _write_ann_model(model, kind: str, manifest: dict, writer: BundleWriter, threads: int, log) -> None:
     """The model cut before its catalogue product, the item vectors and the faiss index over them."""
     from export.onnx_export import export_step_query_model, export_window_query_model
-    from export.retrieval import build_index, describe, item_vectors, ivfpq_settings, query_module, write_index
+    from export.retrieval import build_index, describe, index_dim, item_vectors, ivfpq_settings, query_module, write_index
 
     settings = manifest["retrieval"]
     net = model.net.eval()  # not a copy: at 1M items each copy of GRU4Rec's item matrix is 400 MB
@@ -247,7 +251,7 @@ def _write_ann_model(model, kind: str, manifest: dict, writer: BundleWriter, thr
     vectors = item_vectors(model.name, net)
     np.save(writer.path(settings["vectors_file"]), vectors)
     if settings["index"] == "ivfpq":
-        settings.update(ivfpq_settings(vectors.shape[1], settings["nlist"]))
+        settings.update(ivfpq_settings(index_dim(vectors.shape[1], settings["metric"]), settings["nlist"]))
     log(f"building {describe(settings)} over {model.n_items:,} items of {vectors.shape[1]} dims")
     index, seconds = build_index(vectors, settings, threads)
     write_index(index, writer.path(settings["index_file"]))

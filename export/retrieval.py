@@ -135,20 +135,47 @@ def build_index(vectors: np.ndarray, settings: dict, threads: int = 1):
         faiss.omp_set_num_threads(before)
 
 
-def _build_index(faiss, vectors: np.ndarray, settings: dict):
+METRICS = ("inner_product", "l2")  # --ann-metric: how the index searches (the re-scoring is always the exact inner product)
+
+
+def index_dim(width: int, metric: str) -> int:
+    """Dimensions of the indexed rows: the item vectors' ``width`` (D + 1), one more after the L2 transform."""
+    return width + (metric == "l2")
+
+
+def index_rows(vectors: np.ndarray, metric: str) -> np.ndarray:
+    """Rows 1.. of ``vectors`` as the index stores them.
+
+    ``l2``: the inner-product search is asked as a nearest-neighbour search (Bachrach et al., RecSys 2014):
+    each item gets one more coordinate, sqrt(M^2 - |x|^2) with M the largest norm, and each query a 0 there,
+    so |q - x|^2 = |q|^2 + M^2 - 2 q.x and the nearest item is the one of largest inner product. IVF's
+    k-means lists are then built on a metric they suit: on trained GRU4Rec vectors (812k items, ivfpq,
+    nprobe 128) recall@20 rose from 0.78 to 0.91 at the same cost (docs/performance.md).
+    """
     rows = np.ascontiguousarray(vectors[1:], dtype=np.float32)
+    if metric != "l2":
+        return rows
+    norms = np.einsum("ij,ij->i", rows, rows)
+    extra = np.sqrt(np.maximum(norms.max(initial=0.0) - norms, 0.0)).astype(np.float32)
+    return np.ascontiguousarray(np.concatenate([rows, extra[:, None]], 1))
+
+
+def _build_index(faiss, vectors: np.ndarray, settings: dict):
+    metric = settings.get("metric", "inner_product")
+    rows = index_rows(vectors, metric)
     dim = rows.shape[1]
+    faiss_metric = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
     started = time.perf_counter()
     if settings["index"] == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, int(settings["hnsw_m"]), faiss.METRIC_INNER_PRODUCT)
+        index = faiss.IndexHNSWFlat(dim, int(settings["hnsw_m"]), faiss_metric)
         index.hnsw.efConstruction = int(settings["ef_construction"])
     elif settings["index"] == "ivf":
-        quantizer = faiss.IndexFlatIP(dim)
-        index = faiss.IndexIVFFlat(quantizer, dim, int(settings["nlist"]), faiss.METRIC_INNER_PRODUCT)
+        quantizer = faiss.IndexFlatL2(dim) if metric == "l2" else faiss.IndexFlatIP(dim)
+        index = faiss.IndexIVFFlat(quantizer, dim, int(settings["nlist"]), faiss_metric)
         index.cp.seed = 0
         index.train(rows)  # faiss's Python wrapper keeps the quantizer alive with the index
     elif settings["index"] == "ivfpq":
-        index = faiss.index_factory(dim, settings.get("factory") or ivfpq_settings(dim, int(settings["nlist"]))["factory"], faiss.METRIC_INNER_PRODUCT)
+        index = faiss.index_factory(dim, settings.get("factory") or ivfpq_settings(dim, int(settings["nlist"]))["factory"], faiss_metric)
         faiss.extract_index_ivf(index).cp.seed = 0
         index.train(rows)
     else:
@@ -157,9 +184,9 @@ def _build_index(faiss, vectors: np.ndarray, settings: dict):
     return index, time.perf_counter() - started
 
 
-def ann_settings(index: str, n_items: int, candidates: int, hnsw_m: int, ef_construction: int, ef_search: int, nlist: int | None, nprobe: int) -> dict:
+def ann_settings(index: str, n_items: int, candidates: int, hnsw_m: int, ef_construction: int, ef_search: int, nlist: int | None, nprobe: int, metric: str = "inner_product") -> dict:
     """The manifest's ``retrieval`` block for an ann bundle (before the build time and recall are known)."""
-    settings = {"mode": "ann", "library": "faiss-cpu", "library_version": faiss_version(), "index": index, "metric": "inner_product", "candidates": candidates, "index_file": INDEX_FILE, "vectors_file": VECTORS_FILE}
+    settings = {"mode": "ann", "library": "faiss-cpu", "library_version": faiss_version(), "index": index, "metric": metric, "candidates": candidates, "index_file": INDEX_FILE, "vectors_file": VECTORS_FILE}
     if index == "hnsw":
         settings.update(hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search)
         return settings
@@ -184,7 +211,8 @@ def describe(settings: dict) -> str:
         knobs = f"M={settings['hnsw_m']}, ef_construction={settings['ef_construction']}, ef_search={settings['ef_search']}"
     else:
         knobs = f"nlist={settings['nlist']}, nprobe={settings['nprobe']}" + (f", PQ {settings['pq_m']}x{settings['pq_bits']} fast scan" if settings["index"] == "ivfpq" else "")
-    return f"faiss {settings['index']} ({knobs}), {settings['candidates']} candidates"
+    space = ", L2 after the inner-product transform" if settings.get("metric") == "l2" else ""
+    return f"faiss {settings['index']} ({knobs}{space}), {settings['candidates']} candidates"
 
 
 def write_index(index, path: Path) -> None:
@@ -212,8 +240,12 @@ class AnnIndex:
             raise UserError(f"{bundle.path}: cannot read the ann item vectors ({e})") from None
         if self.vectors.ndim != 2 or self.vectors.shape[0] != n_items + 1 or self.vectors.dtype != np.float32:
             raise UserError(f"{bundle.path}: {settings['vectors_file']} has shape {self.vectors.shape} {self.vectors.dtype}, expected ({n_items + 1}, D) float32")
-        if self.index.ntotal != n_items or self.index.d != self.vectors.shape[1]:
-            raise UserError(f"{bundle.path}: the ann index holds {self.index.ntotal} vectors of {self.index.d} dims, expected {n_items} of {self.vectors.shape[1]}")
+        self.l2 = settings.get("metric", "inner_product") == "l2"
+        if settings.get("metric", "inner_product") not in METRICS:
+            raise UserError(f"{bundle.path}: unknown ann metric {settings['metric']!r} (known: {', '.join(METRICS)})")
+        want = index_dim(self.vectors.shape[1], settings.get("metric", "inner_product"))
+        if self.index.ntotal != n_items or self.index.d != want:
+            raise UserError(f"{bundle.path}: the ann index holds {self.index.ntotal} vectors of {self.index.d} dims, expected {n_items} of {want}")
         if settings["index"] == "hnsw":
             self.index.hnsw.efSearch = int(settings["ef_search"])
         else:
@@ -223,11 +255,12 @@ class AnnIndex:
 
     def search(self, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(items [B, C] int64, exact scores [B, C] float32), best first, never item 0."""
-        b = len(query)
-        q = np.empty((b, self.vectors.shape[1]), dtype=np.float32)
-        q[:, :-1] = query
-        q[:, -1] = 1.0
+        b, width = len(query), self.vectors.shape[1]
+        q = np.zeros((b, width + self.l2), dtype=np.float32)  # [query, 1] (and the L2 transform's 0)
+        q[:, : width - 1] = query
+        q[:, width - 1] = 1.0
         _, ids = self.index.search(q, self.candidates)
+        q = q[:, :width]
         missing = ids < 0
         if missing.any():  # an IVF index with few lists probed can return fewer than C: fill with popular items
             ids = np.where(missing, np.broadcast_to(self.fill, ids.shape), ids)

@@ -170,6 +170,31 @@ def test_the_recall_check_refuses_an_index_that_misses_the_exact_top_k(trained, 
     assert manifest["retrieval"]["recall"]["recall"] == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("index", ["ivfpq", "ivf", "hnsw"])
+def test_an_index_searched_in_l2_after_the_inner_product_transform_finds_the_exact_top_k(index, trained, synth_data, tmp_path, monkeypatch, capsys):
+    """--ann-metric l2: each item gets sqrt(M^2 - |x|^2) as one more coordinate and each query a 0, so the
+    nearest item in L2 is the best by inner product. Searched in every list, an IVF-Flat index over the
+    transformed rows is exact; a transform left out (or a query left unpadded) would not be."""
+    run_dir = trained("gru4rec")
+    options = {"ivfpq": {}, "ivf": {"ann_nlist": 16, "ann_nprobe": 16}, "hnsw": {"ann_ef_search": 128}}[index]
+    manifest = export_run(run_dir, tmp_path / "l2", retrieval="ann", candidates=least_candidates(run_dir) + K, ann_index=index, ann_metric="l2", **options, **QUIET)
+    r = manifest["retrieval"]
+    assert r["metric"] == "l2" and r["recall"]["recall"] >= 0.99
+    if index == "ivf":  # every list searched: the transform makes L2 order the inner-product order
+        assert r["recall"]["recall"] == pytest.approx(1.0)
+    if index == "ivfpq":
+        assert r["pq_m"] >= r["dim"] + 1  # the extra coordinate is coded too
+    scorer = load_scorer(tmp_path / "l2")
+    assert scorer.ann.index.d == scorer.ann.vectors.shape[1] + 1 and scorer.ann.index.metric_type == 1  # faiss.METRIC_L2
+    code, out, err = run_cli(monkeypatch, capsys, "bundle", "verify", str(tmp_path / "l2"))
+    assert code == 0 and f"ann {index} retrieval" in out, err
+    exact = export_run(run_dir, tmp_path / "exact", **QUIET)
+    sessions = sample_sessions(PreparedData.load(synth_data).test, 60, seed=3)
+    want, got = replay(load_scorer(tmp_path / "exact"), sessions), replay(scorer, sessions)
+    assert top_k_overlap(want, got) >= 0.99
+    assert exact["retrieval"] == {"mode": "exact"}
+
+
 def test_bad_retrieval_flags_are_refused_in_one_line(trained, synth_data, tmp_path, monkeypatch, capsys):
     run_dir = trained("gru4rec")
     for args, message in [
@@ -179,6 +204,7 @@ def test_bad_retrieval_flags_are_refused_in_one_line(trained, synth_data, tmp_pa
         (["--retrieval", "ann", "--ann-index", "ivf", "--ann-m", "8"], "--ann-index ivf: --ann-m/--ann-ef-construction/--ann-ef-search are hnsw settings"),
         (["--retrieval", "ann", "--ann-index", "hnsw", "--ann-nprobe", "4"], "--ann-index hnsw: --ann-m/--ann-ef-construction/--ann-ef-search are hnsw settings"),
         (["--retrieval", "ann", "--ann-nprobe", "0"], "--ann-nprobe must be at least 1"),
+        (["--ann-metric", "l2"], "--ann-metric only apply with --retrieval ann"),
     ]:
         code, _, err = run_cli(monkeypatch, capsys, "export", "--run", str(run_dir), "--out", str(tmp_path / "b"), *args)
         assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith(f"error: {message}") and "Traceback" not in err, (args, err)
