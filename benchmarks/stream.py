@@ -30,7 +30,7 @@ catalogue of ~40k items, exported to a bundle with K=20.
     python benchmarks/stream.py            # both engines: writes "## Stream" in docs/performance.md and docs/img/stream_latency.png
     python benchmarks/stream.py --systems c --profile --no-write   # prints the profile table only
     python benchmarks/stream.py --eos-cost     # (c) under at_least_once and exactly_once on Apache Kafka: "## Stream: exactly-once cost"
-    python benchmarks/stream.py --bundle DIR --json   # (c) serving a given bundle on Apache Kafka; one JSON line (benchmarks/catalog_scale.py)
+    python benchmarks/stream.py --bundle DIR   # (c) serving a given bundle on Apache Kafka; one JSON line (benchmarks/catalog_scale.py)
 
 With ``--eos-cost`` the answers of the exactly_once worker are read as a read_committed consumer
 reads them (an answer counts once its transaction is committed), those of the other as usual.

@@ -29,7 +29,7 @@ from streamrec.runtime import configure_process
 @click.option("--ann-ef-construction", type=int, default=None, help=f"hnsw: build-time search width (default {defaults.HNSW_EF_CONSTRUCTION}).")
 @click.option("--ann-ef-search", type=int, default=None, help=f"hnsw: query-time search width (default {defaults.HNSW_EF_SEARCH}; never below --candidates).")
 @click.option("--ann-nlist", type=int, default=None, help="ivf, ivfpq: inverted lists (default 4 * sqrt(n_items), at most n_items / 39).")
-@click.option("--ann-metric", type=click.Choice(["inner_product", "l2"]), default=None, help=f"ann: how the index searches (default {defaults.ANN_METRIC}); l2 asks the inner-product search as an L2 one after one extra coordinate per item (better recall on trained embeddings).")
+@click.option("--ann-metric", type=click.Choice(list(defaults.ANN_METRICS)), default=None, help=f"ann: how the index searches (default {defaults.ANN_METRIC}); l2 asks the inner-product search as an L2 one after one extra coordinate per item (better recall on trained embeddings).")
 @click.option("--ann-nprobe", type=int, default=None, help=f"ivf, ivfpq: lists scanned per query (default {defaults.IVFPQ_NPROBE} for ivfpq, {defaults.IVF_NPROBE} for ivf).")
 def export(run_dir: Path, out: Path, **options) -> None:
     """Export a trained run as a verified bundle (parity-checked against the trained model)."""

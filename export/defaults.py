@@ -13,6 +13,7 @@ ANN_INDEX = "ivfpq"  # faiss index kind: ivfpq (IVF over 4-bit PQ fast-scan code
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 100
 HNSW_EF_SEARCH = 256  # faiss searches with max(ef_search, candidates)
+ANN_METRICS = ("inner_product", "l2")  # --ann-metric: how the index searches (the re-scoring is always the exact inner product)
 ANN_METRIC = "inner_product"  # --ann-metric: inner_product, or l2 (the inner-product search asked as an L2 one after Bachrach et al.'s transform: better recall on trained GRU4Rec vectors, docs/performance.md)
 IVF_NPROBE = 64  # ivf lists scanned per query; nlist defaults to 4 * sqrt(n_items) (at most n_items / 39, what faiss's k-means wants), for ivfpq too
 IVFPQ_NPROBE = 128  # ivfpq lists scanned per query: its codes are cheap to scan, so twice ivf's

@@ -206,7 +206,7 @@ def _event_features(model: WindowStateModel, manifest: dict) -> dict:
 
 def _ann_settings(model, retrieval: str, k: int, history_len: int, candidates: int | None, index: str | None, m, ef_construction, ef_search, nlist, nprobe, metric: str | None = None) -> dict | None:
     """The ``retrieval`` block for ``--retrieval ann`` (None for exact); index flags without ann are refused."""
-    from export.retrieval import METRICS, ann_settings, check_model
+    from export.retrieval import ann_settings, check_model
 
     given = {"--candidates": candidates, "--ann-index": index, "--ann-m": m, "--ann-ef-construction": ef_construction, "--ann-ef-search": ef_search, "--ann-nlist": nlist, "--ann-nprobe": nprobe, "--ann-metric": metric}
     if retrieval == "exact":
@@ -225,8 +225,8 @@ def _ann_settings(model, retrieval: str, k: int, history_len: int, candidates: i
         if flag not in ("--ann-index", "--ann-metric") and value is not None and value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
     metric = metric or defaults.ANN_METRIC
-    if metric not in METRICS:
-        raise UserError(f"--ann-metric must be {' or '.join(METRICS)}, got {metric!r}")
+    if metric not in defaults.ANN_METRICS:
+        raise UserError(f"--ann-metric must be {' or '.join(defaults.ANN_METRICS)}, got {metric!r}")
     needed = min(k + history_len, model.n_items)
     candidates = min(defaults.CANDIDATES if candidates is None else candidates, model.n_items)
     if candidates < needed:

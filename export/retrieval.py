@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.defaults import ANN_INDEXES
+from export.defaults import ANN_INDEXES, ANN_METRICS
 from streamrec import runtime
 from streamrec.errors import UserError
 
@@ -135,9 +135,6 @@ def build_index(vectors: np.ndarray, settings: dict, threads: int = 1):
         faiss.omp_set_num_threads(before)
 
 
-METRICS = ("inner_product", "l2")  # --ann-metric: how the index searches (the re-scoring is always the exact inner product)
-
-
 def index_dim(width: int, metric: str) -> int:
     """Dimensions of the indexed rows: the item vectors' ``width`` (D + 1), one more after the L2 transform."""
     return width + (metric == "l2")
@@ -240,10 +237,11 @@ class AnnIndex:
             raise UserError(f"{bundle.path}: cannot read the ann item vectors ({e})") from None
         if self.vectors.ndim != 2 or self.vectors.shape[0] != n_items + 1 or self.vectors.dtype != np.float32:
             raise UserError(f"{bundle.path}: {settings['vectors_file']} has shape {self.vectors.shape} {self.vectors.dtype}, expected ({n_items + 1}, D) float32")
-        self.l2 = settings.get("metric", "inner_product") == "l2"
-        if settings.get("metric", "inner_product") not in METRICS:
-            raise UserError(f"{bundle.path}: unknown ann metric {settings['metric']!r} (known: {', '.join(METRICS)})")
-        want = index_dim(self.vectors.shape[1], settings.get("metric", "inner_product"))
+        metric = settings.get("metric", "inner_product")  # bundles from before --ann-metric have inner_product
+        if metric not in ANN_METRICS:
+            raise UserError(f"{bundle.path}: unknown ann metric {metric!r} (known: {', '.join(ANN_METRICS)})")
+        self.l2 = metric == "l2"
+        want = index_dim(self.vectors.shape[1], metric)
         if self.index.ntotal != n_items or self.index.d != want:
             raise UserError(f"{bundle.path}: the ann index holds {self.index.ntotal} vectors of {self.index.d} dims, expected {n_items} of {want}")
         if settings["index"] == "hnsw":
