@@ -56,6 +56,28 @@ def test_early_stopping_keeps_the_best_epoch_weights(tmp_path):
     assert (tmp_path / "learning_curve.png").stat().st_size > 1000
 
 
+def test_stop_after_ends_training_early_on_the_schedule_of_the_whole_run():
+    """A refit for the best epoch count repeats the chosen run's first epochs, cosine decay included."""
+    weights = {}
+    for name, settings in (("stopped", {"stop_after": 2}), ("whole", {}), ("shortened", {"epochs": 2})):
+        config = TrainerConfig(**{"epochs": 4, **settings}, lr=0.05, optimizer="adam", lr_schedule="cosine", threads=1)
+        module, batches, loss_fn = regression_task(config)
+        snapshots = []
+
+        def after_epoch(module=module, snapshots=snapshots):
+            snapshots.append({k: v.clone() for k, v in module.state_dict().items()})
+            return float(len(snapshots))  # rising: every epoch is the best so far
+
+        result = fit(module, config, batches, loss_fn, validate=after_epoch, progress=False)
+        weights[name] = snapshots
+        assert len(result.history) == (4 if name == "whole" else 2)
+    for key, value in weights["stopped"][-1].items():
+        torch.testing.assert_close(value, weights["whole"][1][key])  # the whole run's weights after its 2nd epoch
+    assert any(not torch.equal(v, weights["shortened"][-1][k]) for k, v in weights["stopped"][-1].items())  # a 2-epoch schedule differs
+    with pytest.raises(UserError, match="stop_after"):
+        TrainerConfig(stop_after=-1).check()
+
+
 def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path):
     config = TrainerConfig(epochs=5, lr=0.05, optimizer="adam", lr_schedule="cosine", threads=1)
     module, batches, loss_fn = regression_task(config)

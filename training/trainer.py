@@ -115,6 +115,7 @@ class TrainerConfig:
     seed: int = 42
     threads: int = 2  # torch intra-op threads, set by the program at its start (streamrec.runtime.configure_process)
     patience: int = 0  # epochs without validation gain before stopping, 0 = run all epochs
+    stop_after: int = 0  # end after this many epochs (0 = all) while the lr schedule still spans ``epochs``: a refit repeats the chosen run's schedule
     resume: bool = False  # continue from run_dir/checkpoint.pt
     device: str = "auto"  # auto = CUDA when available, else cpu; cpu; cuda; cuda:N
     precision: str = "fp32"  # bf16 = autocast to bfloat16 in the forward pass and loss
@@ -128,7 +129,7 @@ class TrainerConfig:
         for name in ("epochs", "batch_size", "threads"):
             if getattr(self, name) < 1:
                 raise UserError(f"setting '{name}' must be at least 1, got {getattr(self, name)}")
-        for name in ("lr", "momentum", "weight_decay", "grad_clip", "warmup_steps", "patience"):
+        for name in ("lr", "momentum", "weight_decay", "grad_clip", "warmup_steps", "patience", "stop_after"):
             if getattr(self, name) < 0:
                 raise UserError(f"setting '{name}' must not be negative, got {getattr(self, name)}")
         if self.precision not in PRECISIONS:
@@ -435,7 +436,8 @@ def fit(
     elif log_path is not None and log_path.exists():
         log_path.unlink()
 
-    for epoch in range(start_epoch, config.epochs):
+    last_epoch = min(config.epochs, config.stop_after) if config.stop_after else config.epochs
+    for epoch in range(start_epoch, last_epoch):
         module.train()
         epoch_batches = batches(epoch)
         n_steps = len(epoch_batches) if hasattr(epoch_batches, "__len__") else None

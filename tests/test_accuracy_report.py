@@ -1,0 +1,58 @@
+"""benchmarks/accuracy.py and tune.py: the best-neural-vs-baseline summary, the settings column, the tuning draws."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import accuracy  # noqa: E402
+import tune  # noqa: E402
+
+
+def row(dataset: str, model: str, mrr20: float, **extra) -> dict:
+    return {"dataset": dataset, "model": model, "MRR@20": mrr20, **extra}
+
+
+def test_the_summary_sets_the_best_neural_row_against_the_best_baseline_of_each_dataset():
+    rows = [
+        row("yoochoose", "vsknn", 0.36), row("yoochoose", "vstan", 0.37), row("yoochoose", "sasrec", 0.38), row("yoochoose", "caser", 0.27),
+        row("beauty", "sr", 0.0283), row("beauty", "gru4rec", 0.0252), row("beauty", "markov", 0.0276),
+    ]
+    text = accuracy.summary(rows)
+    assert "| yoochoose | `sasrec` | 0.3800 | vstan | 0.3700 | +0.0100" in text
+    assert "| beauty | `gru4rec` | 0.0252 | sr | 0.0283 | -0.0031" in text
+    assert "No neural model leads on: beauty" in text
+
+
+def test_the_summary_says_so_when_a_neural_model_leads_everywhere():
+    text = accuracy.summary([row("diginetica", "vstan", 0.3757), row("diginetica", "gru4rec:lr=0.05", 0.3771)])
+    assert "A neural model leads on every dataset." in text
+
+
+def test_a_tuned_rows_settings_cell_states_its_budget_and_validation_figure():
+    tuned = row("diginetica", "gru4rec:lr=0.05", 0.3771, refit=True,
+                tuning={"trials": 24, "seed": 1, "val_mrr20": 0.2496, "val_mrr20_default": 0.2088})
+    cell = accuracy.settings_cell(tuned)
+    assert "best of 24" in cell and "0.2496" in cell and "defaults 0.2088" in cell and "--seed 1" in cell and "refit" in cell
+    assert accuracy.settings_cell(row("beauty", "vstan", 0.01)) == "literature defaults"
+    assert accuracy.settings_cell(row("beauty", "sasrec", 0.01)) == "defaults"
+    assert accuracy.settings_cell(row("beauty", "sasrec:init=normal", 0.01)) == "fixed (the row's name)"
+
+
+def test_the_tuning_draws_start_with_the_defaults_are_distinct_and_stay_in_the_space():
+    space = tune.SPACES["gru4rec"]
+    draws = tune.draw(space, 12, seed=3)
+    assert draws[0] == {} and len(draws) == 12
+    assert len({json.dumps(d, sort_keys=True) for d in draws}) == 12
+    assert all(d[k] in space[k] for d in draws[1:] for k in space)
+    assert draws == tune.draw(space, 12, seed=3)  # seeded: a run can be repeated
+
+
+def test_bpr_max_trials_get_the_official_bpr_max_companions():
+    settings = tune.with_companions("gru4rec", {"loss": "bpr-max", "lr": 0.05})
+    assert settings == {"loss": "bpr-max", "lr": 0.05, "elu_param": 0.5, "logq": 0.0, "bpreg": 1.0}
+    assert tune.with_companions("gru4rec", {"loss": "cross-entropy"}) == {"loss": "cross-entropy"}
+    assert tune.spec_of("gru4rec", {"layers": [64], "loss": "bpr-max", "lr": 0.05}) == 'gru4rec:layers=[64],loss="bpr-max",lr=0.05'
