@@ -199,11 +199,12 @@ def test_last_mode_scores_only_the_last_positions_with_the_same_figures(trained,
 # ---------------------------------------------------------------- model specifics
 
 
-def test_sasrec_padding_gives_finite_scores_in_onnxruntime(tmp_path):
+@pytest.mark.parametrize("block", ["prenorm", "querynorm"])
+def test_sasrec_padding_gives_finite_scores_in_onnxruntime(tmp_path, block):
     """Nearly empty windows are where masked attention used to give NaN (eager and ORT)."""
     ort = pytest.importorskip("onnxruntime")
     cls = get_model("sasrec")
-    model = cls(cls.Config(history_len=50, blocks=2, heads=2, hidden_size=16), 30)
+    model = cls(cls.Config(history_len=50, blocks=2, heads=2, hidden_size=16, block=block), 30)
     window = torch.zeros(3, 50, dtype=torch.int64)
     window[1, -1] = 7
     window[2, -3:] = torch.tensor([4, 9, 4])
@@ -373,3 +374,29 @@ def test_sasrec_sampled_softmax_learns_the_walks_and_rejects_a_zero_sample(data,
     assert evaluate(model, data.test, ks=(20,), progress=False)["MRR@20"] > pop_mrr + MARGIN
     with pytest.raises(UserError, match="n_sample"):
         cls.train(data, cls.Config(loss="sampled", n_sample=0, epochs=1), progress=False)
+
+
+def test_attention_with_a_context_takes_keys_and_values_from_it():
+    """The query-norm block attends from normalised queries to the unnormalised input (pmixer's SASRec)."""
+    from training.models.window import SelfAttention, attention_mask
+
+    torch.manual_seed(0)
+    attention = SelfAttention(8, 1, 0.0).eval()
+    x, context = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    allowed = attention_mask(torch.ones(2, 5, dtype=torch.int64), causal=True)
+    q = x @ attention.qkv.weight[:8].T + attention.qkv.bias[:8]
+    k = context @ attention.qkv.weight[8:16].T + attention.qkv.bias[8:16]
+    v = context @ attention.qkv.weight[16:].T + attention.qkv.bias[16:]
+    weights = ((q @ k.transpose(1, 2)) / 8**0.5).masked_fill(~allowed[:, 0], float("-inf")).softmax(-1)
+    expected = attention.out(weights @ v)
+    torch.testing.assert_close(attention(x, allowed, context=context), expected)
+    assert not torch.allclose(attention(x, allowed), expected)  # without a context keys and values come from x
+
+
+def test_sasrec_with_the_query_norm_block_learns_the_walks_and_rejects_an_unknown_block(data, pop_mrr):
+    cls = get_model("sasrec")
+    model = cls.train(data, cls.Config(threads=1, block="querynorm", **SMALL["sasrec"]), progress=False)
+    assert evaluate(model, data.test, ks=(20,), progress=False)["MRR@20"] > pop_mrr + MARGIN
+    assert type(model.net.blocks[0]).__name__ == "QueryNormBlock"
+    with pytest.raises(UserError, match="block 'postnorm' unknown"):
+        cls.train(data, cls.Config(block="postnorm", epochs=1), progress=False)

@@ -48,12 +48,13 @@ from torch import nn
 
 from streamrec.errors import UserError
 from training.data import PreparedData
-from training.models.window import TransformerBlock, WindowModel, attention_mask, catalogue_cross_entropy, first_column, mask_padding_column, relative_positions, shuffled, training_split
+from training.models.window import QueryNormBlock, TransformerBlock, WindowModel, attention_mask, catalogue_cross_entropy, first_column, mask_padding_column, relative_positions, shuffled, training_split
 from training.trainer import TrainerConfig, fit
 from training.windows import sequence_chunks
 
 LOSSES = ("ce", "bce", "sampled")
 INITS = ("default", "normal")
+BLOCKS = ("prenorm", "querynorm")
 
 
 @dataclass
@@ -68,6 +69,7 @@ class SASRecConfig(TrainerConfig):
     loss: str = "ce"
     n_sample: int = 1024  # loss "sampled": uniform negatives per mini-batch
     init: str = "default"  # "normal": N(0, 0.02) everywhere, Klenitskiy & Vasilev's SASRec
+    block: str = "prenorm"  # "querynorm": the paper's block as pmixer's and Klenitskiy & Vasilev's code write it
     epochs: int = 100
     batch_size: int = 128
     lr: float = 1e-3
@@ -83,7 +85,8 @@ class SASRecNet(nn.Module):
         self.item_embedding = nn.Embedding(n_items + 1, size, padding_idx=0)
         self.position_embedding = nn.Embedding(config.history_len, size)
         self.dropout = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(TransformerBlock(size, config.heads, config.dropout) for _ in range(config.blocks))
+        block = QueryNormBlock if config.block == "querynorm" else TransformerBlock
+        self.blocks = nn.ModuleList(block(size, config.heads, config.dropout) for _ in range(config.blocks))
         self.norm = nn.LayerNorm(size)
         nn.init.normal_(self.item_embedding.weight, std=size**-0.5)
         if config.init == "normal":
@@ -144,6 +147,8 @@ class SASRec(WindowModel):
             raise UserError(f"setting 'n_sample' must be at least 1, got {config.n_sample}")
         if config.init not in INITS:
             raise UserError(f"sasrec init '{config.init}' unknown (known: {', '.join(INITS)})")
+        if config.block not in BLOCKS:
+            raise UserError(f"sasrec block '{config.block}' unknown (known: {', '.join(BLOCKS)})")
         torch.manual_seed(config.seed)
         model = cls(config, data.n_items)
         net = model.net

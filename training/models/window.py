@@ -167,9 +167,12 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(size, size)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Queries from ``x``; keys and values from ``context`` (default ``x``)."""
         b, length, size = x.shape
         q, k, v = self.qkv(x).view(b, length, 3, self.heads, size // self.heads).permute(2, 0, 3, 1, 4)
+        if context is not None:
+            _, k, v = self.qkv(context).view(b, length, 3, self.heads, size // self.heads).permute(2, 0, 3, 1, 4)
         weights = (q @ k.transpose(-1, -2)) * (size // self.heads) ** -0.5
         weights = self.dropout(weights.masked_fill(~allowed, float("-inf")).softmax(-1))
         return self.out((weights @ v).transpose(1, 2).reshape(b, length, size))
@@ -190,6 +193,25 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         x = x + self.dropout(self.attention(self.norm1(x), allowed))
         return x + self.dropout(self.ffn(self.norm2(x)))
+
+
+class QueryNormBlock(nn.Module):
+    """The SASRec paper's block as its widely used PyTorch port (pmixer's, also Klenitskiy & Vasilev's)
+    writes it: only the queries are normalised, the residual adds the attention to them, and the
+    feed-forward part normalises its input and adds its own residual: q = LN x; x = q + attention(q, x, x);
+    x = LN x; x + FFN(x)."""
+
+    def __init__(self, size: int, heads: int, dropout: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(size)
+        self.attention = SelfAttention(size, heads, dropout)
+        self.norm2 = nn.LayerNorm(size)
+        self.ffn = nn.Sequential(nn.Linear(size, size), nn.Dropout(dropout), nn.ReLU(), nn.Linear(size, size), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        q = self.norm1(x)
+        x = self.norm2(q + self.attention(q, allowed, context=x))
+        return x + self.ffn(x)
 
 
 def first_column(window: np.ndarray | torch.Tensor, keep: int = 0) -> int:
