@@ -134,7 +134,8 @@ NOTES = {
     "shows `(cap N)` the run hit its cap long before early stopping could trigger (patience 5 for SASRec and Caser, 3 for "
     "BST and SR-GNN, 10 for BERT4Rec; GRU4Rec has none and always runs to its cap), so the row is a lower bound. The "
     "GRU4Rec row predates its leave-one-out rework (trained on all of train.npz, validated on training positions). "
-    "Evaluating a window model on this file takes about half a minute per ranking (`eval_s` in docs/accuracy.json) "
+    "Evaluating a window model on this file takes about half a minute per ranking (`eval_s` in docs/accuracy.json; rows "
+    "from 2026-12-05 on time both rankings, with and without own items) "
     "because the window models score only each sequence's last position.",
 }
 
@@ -199,9 +200,25 @@ def train_and_select(cls, data: PreparedData, config, refit: bool = False):
     validated = any(h.get("val_mrr20") is not None for h in result.history)
     if validated and (refit or data.stats.get("eval_mode", "next") == "next"):
         print(f"    refit on all of train for {best} epoch(s) of the same {config.epochs}-epoch schedule", flush=True)
-        full = dataclasses.replace(data, valid=None)
-        model = cls.train(full, dataclasses.replace(config, stop_after=best), progress=True)  # the same lr schedule, ended at the best epoch
+        model = refit_on_all(cls, data, config, best)
     return model, best, run, result.stopped_early, time.perf_counter() - started
+
+
+def refit_on_all(cls, data: PreparedData, config, best: int):
+    """``cls`` trained again on all of train (validation included) for ``best`` epochs of ``config``'s lr schedule."""
+    return cls.train(dataclasses.replace(data, valid=None), dataclasses.replace(config, stop_after=best), progress=True)
+
+
+def test_figures(model, data: PreparedData, popularity: np.ndarray) -> dict:
+    """HR, MRR and NDCG at ``KS`` on test (and ``events``); on leave-one-out data also with the user's own items
+    removed (keys ``... seen removed``), as Klenitskiy & Vasilev rank."""
+    mode = data.stats.get("eval_mode", "next")
+    m = evaluate(model, data.test, ks=KS, mode=mode, popularity=popularity, progress=True)
+    out = {"events": m["n_events"], **{f"{metric}@{k}": m[f"{metric}@{k}"] for metric in ("HR", "MRR", "NDCG") for k in KS}}
+    if mode == "last":
+        seen = evaluate(model, data.test, ks=KS, mode=mode, popularity=popularity, exclude_seen=True)
+        out.update({f"{metric}@{k} seen removed": seen[f"{metric}@{k}"] for metric in ("HR", "MRR", "NDCG") for k in KS})
+    return out
 
 
 def run_dataset(key: str, specs: list[str], max_epochs: int, threads: int, record: Callable[[dict], None], refit: bool = False) -> list[dict]:
@@ -227,19 +244,15 @@ def run_dataset(key: str, specs: list[str], max_epochs: int, threads: int, recor
         model, best, run, stopped_early, train_s = train_and_select(cls, data, config, refit=refit)
         train_cpu_s = time.process_time() - cpu_before
         t0 = time.perf_counter()
-        m = evaluate(model, data.test, ks=KS, mode=mode, popularity=popularity, progress=True)
+        figures = test_figures(model, data, popularity)
         row = {
-            "dataset": key, "model": spec, "events": m["n_events"], "n_items": data.n_items, "best_epochs": best, "epochs_run": run,
+            "dataset": key, "model": spec, "n_items": data.n_items, "best_epochs": best, "epochs_run": run,
             "stopped_early": stopped_early, "train_s": round(train_s, 1), "train_cpu_s": round(train_cpu_s, 1),
             "eval_s": round(time.perf_counter() - t0, 1), "threads": threads, "max_epochs": getattr(config, "epochs", None),
-            "load_avg": round((load_before + os.getloadavg()[0]) / 2, 1), "measured": time.strftime("%Y-%m-%d"),
+            "load_avg": round((load_before + os.getloadavg()[0]) / 2, 1), "measured": time.strftime("%Y-%m-%d"), **figures,
         }
-        row.update({f"{metric}@{k}": m[f"{metric}@{k}"] for metric in ("HR", "MRR", "NDCG") for k in KS})
         if best is not None and mode == "last":
             row["refit"] = refit
-        if mode == "last":  # Klenitskiy & Vasilev's figures remove the user's own past items: report that figure too
-            seen = evaluate(model, data.test, ks=KS, mode=mode, popularity=popularity, exclude_seen=True)
-            row.update({f"{metric}@{k} seen removed": seen[f"{metric}@{k}"] for metric in ("HR", "MRR", "NDCG") for k in KS})
         rows.append(row)
         record(row)
         print(f"    HR@10 {row['HR@10']:.4f}  HR@20 {row['HR@20']:.4f}  MRR@20 {row['MRR@20']:.4f}  NDCG@20 {row['NDCG@20']:.4f}  "

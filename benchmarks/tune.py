@@ -30,7 +30,6 @@ import numpy as np
 
 from streamrec.errors import UserError
 from streamrec.runtime import configure_process
-from training.evaluate import evaluate
 from training.models import get_model
 
 import accuracy  # benchmarks/ is on sys.path
@@ -113,7 +112,6 @@ def main() -> None:
     data = load()
     if data.valid is None:
         sys.exit(f"{args.dataset} has no validation split to tune on")
-    mode = data.stats.get("eval_mode", "next")
     cls = get_model(args.model)
     started, cpu_started, load_before = time.perf_counter(), time.process_time(), os.getloadavg()[0]
     print(f"== {title}: {args.model}, {args.trials} trials on validation (seed {args.seed})", flush=True)
@@ -134,25 +132,20 @@ def main() -> None:
     best_score, best_epochs, best = max(scored, key=lambda s: s[0])
     spec = spec_of(args.model, best)
     print(f"best on validation: {best_score:.4f} ({spec}); refit on all of train for {best_epochs} epoch(s), then test", flush=True)
-    config = dataclasses.replace(cls.Config(), **best, threads=args.threads, stop_after=best_epochs)  # the trial's lr schedule, ended at its best epoch
-    model = cls.train(dataclasses.replace(data, valid=None), config, progress=False)
+    model = accuracy.refit_on_all(cls, data, dataclasses.replace(cls.Config(), **best, threads=args.threads), best_epochs)
     popularity = np.bincount(data.train.items, minlength=data.n_items + 1)
     train_s, train_cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
     t0 = time.perf_counter()
-    m = accuracy.evaluate(model, data.test, ks=accuracy.KS, mode=mode, popularity=popularity)
+    figures = accuracy.test_figures(model, data, popularity)
     row = {
-        "dataset": args.dataset, "model": spec, "events": m["n_events"], "n_items": data.n_items, "best_epochs": best_epochs,
+        "dataset": args.dataset, "model": spec, "n_items": data.n_items, "best_epochs": best_epochs,
         "epochs_run": best_epochs, "stopped_early": True, "train_s": round(train_s, 1), "train_cpu_s": round(train_cpu_s, 1),
         "eval_s": 0.0, "threads": args.threads, "max_epochs": best_epochs, "refit": True,
         "load_avg": round((load_before + os.getloadavg()[0]) / 2, 1), "measured": time.strftime("%Y-%m-%d"),
         "tuning": {"trials": len(scored), "seed": args.seed, "space": SPACES[args.model], "val_mrr20": round(best_score, 4),
                    "val_mrr20_default": round(scored[0][0], 4), "script": "benchmarks/tune.py"},
     }
-    row.update({f"{metric}@{k}": m[f"{metric}@{k}"] for metric in ("HR", "MRR", "NDCG") for k in accuracy.KS})
-    if mode == "last":
-        seen = evaluate(model, data.test, ks=accuracy.KS, mode=mode, popularity=popularity, exclude_seen=True)
-        row.update({f"{metric}@{k} seen removed": seen[f"{metric}@{k}"] for metric in ("HR", "MRR", "NDCG") for k in accuracy.KS})
-    row["eval_s"] = round(time.perf_counter() - t0, 1)
+    row.update(figures, eval_s=round(time.perf_counter() - t0, 1))
     print(f"test: HR@10 {row['HR@10']:.4f}  HR@20 {row['HR@20']:.4f}  MRR@20 {row['MRR@20']:.4f}  NDCG@20 {row['NDCG@20']:.4f}"
           f"  (tuning and refit {train_s / 60:.1f} min)", flush=True)
     if not args.no_docs:
