@@ -21,6 +21,7 @@ from typing import Any, Callable, ClassVar, Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from streamrec.errors import UserError
@@ -170,9 +171,12 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, allowed: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """Queries from ``x``; keys and values from ``context`` (default ``x``)."""
         b, length, size = x.shape
-        q, k, v = self.qkv(x).view(b, length, 3, self.heads, size // self.heads).permute(2, 0, 3, 1, 4)
-        if context is not None:
-            _, k, v = self.qkv(context).view(b, length, 3, self.heads, size // self.heads).permute(2, 0, 3, 1, 4)
+        if context is None:
+            q, k, v = self.qkv(x).view(b, length, 3, self.heads, size // self.heads).permute(2, 0, 3, 1, 4)
+        else:  # project x only to queries and the context only to keys and values
+            weight, bias = self.qkv.weight, self.qkv.bias
+            q = F.linear(x, weight[:size], bias[:size]).view(b, length, self.heads, size // self.heads).transpose(1, 2)
+            k, v = F.linear(context, weight[size:], bias[size:]).view(b, length, 2, self.heads, size // self.heads).permute(2, 0, 3, 1, 4)
         weights = (q @ k.transpose(-1, -2)) * (size // self.heads) ** -0.5
         weights = self.dropout(weights.masked_fill(~allowed, float("-inf")).softmax(-1))
         return self.out((weights @ v).transpose(1, 2).reshape(b, length, size))
