@@ -23,14 +23,14 @@ from streamrec.runtime import configure_process
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
 @click.option("--retrieval", type=click.Choice(["exact", "ann"]), default=defaults.RETRIEVAL, show_default=True, help="exact: score the whole catalogue; ann: take candidates from a faiss index and re-score them exactly (big catalogues; neural models).")
 @click.option("--min-recall", type=click.FloatRange(0, 1), default=defaults.MIN_RECALL, show_default=True, help="ann: refuse an index whose top-K recall against exact scoring on test prefixes is lower.")
-@click.option("--candidates", type=int, default=None, help=f"ann: candidates taken from the index per answer and re-scored exactly (default {defaults.CANDIDATES}; at least K + history_len).")
+@click.option("--candidates", type=int, default=None, help=f"ann: candidates taken from the index per answer and re-scored exactly (default: {defaults.CANDIDATES}, raised up to {defaults.MAX_CANDIDATES} by the export when even its deepest search falls short of --min-recall; at least K + history_len).")
 @click.option("--ann-index", type=click.Choice(list(defaults.ANN_INDEXES)), default=None, help=f"ann: faiss index kind (default {defaults.ANN_INDEX}; ivfpq: IVF over 4-bit PQ fast-scan codes, ivf: IVF-Flat).")
 @click.option("--ann-m", type=int, default=None, help=f"hnsw: links per node (default {defaults.HNSW_M}).")
 @click.option("--ann-ef-construction", type=int, default=None, help=f"hnsw: build-time search width (default {defaults.HNSW_EF_CONSTRUCTION}).")
-@click.option("--ann-ef-search", type=int, default=None, help=f"hnsw: query-time search width (default {defaults.HNSW_EF_SEARCH}; never below --candidates).")
+@click.option("--ann-ef-search", type=int, default=None, help=f"hnsw: query-time search width (default: from {defaults.HNSW_EF_SEARCH}, raised by the export until --min-recall is met; never below --candidates).")
 @click.option("--ann-nlist", type=int, default=None, help="ivf, ivfpq: inverted lists (default 4 * sqrt(n_items), at most n_items / 39).")
 @click.option("--ann-metric", type=click.Choice(list(defaults.ANN_METRICS)), default=None, help=f"ann: how the index searches (default {defaults.ANN_METRIC}); l2 asks the inner-product search as an L2 one after one extra coordinate per item (better recall on trained embeddings).")
-@click.option("--ann-nprobe", type=int, default=None, help=f"ivf, ivfpq: lists scanned per query (default {defaults.IVFPQ_NPROBE} for ivfpq, {defaults.IVF_NPROBE} for ivf).")
+@click.option("--ann-nprobe", type=int, default=None, help=f"ivf, ivfpq: lists scanned per query (default: from {defaults.IVFPQ_NPROBE} for ivfpq, {defaults.IVF_NPROBE} for ivf, raised by the export until --min-recall is met; a value given is kept).")
 def export(run_dir: Path, out: Path, **options) -> None:
     """Export a trained run as a verified bundle (parity-checked against the trained model)."""
     from export.exporter import export_run

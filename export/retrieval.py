@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.defaults import ANN_INDEXES, ANN_METRICS
+from export.defaults import ANN_INDEXES, ANN_METRICS, HNSW_EF_SEARCH_MAX
 from streamrec import runtime
 from streamrec.errors import UserError
 
@@ -202,6 +202,16 @@ def ivfpq_settings(dim: int, nlist: int) -> dict:
     return {"factory": f"RR{padded},IVF{nlist},PQ{padded}x4fs", "pq_m": padded, "pq_bits": 4, "rotation": f"random {dim} -> {padded}"}
 
 
+def depth_knob(settings: dict) -> str:
+    """The manifest key of the index's search depth: what trades cost for recall at search time."""
+    return "ef_search" if settings["index"] == "hnsw" else "nprobe"
+
+
+def depth_limit(settings: dict) -> int:
+    """The deepest search the export tries: every IVF list, or HNSW_EF_SEARCH_MAX."""
+    return int(settings["nlist"]) if settings["index"] != "hnsw" else max(int(settings["ef_search"]), HNSW_EF_SEARCH_MAX)
+
+
 def describe(settings: dict) -> str:
     """One phrase naming the index and its search knobs, for logs and errors."""
     if settings["index"] == "hnsw":
@@ -244,12 +254,21 @@ class AnnIndex:
         want = index_dim(self.vectors.shape[1], metric)
         if self.index.ntotal != n_items or self.index.d != want:
             raise UserError(f"{bundle.path}: the ann index holds {self.index.ntotal} vectors of {self.index.d} dims, expected {n_items} of {want}")
-        if settings["index"] == "hnsw":
-            self.index.hnsw.efSearch = int(settings["ef_search"])
+        self.set_depth(int(settings[depth_knob(settings)]))
+        self.by_popularity = np.argsort(-bundle.popularity[1:], kind="stable").astype(np.int64)
+        self.set_candidates(int(settings["candidates"]))
+
+    def set_depth(self, depth: int) -> None:
+        """Search this deep from now on: HNSW's ``ef_search`` or IVF's ``nprobe`` (the export raises it to reach --min-recall)."""
+        if self.settings["index"] == "hnsw":
+            self.index.hnsw.efSearch = depth
         else:
-            faiss.extract_index_ivf(self.index).nprobe = int(settings["nprobe"])  # ivfpq: the IVF inside the rotation
-        self.candidates = min(int(settings["candidates"]), n_items)
-        self.fill = np.argsort(-bundle.popularity[1:], kind="stable")[: self.candidates].astype(np.int64)  # ids for slots the index leaves empty
+            runtime.faiss().extract_index_ivf(self.index).nprobe = depth  # ivfpq: the IVF inside the rotation
+
+    def set_candidates(self, candidates: int) -> None:
+        """Take this many candidates per query from now on (the export raises it when depth alone falls short)."""
+        self.candidates = min(candidates, len(self.by_popularity))
+        self.fill = self.by_popularity[: self.candidates]  # ids for slots the index leaves empty
 
     def search(self, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(items [B, C] int64, exact scores [B, C] float32), best first, never item 0."""
@@ -260,18 +279,10 @@ class AnnIndex:
         _, ids = self.index.search(q, self.candidates)
         q = q[:, :width]
         missing = ids < 0
-        if missing.any():  # an IVF index with few lists probed can return fewer than C: fill with popular items
-            ids = np.where(missing, np.broadcast_to(self.fill, ids.shape), ids)
+        for row in np.flatnonzero(missing.any(1)):  # an IVF index with few lists probed can return fewer than C
+            found = ids[row][~missing[row]]  # filled with the most popular items it did not return, each once
+            ids[row][missing[row]] = self.fill[~np.isin(self.fill, found)][: int(missing[row].sum())]
         items = ids + 1
         scores = np.matmul(self.vectors[items], q[:, :, None])[:, :, 0]
-        if missing.any():
-            dup = np.zeros_like(missing)
-            srt = np.sort(items, axis=1)
-            if (srt[:, 1:] == srt[:, :-1]).any():
-                for row in np.flatnonzero(missing.any(1)):
-                    _, first = np.unique(items[row], return_index=True)
-                    dup[row] = True
-                    dup[row, first] = False
-                scores = np.where(dup, -np.inf, scores)
         order = np.argsort(-scores, axis=1, kind="stable")
         return np.take_along_axis(items, order, 1), np.take_along_axis(scores, order, 1).astype(np.float32)

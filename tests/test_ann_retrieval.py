@@ -86,6 +86,7 @@ def test_an_ann_bundle_round_trips_and_answers_like_the_exact_one(name, trained,
     assert exact["retrieval"] == {"mode": "exact"}
     r = ann["retrieval"]
     assert r["mode"] == "ann" and r["library"] == "faiss-cpu" and r["index"] == "ivfpq" and r["nprobe"] == 128 and r["metric"] == "inner_product"
+    assert r["depth"] == {"knob": "nprobe", "auto": True, "candidates_auto": False, "tried": [{"nprobe": 128, "candidates": candidates, "recall": r["recall"]["recall"]}]}  # 128 >= nlist here: every list
     assert r["factory"] == f"RR{r['pq_m']},IVF{r['nlist']},PQ{r['pq_m']}x4fs" and r["pq_m"] % 4 == 0 and r["pq_m"] - 4 < r["dim"] <= r["pq_m"]
     assert r["candidates"] == candidates and r["dim"] > 1 and r["build_seconds"] >= 0
     assert r["recall"]["k"] == K and r["recall"]["recall"] >= r["recall"]["min_recall"] == 0.99
@@ -168,6 +169,49 @@ def test_the_recall_check_refuses_an_index_that_misses_the_exact_top_k(trained, 
     # the same index searched in every list finds everything: the check measures, it does not always refuse
     manifest = export_run(run_dir, tmp_path / "good", retrieval="ann", candidates=70, ann_index="ivf", ann_nlist=64, ann_nprobe=64, **QUIET)
     assert manifest["retrieval"]["recall"]["recall"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("metric", ["inner_product", "l2"])
+def test_the_export_searches_deeper_until_the_recall_reaches_min_recall(metric, trained, synth_data, tmp_path, monkeypatch):
+    """No --ann-nprobe given: the export doubles the depth from the default (made 1 here) and re-measures on
+    the same test prefixes until --min-recall is met; the bundle is served at the depth that met it."""
+    from export import defaults
+
+    run_dir = trained("gru4rec")
+    monkeypatch.setattr(defaults, "IVF_NPROBE", 1)
+    lines: list[str] = []
+    manifest = export_run(run_dir, tmp_path / "deep", retrieval="ann", candidates=70, ann_index="ivf", ann_nlist=64, ann_metric=metric, parity_sessions=60, log=lines.append)
+    r = manifest["retrieval"]
+    tried = [(t["nprobe"], t["recall"]) for t in r["depth"]["tried"]]
+    doubling = [t for t in tried if t[0] & (t[0] - 1) == 0]  # powers of two: 1, 2, 4, ... until one passes
+    assert r["depth"]["auto"] and [d for d, _ in doubling] == [2**i for i in range(len(doubling))] and len(doubling) >= 3
+    assert all(recall < 0.99 for _, recall in doubling[:-1]) and doubling[-1][1] >= 0.99 == r["recall"]["min_recall"]
+    halved = tried[len(doubling) :]  # then the last step bisected: between the last two powers of two
+    assert len(halved) <= 2 and all(doubling[-2][0] < d < doubling[-1][0] for d, _ in halved)
+    least = min(d for d, recall in tried if recall >= 0.99)
+    assert all(recall < 0.99 for d, recall in tried if d < least)
+    assert r["nprobe"] == least <= 64 and r["recall"]["recall"] == dict(tried)[least] == manifest["parity"]["top_k_recall"]
+    assert sum("measuring nprobe" in line for line in lines) == len(tried) - 1 and {t["candidates"] for t in r["depth"]["tried"]} == {70} == {r["candidates"]}
+    scorer = load_scorer(tmp_path / "deep")
+    assert scorer.ann.index.nprobe == r["nprobe"]
+    # the depth asked for is kept, and measured once: the same index at nprobe 1 is refused, not deepened
+    with pytest.raises(UserError, match=r"under --min-recall 99\.00% .*nprobe=1[,)].*raise --ann-ef-search / --ann-nprobe"):
+        export_run(run_dir, tmp_path / "fixed", retrieval="ann", candidates=70, ann_index="ivf", ann_nlist=64, ann_nprobe=1, ann_metric=metric, **QUIET)
+
+
+def test_when_the_search_depth_is_given_the_export_takes_more_candidates_instead(trained, tmp_path):
+    """--ann-nprobe 1 given, --candidates not: one list of 64 holds few of the top 20, so the export doubles C
+    from 200 until the recall is met; at C = n_items the slots the index leaves empty hold every item it did
+    not return, so the doubling must end there with every item found."""
+    run_dir = trained("gru4rec")
+    manifest = export_run(run_dir, tmp_path / "wide", retrieval="ann", ann_index="ivf", ann_nlist=64, ann_nprobe=1, **QUIET)
+    r = manifest["retrieval"]
+    tried = [(t["nprobe"], t["candidates"], t["recall"]) for t in r["depth"]["tried"]]
+    assert not r["depth"]["auto"] and r["depth"]["candidates_auto"] and r["nprobe"] == 1
+    n_items = manifest["n_items"]  # under 400: the catalogue's items seen in training
+    assert [c for _, c, _ in tried] == [200, n_items] and tried[0][2] < 0.99 and tried[1][2] == pytest.approx(1.0) and r["candidates"] == n_items
+    scorer = load_scorer(tmp_path / "wide")
+    assert scorer.ann.candidates == n_items and scorer.ann.index.nprobe == 1
 
 
 @pytest.mark.parametrize("index", ["ivfpq", "ivf", "hnsw"])
