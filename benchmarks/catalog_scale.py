@@ -36,7 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export.defaults import ANN_INDEX, ANN_INDEXES
+from export.defaults import ANN_INDEX, ANN_INDEXES, ANN_METRIC, ANN_METRICS, MIN_RECALL
+from streamrec.errors import UserError
 from streamrec.runtime import configure_process
 
 from _report import environment, produced_by, pyplot, save_figure, table, write_section  # benchmarks/ is on sys.path
@@ -122,17 +123,21 @@ def bundle_bytes(bundle: Path) -> int:
     return sum(p.stat().st_size for p in bundle.iterdir())
 
 
-def export_all(run_dir: Path, data_dir: Path, work: Path, n_items: int, threads: int, ann_index: str, int8: bool) -> dict[str, dict]:
+def export_all(run_dir: Path, data_dir: Path, work: Path, n_items: int, threads: int, ann: dict, int8: bool) -> dict[str, dict]:
     """mode -> {bundle, manifest, seconds} for the ways of serving."""
     from export.exporter import export_run
 
     log = lambda line: print(f"  [{n_items:,}] {line}", file=sys.stderr, flush=True)  # noqa: E731
     out = {}
-    ways = [("exact fp32", {}), ("exact int8", {"int8": True, "min_overlap": 0.0}), ("ann", {"retrieval": "ann", "ann_index": ann_index, "min_recall": 0.0})]
+    ways = [("exact fp32", {}), ("exact int8", {"int8": True, "min_overlap": 0.0}), ("ann", ann)]
     for mode, options in ways if int8 else [ways[0], ways[2]]:
         bundle = work / f"bundle-{n_items}-{mode.replace(' ', '-')}"
         started = time.perf_counter()
-        manifest = export_run(run_dir, bundle, data_dir=data_dir, parity_sessions=30, threads=threads, log=log, **options)
+        try:
+            manifest = export_run(run_dir, bundle, data_dir=data_dir, parity_sessions=30, threads=threads, log=log, **options)
+        except UserError as refused:  # timed anyway, at the default depth: its recall columns say how far short
+            log(f"{mode}: refused ({refused}); exported again with --min-recall 0 to be timed")
+            manifest = export_run(run_dir, bundle, data_dir=data_dir, parity_sessions=30, threads=threads, log=log, **{**options, "min_recall": 0.0})
         out[mode] = {"bundle": bundle, "manifest": manifest, "seconds": time.perf_counter() - started, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
         log(f"{mode}: exported; this process's peak RSS so far {out[mode]['peak_rss_mb']:,.0f} MB")
     return out
@@ -223,6 +228,8 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=1024, help="clicks timed per batch size (batch 1 uses a quarter)")
     parser.add_argument("--model", choices=["gru4rec", "sasrec"], default="gru4rec", help="the model served (untrained, synthetic item vectors)")
     parser.add_argument("--ann-index", choices=list(ANN_INDEXES), default=ANN_INDEX, help="faiss index of the ann bundles (default: the export's)")
+    parser.add_argument("--ann-metric", choices=list(ANN_METRICS), default=ANN_METRIC, help="how the ann index searches (default: the export's)")
+    parser.add_argument("--min-recall", type=float, default=MIN_RECALL, help="the export's --min-recall: it searches deeper until reached (default: the export's); an export refused under it is reported")
     parser.add_argument("--search", "--ef-search", default="", help="extra search widths to time on the same index, comma-separated (hnsw: ef_search, ivf: nprobe)")
     parser.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True, help="also export and time exact int8")
     parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True, help="also run each way of serving end to end through a worker on Apache Kafka")
@@ -254,7 +261,7 @@ def main() -> None:
             data_dir, run_dir = work / f"data-{n_items}", work / f"run-{n_items}"
             data = synthetic_data(n_items, data_dir, rng)
             model_run(args.model, data, data_dir, run_dir, args.embeddings, rng)
-            bundles = export_all(run_dir, data_dir, work, n_items, args.threads, args.ann_index, args.int8)
+            bundles = export_all(run_dir, data_dir, work, n_items, args.threads, ann_options(args), args.int8)
             knob = {"hnsw": "ef", "ivf": "nprobe", "ivfpq": "nprobe"}[args.ann_index]
             for width in (int(e) for e in args.search.split(",") if e.strip()):
                 bundles[f"ann, {knob} {width}"] = same_index(bundles["ann"], width)
@@ -291,16 +298,44 @@ def trained_rows(args) -> list[dict]:
         for run_dir in args.trained:
             log = lambda line, run=run_dir.name: print(f"  [{run}] {line}", file=sys.stderr, flush=True)  # noqa: E731
             bundles = {}
-            for mode, options in (("exact fp32", {}), ("ann", {"retrieval": "ann", "ann_index": args.ann_index, "min_recall": 0.0})):
+            for mode, options in (("exact fp32", {}), ("ann", ann_options(args))):
                 bundle = Path(tmp) / f"{run_dir.name}-{mode.replace(' ', '-')}"
                 started = time.perf_counter()
-                manifest = export_run(run_dir, bundle, parity_sessions=args.parity_sessions, threads=args.threads, log=log, **options)
+                try:
+                    manifest = export_run(run_dir, bundle, parity_sessions=args.parity_sessions, threads=args.threads, log=log, **options)
+                except UserError as refused:  # under --min-recall even searched whole: reported, not timed
+                    log(f"{mode}: refused: {refused}")
+                    bundles[mode] = str(refused)
+                    continue
                 bundles[mode] = (bundle, manifest, time.perf_counter() - started)
-            for mode, (bundle, manifest, seconds) in bundles.items():
+            for mode, exported in bundles.items():
+                if isinstance(exported, str):
+                    rows.append({"run": run_dir.name, "mode": mode, "refused": exported})
+                    continue
+                bundle, manifest, seconds = exported
                 m = measure_in_child(bundle, args.threads, args.events, bundles["exact fp32"][0] if mode == "ann" else None)
                 rows.append({"run": run_dir.name, "model": manifest["model"], "n_items": manifest["n_items"], "mode": mode, **m, "export_seconds": seconds, "manifest": manifest})
                 print(f"  [{run_dir.name}] {mode}: " + " / ".join(f"{m['cpu_ms'][b]:.3f}" for b in BATCH_SIZES) + " CPU ms/event", file=sys.stderr, flush=True)
+                if args.stream:
+                    rows[-1]["stream"] = st = stream_in_child(bundle, args.threads, args.stream_events)
+                    print(f"  [{run_dir.name}] {mode}, stream: {st['throughput']:,.0f} events/s ({st['cpu_ms'][0]:.3f} worker CPU ms/event), p90 {st['p90_ms']:.0f} ms at 1,000/s", file=sys.stderr, flush=True)
     return rows
+
+
+def ann_options(args) -> dict:
+    """export_run's options for the ann bundle: the index, metric and least recall asked for."""
+    return {"retrieval": "ann", "ann_index": args.ann_index, "ann_metric": args.ann_metric, "min_recall": args.min_recall}
+
+
+def depth_cell(retrieval: dict) -> str:
+    """The search settings the export tried and their recall, e.g. ``C 200, nprobe 128: 0.9580, 256: 0.9910``."""
+    depth = retrieval.get("depth")
+    if not depth:
+        return ""
+    groups: dict[int, list[str]] = {}  # candidates -> "depth: recall" in the order tried
+    for t in depth["tried"]:
+        groups.setdefault(t.get("candidates", retrieval["candidates"]), []).append(f"{t[depth['knob']]}: {t['recall']:.4f}")
+    return "; ".join(f"C {c}, {depth['knob']} " + ", ".join(cells) for c, cells in groups.items()) + ("" if depth["auto"] else f" ({depth['knob']} fixed)")
 
 
 def render_trained(rows: list[dict], args) -> str:
@@ -309,16 +344,19 @@ def render_trained(rows: list[dict], args) -> str:
 
     body = []
     for r in rows:
+        if "refused" in r:
+            body.append([r["run"], "", "", f"{r['mode']}: refused", *([""] * len(BATCH_SIZES)), "", r["refused"].split("; ")[0], ""])
+            continue
         recall = r["manifest"]["retrieval"].get("recall")
         body.append([f"{r['run']}" + (f" ({describe(r['manifest']['retrieval']).removeprefix('faiss ')})" if r["mode"] == "ann" else ""), r["model"], f"{r['n_items']:,}", r["mode"], *(f"{r['ms'][b]:.3f} ({r['cpu_ms'][b]:.3f})" for b in BATCH_SIZES), f"{r['rss_mb']:.0f}",
-                     f"{recall['recall']:.4f} ({recall['positions']:,} prefixes)" if recall else "", f"{r['recall']:.4f}" if "recall" in r else ""])
-    ann = next((r["manifest"]["retrieval"] for r in rows if r["mode"] == "ann"), None)
+                     f"{recall['recall']:.4f} ({recall['positions']:,} prefixes; {depth_cell(r['manifest']['retrieval'])})" if recall else "", f"{r['recall']:.4f}" if "recall" in r else ""])
+    ann = next((r["manifest"]["retrieval"] for r in rows if r["mode"] == "ann" and "manifest" in r), None)
     return "\n".join(
         [
-            TRAINED_SECTION,
+            TRAINED_SECTION + ("" if args.ann_metric == ANN_METRIC else f", --ann-metric {args.ann_metric}"),
             "",
             f"Trained models (run directories below), each exported exact in fp32 and with `--retrieval ann` (faiss {ann['index'] if ann else ''}, its settings in the first column; the candidates re-scored exactly; "
-            f"`--min-recall 0` so that a low recall is reported, not refused). Recall@20 on test prefixes: the export's own measurement on the prefixes of {args.parity_sessions:,} "
+            f"`--ann-metric {args.ann_metric}`, `--min-recall {args.min_recall:g}`: the export searches deeper from the default depth, then with more candidates, until the recall reaches it, the settings tried in brackets; an export refused with everything tried is reported). Recall@20 on test prefixes: the export's own measurement on the prefixes of {args.parity_sessions:,} "
             "test sessions (share of the ann answer's items whose exact score reaches the exact 20th best, every known position of each session). "
             f"Cost: `Scorer.step` on random clicks (random hidden states, 8-click histories), {args.threads} thread(s), best of 3, each bundle in a fresh process, "
             "with recall against the exact bundle on those timed calls too. "
@@ -326,6 +364,7 @@ def render_trained(rows: list[dict], args) -> str:
             "",
             *produced_by(),
             *table(["run", "model", "items", "served as", *(f"ms/event @{b} (CPU)" for b in BATCH_SIZES), "RSS MB", "recall@20, test prefixes", "recall@20, timed calls"], body, align="---" + "r" * (len(BATCH_SIZES) + 4)),
+            *stream_table(rows),
             "",
         ]
     )
@@ -356,7 +395,7 @@ def stream_table(rows: list[dict]) -> list[str]:
     for r in measured:
         st = r["stream"]
         lat = " / ".join(f"{st[f'p{q}_ms']:.0f}" if st[f"p{q}_ms"] is not None else "-" for q in (50, 90, 99))
-        body.append([f"{r['n_items']:,}", r["mode"], f"{st['throughput']:,.0f}", " / ".join(f"{c:.3f}" for c in st["cpu_ms"]), st["answered_saturation"], lat, st["answered_latency"], f"{st['worker_rss_mb']:.0f}" if st["worker_rss_mb"] else ""])
+        body.append([f"{r['n_items']:,}" + (f" ({r['run']})" if "run" in r else ""), r["mode"], f"{st['throughput']:,.0f}", " / ".join(f"{c:.3f}" for c in st["cpu_ms"]), st["answered_saturation"], lat, st["answered_latency"], f"{st['worker_rss_mb']:.0f}" if st["worker_rss_mb"] else ""])
     return [
         "",
         "End to end: `streamrec serve` with each bundle (1 scorer thread) on a fresh Apache Kafka node (4 partitions), measured as in "
@@ -380,13 +419,14 @@ def render(rows: list[dict], args) -> str:
         return f"{r['recall']:.4f}" + (f" / {r['manifest']['retrieval']['recall']['recall']:.4f}" if r["mode"] == "ann" else "")
 
     body = [
-        [f"{r['n_items']:,}", r["mode"], *(f"{r['ms'][b]:.3f} ({r['cpu_ms'][b]:.3f})" for b in BATCH_SIZES), f"{r['rss_mb']:.0f}", f"{r['bundle_mb']:.0f}", index_cell(r), f"{r['export_seconds']:.0f}" if r["mode"] == "ann" or not r["mode"].startswith("ann") else "", recall_cell(r)]
+        [f"{r['n_items']:,}", r["mode"], *(f"{r['ms'][b]:.3f} ({r['cpu_ms'][b]:.3f})" for b in BATCH_SIZES), f"{r['rss_mb']:.0f}", f"{r['bundle_mb']:.0f}", index_cell(r), f"{r['export_seconds']:.0f}" if r["mode"] == "ann" or not r["mode"].startswith("ann") else "", recall_cell(r),
+         depth_cell(r["manifest"]["retrieval"]) if r["mode"] == "ann" else ""]
         for r in rows
     ]
     lines = table(
-        ["items", "served as", *(f"ms/event @{b} (CPU)" for b in BATCH_SIZES), "RSS MB", "bundle MB", "index build s", "export s", "recall@20: timed calls / export prefixes"],
+        ["items", "served as", *(f"ms/event @{b} (CPU)" for b in BATCH_SIZES), "RSS MB", "bundle MB", "index build s", "export s", "recall@20: timed calls / export prefixes", "search settings the export tried: recall"],
         body,
-        align="--" + "r" * (len(BATCH_SIZES) + 5),
+        align="--" + "r" * (len(BATCH_SIZES) + 5) + "-",
     )
     ann_settings = next((r["manifest"]["retrieval"] for r in rows if r["mode"] == "ann"), None)
     from export.retrieval import describe
@@ -398,7 +438,9 @@ def render(rows: list[dict], args) -> str:
             "",
             f"`Scorer.step` cost (top-20 answers) of {model_label(args.model)} against catalogue size, served exact in fp32, "
             + ("exact in int8 (`--int8`) " if args.int8 else "")
-            + f"and with `--retrieval ann` ({how}; the candidates re-scored exactly), {args.threads} thread(s), best of 3 runs on random "
+            + f"and with `--retrieval ann` ({how} at the smallest size; the candidates re-scored exactly; `--ann-metric {args.ann_metric}`, `--min-recall {args.min_recall:g}`: "
+            "each size served at the least search depth (and candidate count) the export found to reach it on its test prefixes, what it tried in the last column), "
+            f"{args.threads} thread(s), best of 3 runs on random "
             f"clicks with random hidden states, each bundle in a fresh process (rows \"ann, ef N\" / \"ann, nprobe N\": the same bundle and index searched with "
             f"`ef_search` / `nprobe` N, a search-time setting of the manifest) ({environment('torch', 'onnxruntime', 'faiss-cpu')}; the load "
             "average is taken at the end; the box is shared, so wall time swings with other jobs: CPU time in brackets). "
@@ -423,10 +465,10 @@ def render(rows: list[dict], args) -> str:
 
 def outputs(args) -> tuple[str, Path]:
     """(section heading, plot path): a run with the export's default index owns "## Catalogue scale", other indexes a section each."""
-    parts = ([] if args.model == "gru4rec" else [args.model]) + ([] if args.ann_index == ANN_INDEX else [args.ann_index])
+    parts = ([] if args.model == "gru4rec" else [args.model]) + ([] if args.ann_index == ANN_INDEX else [args.ann_index]) + ([] if args.ann_metric == ANN_METRIC else [args.ann_metric])
     if not parts:
         return SECTION, PLOT
-    heading = f"{SECTION}: " + ", ".join(p.upper() if p in ANN_INDEXES else {"sasrec": "SASRec"}.get(p, p) for p in parts)
+    heading = f"{SECTION}: " + ", ".join(p.upper() if p in ANN_INDEXES else {"sasrec": "SASRec", args.ann_metric: f"--ann-metric {args.ann_metric}"}.get(p, p) for p in parts)
     return heading, PLOT.with_name("catalog_scale_" + "_".join(parts) + ".png")
 
 
