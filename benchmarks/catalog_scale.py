@@ -105,16 +105,15 @@ def model_label(name: str) -> str:
     return f"SASRec (paper defaults: hidden {c.hidden_size}, {c.blocks} blocks, window {c.history_len})"
 
 
-SEARCH_KNOB = {"hnsw": "ef_search", "ivf": "nprobe", "ivfpq": "nprobe"}
-
-
 def same_index(ann: dict, width: int) -> dict:
     """A copy of the ann bundle whose manifest asks for another search width (HNSW ``ef_search`` or IVF ``nprobe``;
     search-time settings: same index file)."""
+    from export.retrieval import depth_knob
+
     out = ann["bundle"].with_name(f"{ann['bundle'].name}-{width}")
     shutil.copytree(ann["bundle"], out)
     manifest = json.loads((out / "manifest.json").read_text())
-    manifest["retrieval"][SEARCH_KNOB[manifest["retrieval"]["index"]]] = width
+    manifest["retrieval"][depth_knob(manifest["retrieval"])] = width
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return {"bundle": out, "manifest": manifest, "seconds": ann["seconds"]}
 
@@ -334,7 +333,7 @@ def depth_cell(retrieval: dict) -> str:
         return ""
     groups: dict[int, list[str]] = {}  # candidates -> "depth: recall" in the order tried
     for t in depth["tried"]:
-        groups.setdefault(t.get("candidates", retrieval["candidates"]), []).append(f"{t[depth['knob']]}: {t['recall']:.4f}")
+        groups.setdefault(t["candidates"], []).append(f"{t[depth['knob']]}: {t['recall']:.4f}")
     return "; ".join(f"C {c}, {depth['knob']} " + ", ".join(cells) for c, cells in groups.items()) + ("" if depth["auto"] else f" ({depth['knob']} fixed)")
 
 

@@ -255,7 +255,7 @@ class AnnIndex:
         if self.index.ntotal != n_items or self.index.d != want:
             raise UserError(f"{bundle.path}: the ann index holds {self.index.ntotal} vectors of {self.index.d} dims, expected {n_items} of {want}")
         self.set_depth(int(settings[depth_knob(settings)]))
-        self.by_popularity = np.argsort(-bundle.popularity[1:], kind="stable").astype(np.int64)
+        self.by_popularity = np.argsort(-bundle.popularity[1:], kind="stable").astype(np.int64)  # fills slots the index leaves empty
         self.set_candidates(int(settings["candidates"]))
 
     def set_depth(self, depth: int) -> None:
@@ -268,7 +268,6 @@ class AnnIndex:
     def set_candidates(self, candidates: int) -> None:
         """Take this many candidates per query from now on (the export raises it when depth alone falls short)."""
         self.candidates = min(candidates, len(self.by_popularity))
-        self.fill = self.by_popularity[: self.candidates]  # ids for slots the index leaves empty
 
     def search(self, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(items [B, C] int64, exact scores [B, C] float32), best first, never item 0."""
@@ -281,7 +280,8 @@ class AnnIndex:
         missing = ids < 0
         for row in np.flatnonzero(missing.any(1)):  # an IVF index with few lists probed can return fewer than C
             found = ids[row][~missing[row]]  # filled with the most popular items it did not return, each once
-            ids[row][missing[row]] = self.fill[~np.isin(self.fill, found)][: int(missing[row].sum())]
+            fill = self.by_popularity[: self.candidates]
+            ids[row][missing[row]] = fill[~np.isin(fill, found)][: int(missing[row].sum())]
         items = ids + 1
         scores = np.matmul(self.vectors[items], q[:, :, None])[:, :, 0]
         order = np.argsort(-scores, axis=1, kind="stable")
