@@ -252,6 +252,17 @@ def test_on_leave_one_out_data_validation_scores_only_the_held_out_validation_ta
     assert logged != pytest.approx(every["MRR@20"], abs=1e-6)
 
 
+def test_validation_with_valid_exclude_seen_ranks_without_the_users_own_items():
+    data = leave_one_out_data()
+    logged = {}
+    for exclude in (False, True):
+        model = GRU4Rec.train(data, Config(**SMALL, valid_exclude_seen=exclude), progress=False)
+        logged[exclude] = model.fit_result.history[0]["val_mrr20"]
+        figure = evaluate(model, data.valid, ks=(20,), mode="last", exclude_seen=exclude, progress=False)["MRR@20"]
+        assert logged[exclude] == pytest.approx(figure, abs=1e-12)
+    assert logged[True] != pytest.approx(logged[False], abs=1e-6)
+
+
 def test_evaluation_on_leave_one_out_data_scores_only_each_sequences_last_position():
     data = leave_one_out_data()
     model = GRU4Rec.train(data, Config(**SMALL), progress=False)

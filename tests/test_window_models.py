@@ -400,3 +400,21 @@ def test_sasrec_with_the_query_norm_block_learns_the_walks_and_rejects_an_unknow
     assert type(model.net.blocks[0]).__name__ == "QueryNormBlock"
     with pytest.raises(UserError, match="block 'postnorm' unknown"):
         cls.train(data, cls.Config(block="postnorm", epochs=1), progress=False)
+
+
+@pytest.mark.parametrize("name", ["bert4rec", "sasrec"])
+def test_validation_with_valid_exclude_seen_ranks_as_the_evaluator_does_without_the_users_own_items(name):
+    from training.protocols import early_stopping_split, leave_one_out
+    from training.synth import generate_log
+
+    data = leave_one_out(generate_log(n_items=200, n_sessions=600, seed=5), min_core=0)
+    _, valid = early_stopping_split(data)
+    cls = get_model(name)
+    settings = {**SMALL[name], "epochs": 1}
+    logged = {}
+    for exclude in (False, True):
+        model = cls.train(data, cls.Config(threads=1, valid_exclude_seen=exclude, **settings), progress=False)
+        logged[exclude] = model.fit_result.history[0]["val_mrr20"]
+        figure = evaluate(model, valid, ks=(20,), mode="last", exclude_seen=exclude, progress=False)["MRR@20"]
+        assert logged[exclude] == pytest.approx(figure, abs=1e-9)
+    assert logged[True] != pytest.approx(logged[False], abs=1e-6)  # the setting changed what was ranked

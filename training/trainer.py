@@ -35,7 +35,8 @@ What ``fit`` does, in order:
     are summed on the device and checked every ``SYNC_EVERY`` steps, so the host never waits for the
     GPU step by step and builds the next batch while the GPU computes;
   - after each epoch, if ``validate`` is given: ``module.eval()`` + ``torch.no_grad()``, call it, keep the
-    best epoch's weights; stop when ``config.patience`` (> 0) epochs pass without improvement. The best
+    best epoch's weights (the models' validation ranks without the user's own items when
+    ``config.valid_exclude_seen`` is set, as the test's "own items removed" figures do); stop when ``config.patience`` (> 0) epochs pass without improvement. The best
     weights are loaded back into ``module`` before ``fit`` returns;
   - with ``run_dir``: ``train_log.jsonl`` (one JSON line per epoch: epoch, loss, val_mrr20, seconds, lr,
     device, step_ms = training wall time per optimizer step, batch_ms = of which building and moving the
@@ -115,6 +116,7 @@ class TrainerConfig:
     seed: int = 42
     threads: int = 2  # torch intra-op threads, set by the program at its start (streamrec.runtime.configure_process)
     patience: int = 0  # epochs without validation gain before stopping, 0 = run all epochs
+    valid_exclude_seen: bool = False  # validation ranks without the user's own earlier items, as `evaluate --exclude-seen` (and Klenitskiy & Vasilev) rank
     stop_after: int = 0  # end after this many epochs (0 = all) while the lr schedule still spans ``epochs``: a refit repeats the chosen run's schedule
     resume: bool = False  # continue from run_dir/checkpoint.pt
     device: str = "auto"  # auto = CUDA when available, else cpu; cpu; cuda; cuda:N
@@ -356,15 +358,16 @@ def epoch_rng(config: TrainerConfig, epoch: int) -> np.random.Generator:
     return np.random.default_rng([config.seed, epoch])
 
 
-def mrr_at_k(model, sessions: Sessions, k: int = 20, batch_size: int = 512, mode: str = "next") -> float:
+def mrr_at_k(model, sessions: Sessions, k: int = 20, batch_size: int = 512, mode: str = "next", exclude_seen: bool = False) -> float:
     """MRR@k of ``model`` (anything with ``score_next``) over the positions ``mode`` evaluates: every
     next-item position ("next") or each sequence's last target ("last", leave-one-out).
 
-    Full ranking with conservative ties, by ``training.evaluate.evaluate``.
+    Full ranking with conservative ties, by ``training.evaluate.evaluate``; ``exclude_seen`` removes the
+    session's own items up to each position from the ranking first.
     """
     from training.evaluate import evaluate
 
-    return evaluate(model, sessions, ks=(k,), mode=mode, batch_size=batch_size, progress=False)[f"MRR@{k}"]
+    return evaluate(model, sessions, ks=(k,), mode=mode, batch_size=batch_size, progress=False, exclude_seen=exclude_seen)[f"MRR@{k}"]
 
 
 def _save_curve(history: list[dict], path: Path) -> None:

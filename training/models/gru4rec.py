@@ -418,7 +418,7 @@ class GRU4Rec(SessionModel):
         schedule = SessionParallelBatches.build(train, config.batch_size)
         support = np.bincount(train.items, minlength=data.n_items + 1).astype(np.float64)
         batches, loss_fn = model.training_closures(schedule, support)
-        validate = (lambda: mrr_at_k(model, valid, mode=mode)) if valid is not None else None
+        validate = (lambda: mrr_at_k(model, valid, mode=mode, exclude_seen=config.valid_exclude_seen)) if valid is not None else None
         model.fit_result = fit(model.net, config, batches, loss_fn, validate=validate, run_dir=run_dir, progress=progress)
         return model
 

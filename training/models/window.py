@@ -26,7 +26,7 @@ from torch import nn
 
 from streamrec.errors import UserError
 from training.data import PreparedData
-from training.evaluate import evaluation_positions, ranks, score_rows
+from training.evaluate import evaluation_positions, ranks, score_rows, seen_items
 from training.models.base import SessionModel, next_positions, write_run_config
 from training.protocols import early_stopping_split
 from training.sessions import Sessions
@@ -259,7 +259,8 @@ def training_split(model: "WindowModel", data: PreparedData) -> tuple[Sessions, 
     by leakage) and the callback returns MRR@20 at the dataset's evaluation
     positions ("next": every position, "last": each sequence's last target),
     full ranking with conservative ties, in batches that keep the [rows, n_items + 1]
-    scores within the evaluator's score budget. Without one: all of train, no callback.
+    scores within the evaluator's score budget; with the setting ``valid_exclude_seen`` the user's own
+    items up to each position are ranked last. Without one: all of train, no callback.
     """
     if data.valid is None or len(data.valid) == 0:
         return data.train, None
@@ -270,12 +271,20 @@ def training_split(model: "WindowModel", data: PreparedData) -> tuple[Sessions, 
     inputs = [torch.from_numpy(windows)] + [torch.from_numpy(feats[name]) for name in model.event_features]
 
     batch = score_rows(model.n_items, VALIDATION_BATCH)
+    if getattr(model.config, "valid_exclude_seen", False):
+        seen_rows, seen = seen_items(valid, positions)  # sorted by row
+    else:
+        seen_rows = seen = None
 
     def validate() -> float:
         reciprocal = 0.0
         for start in range(0, len(targets), batch):
             rows = slice(start, start + batch)
-            rank, _ = ranks(model.scores(*(x[rows] for x in inputs)), np.maximum(targets[rows], 1))
+            scores = model.scores(*(x[rows] for x in inputs), on_device=True)  # ranked where they were computed
+            if seen is not None:
+                lo, hi = np.searchsorted(seen_rows, [start, start + batch])
+                scores[torch.from_numpy(seen_rows[lo:hi] - start).to(scores.device), torch.from_numpy(seen[lo:hi]).to(scores.device)] = -torch.inf
+            rank, _ = ranks(scores, np.maximum(targets[rows], 1))
             reciprocal += float(np.where((targets[rows] > 0) & (rank <= 20), 1.0 / rank, 0.0).sum())
         return reciprocal / max(len(targets), 1)
 
@@ -327,10 +336,11 @@ class WindowModel(SessionModel):
                 scores = self.scores(torch.from_numpy(windows), *(torch.from_numpy(feats[name]) for name in self.event_features))
                 yield chunk, scores.numpy()
 
-    def scores(self, window: torch.Tensor, *features: torch.Tensor) -> torch.Tensor:
+    def scores(self, window: torch.Tensor, *features: torch.Tensor, on_device: bool = False) -> torch.Tensor:
         """The network's scores (on the CPU) for a batch of windows, skipping all-padding columns where that is exact.
 
-        The inputs go to the network's device first: validation during a GPU run scores there.
+        The inputs go to the network's device first: validation during a GPU run scores there, and with
+        ``on_device`` leaves the float32 scores there too, so only the ranks come back (not rows x items).
         """
         if self.padding_columns_needed is not None:
             start = first_column(window, self.padding_columns_needed)
@@ -338,7 +348,8 @@ class WindowModel(SessionModel):
         device = next(self.net.parameters()).device
         if device.type == "cpu":
             return self.net(window, *features)
-        return self.net(window.to(device), *(f.to(device) for f in features)).float().cpu()
+        scores = self.net(window.to(device), *(f.to(device) for f in features)).float()
+        return scores if on_device else scores.cpu()
 
     def export_module(self) -> nn.Module:
         """A copy of the network in eval mode: ``forward(window, *features) -> scores [B, n_items + 1]``."""
