@@ -6,10 +6,11 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from streamrec.errors import UserError
 from training.data import PreparedData, Vocab
-from training.evaluate import evaluate, evaluation_positions, format_table, rank_metrics, ranks
+from training.evaluate import evaluate, evaluation_positions, format_table, rank_metrics, ranks, ranks_torch
 from training.models.base import SessionModel, next_positions
 from training.models.pop import MostPopular
 from training.sessions import Sessions
@@ -54,6 +55,20 @@ def test_ranks_ties_both_rules():
     cons, opt = ranks(scores, np.array([2, 1]))
     assert cons.tolist() == [2, 3]
     assert opt.tolist() == [1, 1]
+
+
+def test_ranks_on_a_gpu_are_computed_there_with_the_same_rules():
+    scores = np.array([[7, 1, 3, 3, 2], [0, 5, float("nan"), 5, 5], [1, 2, float("nan"), 0, 3]], dtype=np.float32)
+    targets = np.array([2, 1, 2])
+    cons, opt = ranks_torch(torch.from_numpy(scores), targets)  # the torch path, run here on the CPU
+    want_cons, want_opt = ranks(scores, targets)
+    assert cons.tolist() == want_cons.tolist() == [2, 3, 4] and opt.tolist() == want_opt.tolist() == [1, 1, 4]
+    assert cons.dtype == opt.dtype == np.int64
+    rng = np.random.default_rng(0)
+    many = rng.integers(0, 5, size=(64, 40)).astype(np.float32)  # many ties
+    targets = rng.integers(1, 40, size=64)
+    for got, want in zip(ranks_torch(torch.from_numpy(many), targets), ranks(many, targets)):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_next_mode_hand_computed():

@@ -79,8 +79,10 @@ def ranks(scores: np.ndarray | torch.Tensor, targets: np.ndarray) -> tuple[np.nd
 
     Column 0 is ignored. NaN scores never rank above the target; a NaN target
     ranks last. (numpy: its comparisons and row sums are several times faster
-    than torch's on CPU here.)
+    than torch's on CPU here; scores on a GPU are ranked there, by ``ranks_torch``.)
     """
+    if isinstance(scores, torch.Tensor) and scores.device.type != "cpu":
+        return ranks_torch(scores, targets)
     s = scores.numpy() if isinstance(scores, torch.Tensor) else np.asarray(scores)
     rows = np.arange(len(s))
     target_score = s[rows, targets][:, None]
@@ -89,6 +91,17 @@ def ranks(scores: np.ndarray | torch.Tensor, targets: np.ndarray) -> tuple[np.nd
     nan = np.isnan(target_score[:, 0])
     conservative[nan] = optimistic[nan] = s.shape[1] - 1
     return conservative.astype(np.int64), optimistic.astype(np.int64)
+
+
+def ranks_torch(scores: torch.Tensor, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``ranks`` computed with torch where the scores are (a GPU): only the [rows] ranks cross to the host."""
+    rows = torch.arange(len(scores), device=scores.device)
+    target_score = scores[rows, torch.as_tensor(targets, device=scores.device)][:, None]
+    conservative = (scores >= target_score).sum(1) - (scores[:, 0] >= target_score[:, 0]).long()
+    optimistic = (scores > target_score).sum(1) - (scores[:, 0] > target_score[:, 0]).long() + 1
+    nan = torch.isnan(target_score[:, 0])
+    conservative[nan] = optimistic[nan] = scores.shape[1] - 1
+    return conservative.cpu().numpy().astype(np.int64), optimistic.cpu().numpy().astype(np.int64)
 
 
 def top_k(scores: np.ndarray | torch.Tensor, k: int) -> np.ndarray:
