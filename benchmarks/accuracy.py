@@ -4,8 +4,9 @@
     python benchmarks/accuracy.py --datasets yoochoose --models pop,sasrec,srgnn --max-epochs 10 --no-docs
     python benchmarks/accuracy.py --datasets beauty --models "sasrec:hidden_size=64,dropout=0.1" --max-epochs 2
     python benchmarks/accuracy.py --render-only                     # re-render the docs from docs/accuracy.json
+    python benchmarks/accuracy.py --datasets beauty --models bert4rec --runs /tmp/runs   # resumable, with learning curves
 
-Datasets (read from ../shared/data, never copied into the repo):
+Datasets (read from ../shared/data, or $STREAMREC_SHARED_DATA, never copied into the repo):
   yoochoose   yoochoose-rsc15-100k, session-rec's train_full / test, every position ("next");
               validation = the last train day (session-rec's train_tr / train_valid)
   diginetica  the SR-GNN sample of train-item-views, each session one sequence, 2-core
@@ -45,6 +46,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 
 from streamrec.runtime import configure_process
 from training.data import PreparedData
@@ -55,7 +57,7 @@ from training.models.base import config_from_options
 from _report import grouped, pyplot, table, write_section  # benchmarks/ is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
+SHARED = Path(os.environ.get("STREAMREC_SHARED_DATA", REPO.parent / "shared" / "data"))  # the variable: a copy that travels (a GPU machine)
 RESULTS = REPO / "docs" / "results.md"
 STORE = REPO / "docs" / "accuracy.json"
 CHART = REPO / "docs" / "img" / "accuracy.png"
@@ -84,6 +86,8 @@ LITERATURE = {
     ("beauty", "sasrec:hidden_size=64,dropout=0.1,init=normal,block=querynorm"): (f"{KV2023}: SASRec+ (full CE, their settings, initialisation and block; best epoch 6)", {"HR@10": 0.0533, "NDCG@10": 0.0327}),
     ("beauty", "sasrec:hidden_size=64,dropout=0.1,init=normal"): (f"{KV2023}: SASRec+ (full CE, their settings and initialisation; best epoch 6)", {"HR@10": 0.0533, "NDCG@10": 0.0327}),
     ("beauty", "bert4rec:init=normal,batch_size=128"): (f"{KV2023}: BERT4Rec (their initialisation and batch 128; best epoch 87)", {"HR@10": 0.0338, "NDCG@10": 0.0187}),
+    ("beauty", "bert4rec:init=normal,batch_size=128,patience=20"): (f"{KV2023}: BERT4Rec (their initialisation, batch 128 and patience 20; best epoch 87)", {"HR@10": 0.0338, "NDCG@10": 0.0187}),
+    ("beauty", "bert4rec:init=normal,batch_size=128,patience=20,valid_exclude_seen=true"): (f"{KV2023}: BERT4Rec (their initialisation, batch 128, patience 20, validation without own items; best epoch 87)", {"HR@10": 0.0338, "NDCG@10": 0.0187}),
 }
 
 
@@ -187,12 +191,15 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
     return name, options
 
 
-def train_and_select(cls, data: PreparedData, config, refit: bool = False):
+def train_and_select(cls, data: PreparedData, config, refit: bool = False, run_dir: Path | None = None):
     """(model, best epoch + 1, epochs run, early stopping triggered, seconds): early-stopped, then refit on all of train
     in "next" mode (and on leave-one-out data too with ``refit``, so the model also learns the validation targets,
-    which the baselines are fitted on)."""
+    which the baselines are fitted on). With ``run_dir`` the early-stopped training keeps its log, checkpoint and
+    learning curve there and resumes from the checkpoint when started again."""
     started = time.perf_counter()
-    model = cls.train(data, config, progress=True)
+    if run_dir is not None and hasattr(config, "resume"):
+        config = dataclasses.replace(config, resume=True)  # a finished run returns at once; an interrupted one goes on
+    model = cls.train(data, config, progress=True, run_dir=run_dir)
     result = getattr(model, "fit_result", None)
     if result is None:  # a baseline: nothing to select
         return model, None, None, None, time.perf_counter() - started
@@ -221,8 +228,10 @@ def test_figures(model, data: PreparedData, popularity: np.ndarray) -> dict:
     return out
 
 
-def run_dataset(key: str, specs: list[str], max_epochs: int, threads: int, record: Callable[[dict], None], refit: bool = False) -> list[dict]:
-    """Train and evaluate every spec on one dataset; ``record`` gets each row as soon as it is measured."""
+def run_dataset(key: str, specs: list[str], max_epochs: int, threads: int, record: Callable[[dict], None], refit: bool = False,
+                runs: Path | None = None) -> list[dict]:
+    """Train and evaluate every spec on one dataset; ``record`` gets each row as soon as it is measured.
+    With ``runs``, each neural model's training keeps its run folder under ``runs/<dataset>/<spec>``."""
     title, load = DATASETS[key]
     data = load()
     mode = data.stats.get("eval_mode", "next")
@@ -241,7 +250,8 @@ def run_dataset(key: str, specs: list[str], max_epochs: int, threads: int, recor
             config.epochs = min(config.epochs, max_epochs)
         print(f"  {spec}", flush=True)
         load_before, cpu_before = os.getloadavg()[0], time.process_time()
-        model, best, run, stopped_early, train_s = train_and_select(cls, data, config, refit=refit)
+        run_dir = runs / key / re.sub(r"[^A-Za-z0-9_.=-]+", "_", spec) if runs is not None else None
+        model, best, run, stopped_early, train_s = train_and_select(cls, data, config, refit=refit, run_dir=run_dir)
         train_cpu_s = time.process_time() - cpu_before
         t0 = time.perf_counter()
         figures = test_figures(model, data, popularity)
@@ -253,6 +263,9 @@ def run_dataset(key: str, specs: list[str], max_epochs: int, threads: int, recor
         }
         if best is not None and mode == "last":
             row["refit"] = refit
+        device = getattr(getattr(model, "fit_result", None), "device", "cpu") or "cpu"
+        if device != "cpu":  # rows trained on a GPU name it
+            row["device"] = f"{device} ({torch.cuda.get_device_name(device)})" if device.startswith("cuda") else device
         rows.append(row)
         record(row)
         print(f"    HR@10 {row['HR@10']:.4f}  HR@20 {row['HR@20']:.4f}  MRR@20 {row['MRR@20']:.4f}  NDCG@20 {row['NDCG@20']:.4f}  "
@@ -321,7 +334,8 @@ def markdown(rows: list[dict]) -> str:
         "- **Own items removed**: on leave-one-out data each row is also ranked without the user's earlier items",
         "  (`evaluate --exclude-seen`), as Klenitskiy & Vasilev rank; a repeated target then counts as a miss.",
         "- **Machine**: one torch thread on the project's shared 2-core box; `load` is the 1-minute load average around",
-        "  the row (2.0 = both cores already busy before ours), so times are indicative only.",
+        "  the row (2.0 = both cores already busy before ours), so times are indicative only. A row trained on a GPU",
+        "  names it in `train s` (`benchmarks/gpu_issue17.sh`); every other row was trained on the CPU.",
         "- GRU4Rec rows were re-run after its rework (defaults of docs/results.md \"GRU4Rec vs the official",
         "  implementation\"), with `--models gru4rec` on each dataset.",
         "",
@@ -342,7 +356,7 @@ def markdown(rows: list[dict]) -> str:
             load = f"{r['load_avg']:.1f}" if "load_avg" in r else ""
             metrics = [f"{r[m]:.4f}" for m in ("HR@10", "HR@20", "MRR@10", "MRR@20", "NDCG@10", "NDCG@20")]
             seen = [f"{r['HR@10 seen removed']:.4f} / {r['NDCG@10 seen removed']:.4f}" if "HR@10 seen removed" in r else ""] if loo else []
-            cells.append([r["model"], *metrics, *seen, epochs_cell(r), settings_cell(r), f"{r['train_s']:.0f}", cpu, load, cite])
+            cells.append([r["model"], *metrics, *seen, epochs_cell(r), settings_cell(r), f"{r['train_s']:.0f}" + (f" on {r['device']}" if "device" in r else ""), cpu, load, cite])
         header = ["model", "HR@10", "HR@20", "MRR@10", "MRR@20", "NDCG@10", "NDCG@20", *(["HR@10 / NDCG@10, own items removed"] if loo else []),
                   "epochs", "settings", "train s", "CPU s", "load", "published, same data and protocol"]
         lines += [*table(header, cells), ""]
@@ -472,6 +486,8 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, default=30, help="cap on every model's epochs (early stopping may end sooner)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the box is shared)")
     parser.add_argument("--refit", action="store_true", help="leave-one-out data too: train again on all of train (validation targets included) for the best epoch count")
+    parser.add_argument("--runs", type=Path, default=None, help="keep each neural training's run folder (log, checkpoint, curve) under DIR/<dataset>/<spec>; "
+                        "started again, a training resumes from its checkpoint")
     parser.add_argument("--no-docs", action="store_true", help="print only; do not touch docs/")
     parser.add_argument("--render-only", action="store_true", help="train nothing: re-render the docs section and chart from docs/accuracy.json")
     args = parser.parse_args()
@@ -493,7 +509,7 @@ def main() -> None:
             sys.exit(f"unknown dataset '{key}' (known: {', '.join(DATASETS)})")
     started = time.perf_counter()
     for key in args.datasets.split(","):
-        run_dataset(key, specs, args.max_epochs, args.threads, record=(lambda row: None) if args.no_docs else publish, refit=args.refit)
+        run_dataset(key, specs, args.max_epochs, args.threads, record=(lambda row: None) if args.no_docs else publish, refit=args.refit, runs=args.runs)
     print(f"\nall done in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
 
 

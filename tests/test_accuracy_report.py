@@ -56,3 +56,23 @@ def test_bpr_max_trials_get_the_official_bpr_max_companions():
     assert settings == {"loss": "bpr-max", "lr": 0.05, "elu_param": 0.5, "logq": 0.0, "bpreg": 1.0}
     assert tune.with_companions("gru4rec", {"loss": "cross-entropy"}) == {"loss": "cross-entropy"}
     assert tune.spec_of("gru4rec", {"layers": [64], "loss": "bpr-max", "lr": 0.05}) == 'gru4rec:layers=[64],loss="bpr-max",lr=0.05'
+
+
+def test_a_row_trained_on_a_gpu_names_the_device_in_the_table():
+    base = {"HR@10": 0.05, "HR@20": 0.07, "MRR@10": 0.02, "MRR@20": 0.021, "NDCG@10": 0.03, "NDCG@20": 0.035,
+            "best_epochs": 8, "epochs_run": 13, "max_epochs": 200, "stopped_early": True, "train_s": 95.0, "eval_s": 30.0,
+            "events": 40226, "measured": "2026-12-05"}
+    rows = [{"dataset": "beauty", "model": "sasrec", **base, "device": "cuda (NVIDIA H200)"},
+            {"dataset": "beauty", "model": "bert4rec", **base}]
+    text = accuracy.markdown(rows)
+    assert "| 95 on cuda (NVIDIA H200) |" in text
+    assert text.count(" on cuda") == 1  # the CPU row names nothing
+
+
+def test_the_gpu_script_runs_its_smoke_on_the_cpu_and_every_model_loads_back_with_the_same_figures(tmp_path):
+    import gpu_issue17
+
+    lines = gpu_issue17.smoke("cpu", tmp_path)
+    assert {(line["model"], line["precision"]) for line in lines} == {(m, p) for m in gpu_issue17.SMOKE for p in ("fp32", "bf16")}
+    assert all(line["mrr20"] == line["mrr20_loaded_on_cpu"] and line["device"] == "cpu" for line in lines)
+    assert json.loads((tmp_path / "smoke.json").read_text()) == lines

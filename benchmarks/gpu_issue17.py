@@ -1,0 +1,123 @@
+"""Issue 17 on a lent GPU machine: one prepared run that fits its 15 minutes of device time.
+
+Here, once (a link, nothing copied; `.gpu-data` is ignored by .git/info/exclude):
+
+    ln -sfn ../shared/data .gpu-data && echo /.gpu-data >> .git/info/exclude
+
+Then the device tool's `run`, with carry [".gpu-data/amazon-beauty-bert4rec/beauty.txt"] and timeout_s 540:
+
+    PYTHONUNBUFFERED=1 STREAMREC_SHARED_DATA=.gpu-data python3 benchmarks/gpu_issue17.py --out $OUT
+
+The machine's own python3 holds torch (no pip there); everything this imports is in its image. In order:
+
+1. **Smoke**, a few seconds: SASRec, BERT4Rec and GRU4Rec on synthetic data, one epoch each with
+   ``device=cuda`` in fp32 and bf16, saved, loaded back with ``load_run`` (CPU tensors) and evaluated on the
+   CPU; the CPU's figures for the same run must match the GPU-trained model's own. Prints step time, batch
+   time (the host's share: near step time means the GPU is starved) and GPU utilisation per epoch.
+2. **Amazon Beauty rows**: the two rows of docs/results.md that issue 17 holds against Klenitskiy & Vasilev,
+   trained with ``device=cuda`` until early stopping: SASRec with their settings and initialisation, and
+   BERT4Rec with their initialisation, batch 128 and patience 20 (validation without the user's own items).
+   Each row goes to ``$OUT/accuracy-gpu.json`` as it is measured (``device`` names the GPU); merge them into
+   docs/accuracy.json here and re-render with ``python benchmarks/accuracy.py --render-only``.
+
+``--device cpu --max-epochs 1 --dataset diginetica`` runs the same steps here on the CPU in a minute (a dry run
+of the script itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import accuracy  # noqa: E402  (benchmarks/ on sys.path)
+from training.evaluate import evaluate  # noqa: E402
+from training.models import get_model, load_run  # noqa: E402
+from training.synth import synthesize  # noqa: E402
+
+SMOKE = {
+    "sasrec": dict(epochs=1, history_len=10, hidden_size=32, batch_size=64),
+    "bert4rec": dict(epochs=1, history_len=10, hidden_size=32, batch_size=64),
+    "gru4rec": dict(epochs=1, layers=(32,), batch_size=32, n_sample=32),
+}
+BEAUTY = [
+    "sasrec:hidden_size=64,dropout=0.1,init=normal",
+    "bert4rec:init=normal,batch_size=128,patience=20,valid_exclude_seen=true",
+]
+
+
+def smoke(device: str, out: Path) -> list[dict]:
+    """Train, save, load on the CPU and evaluate each model kind once per precision; the figures must agree."""
+    data = synthesize(n_items=300, n_sessions=800, seed=3, test_fraction=0.2)
+    lines = []
+    for name, settings in SMOKE.items():
+        cls = get_model(name)
+        for precision in ("fp32", "bf16"):
+            with tempfile.TemporaryDirectory() as tmp:
+                run = Path(tmp) / "run"
+                started = time.perf_counter()
+                model = cls.train(data, cls.Config(device=device, precision=precision, **settings), progress=False, run_dir=run)
+                model.save(run)
+                trained = evaluate(model, data.test, ks=(20,), progress=False)["MRR@20"]
+                loaded = evaluate(load_run(run), data.test, ks=(20,), progress=False)["MRR@20"]
+                epoch = model.fit_result.history[-1]
+                line = {"model": name, "precision": precision, "device": epoch["device"], "step_ms": epoch["step_ms"],
+                        "batch_ms": epoch["batch_ms"], "gpu_util": epoch.get("gpu_util"), "mrr20": trained,
+                        "mrr20_loaded_on_cpu": loaded, "seconds": round(time.perf_counter() - started, 1)}
+                print(json.dumps(line), flush=True)
+                if abs(trained - loaded) > 1e-6:
+                    raise SystemExit(f"{name} {precision}: MRR@20 {trained} trained, {loaded} loaded on the CPU")
+                lines.append(line)
+    (out / "smoke.json").write_text(json.dumps(lines, indent=1))
+    return lines
+
+
+def beauty(device: str, max_epochs: int, threads: int, out: Path, dataset: str = "beauty") -> None:
+    """The Beauty rows (or these specs on another dataset), each written to out/accuracy-gpu.json as soon as it is measured."""
+    rows: list[dict] = []
+
+    def record(row: dict) -> None:
+        rows.append(row)
+        (out / "accuracy-gpu.json").write_text(json.dumps(rows, indent=1))
+
+    specs = [f"{spec},device={device}" for spec in BEAUTY]
+    accuracy.run_dataset(dataset, specs, max_epochs, threads, record)
+    for row in rows:  # the row's name without the device, so it replaces or sits beside the CPU row of that spec
+        row["model"] = row["model"].removesuffix(f",device={device}")
+    (out / "accuracy-gpu.json").write_text(json.dumps(rows, indent=1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder for smoke.json and accuracy-gpu.json")
+    parser.add_argument("--device", default="cuda", help="cuda (the point), or cpu for a dry run here")
+    parser.add_argument("--max-epochs", type=int, default=200, help="cap per Beauty row (early stopping ends sooner)")
+    parser.add_argument("--threads", type=int, default=8, help="torch CPU threads (batch building, test ranking)")
+    parser.add_argument("--smoke-only", action="store_true")
+    parser.add_argument("--dataset", default="beauty", choices=sorted(accuracy.DATASETS), help="beauty (the issue's); another for a quick dry run")
+    args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: no CUDA device here (torch.cuda.is_available() is false); use --device cpu for a dry run")
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if torch.cuda.is_available():
+        print(f"GPU: {torch.cuda.get_device_name(0)}, torch {torch.__version__}", flush=True)
+    started = time.perf_counter()
+    smoke(args.device, args.out)
+    print(f"smoke done in {time.perf_counter() - started:.0f} s", flush=True)
+    if not args.smoke_only:
+        beauty(args.device, args.max_epochs, args.threads, args.out, args.dataset)
+    print(f"all done in {time.perf_counter() - started:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
