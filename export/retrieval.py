@@ -91,7 +91,7 @@ QUERIES = {"gru4rec": GRU4RecQuery, "sasrec": SASRecQuery, "bert4rec": BERT4RecQ
 TABLES = {
     "gru4rec": lambda net: (net.item_out, net.item_bias[:, 0]),
     "sasrec": lambda net: (net.item_embedding.weight, _zeros(net.item_embedding.weight)),
-    "bert4rec": lambda net: (net.item_embedding.weight[: net.n_items + 1], net.output_bias),
+    "bert4rec": lambda net: (net.item_embedding.weight[: net.n_items + 1], net.output_bias if net.output_bias is not None else _zeros(net.item_embedding.weight[: net.n_items + 1])),
     "caser": lambda net: (net.output_embedding.weight, net.output_bias),
     "bst": lambda net: (net.item_side(torch.arange(net.item_embedding.num_embeddings)), torch.zeros(net.item_embedding.num_embeddings)),
     "srgnn": lambda net: (net.item_embedding.weight, _zeros(net.item_embedding.weight)),

@@ -19,6 +19,11 @@ learning rate than the paper's 1e-4 (1e-3, Adam, no decay), ``mask_prob`` 0.2
 early stopping on validation MRR@20 (patience 10). Expect BERT4Rec to trail
 SASRec with full cross-entropy at equal CPU time.
 
+Block and output layer (``block``, ``head``): ``prenorm`` (default) normalises each part's input and the
+final states; ``postnorm`` is BERT's block (Hugging Face's ``BertLayer``, as in Klenitskiy & Vasilev's
+BERT4Rec): the norm after each residual sum, no final norm. ``head=transform`` (default) is the paper's output
+layer above; ``tied`` is theirs: the states times the item embeddings, nothing between, no bias.
+
 Initialisation (``init``): ``default`` draws item and position embeddings from
 a truncated N(0, 0.02) and leaves the Linear layers at PyTorch's defaults;
 ``normal`` also draws every Linear weight from N(0, 0.02) with zero biases, as
@@ -38,7 +43,7 @@ from torch import nn
 
 from streamrec.errors import UserError
 from training.data import PreparedData
-from training.models.window import TransformerBlock, WindowModel, attention_mask, catalogue_cross_entropy, first_column, mask_padding_column, relative_positions, shuffled, training_split
+from training.models.window import PostNormBlock, TransformerBlock, WindowModel, attention_mask, catalogue_cross_entropy, first_column, mask_padding_column, relative_positions, shuffled, training_split
 from training.trainer import TrainerConfig, fit
 from training.windows import sequence_chunks
 
@@ -59,6 +64,8 @@ class BERT4RecConfig(TrainerConfig):
     weight_decay: float = 0.0
     patience: int = 10
     init: str = "default"  # "normal": every Linear weight N(0, 0.02) too, as Hugging Face's BERT
+    block: str = "prenorm"  # "postnorm": BERT's block (norm after each residual sum), as Hugging Face's BERT
+    head: str = "transform"  # "tied": scores = states x item embeddings, no dense layer, norm or bias between
 
 
 class BERT4RecNet(nn.Module):
@@ -73,10 +80,15 @@ class BERT4RecNet(nn.Module):
         self.position_embedding = nn.Embedding(config.history_len, size)
         self.norm_in = nn.LayerNorm(size)
         self.dropout = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(TransformerBlock(size, config.heads, config.dropout, 4 * size, nn.GELU) for _ in range(config.blocks))
-        self.norm = nn.LayerNorm(size)
-        self.head = nn.Sequential(nn.Linear(size, size), nn.GELU(), nn.LayerNorm(size))
-        self.output_bias = nn.Parameter(torch.zeros(n_items + 1))
+        block = PostNormBlock if config.block == "postnorm" else TransformerBlock
+        self.blocks = nn.ModuleList(block(size, config.heads, config.dropout, 4 * size, nn.GELU) for _ in range(config.blocks))
+        # the last post-norm block already ends in a norm (BERT has no other)
+        self.norm = nn.Identity() if config.block == "postnorm" else nn.LayerNorm(size)
+        if config.head == "tied":
+            self.head, self.output_bias = nn.Identity(), None
+        else:
+            self.head = nn.Sequential(nn.Linear(size, size), nn.GELU(), nn.LayerNorm(size))
+            self.output_bias = nn.Parameter(torch.zeros(n_items + 1))
         nn.init.trunc_normal_(self.item_embedding.weight, std=0.02)
         nn.init.trunc_normal_(self.position_embedding.weight, std=0.02)
         if config.init == "normal":
@@ -98,7 +110,8 @@ class BERT4RecNet(nn.Module):
 
     def logits(self, states: torch.Tensor) -> torch.Tensor:
         """Scores over items 0..n_items (the mask token is never a candidate)."""
-        return mask_padding_column(self.head(states) @ self.item_embedding.weight[: self.n_items + 1].T + self.output_bias)
+        scores = self.head(states) @ self.item_embedding.weight[: self.n_items + 1].T
+        return mask_padding_column(scores if self.output_bias is None else scores + self.output_bias)
 
     def forward(self, window: torch.Tensor) -> torch.Tensor:
         mask = torch.full_like(window[:, :1], self.mask_token)
@@ -121,8 +134,9 @@ class BERT4Rec(WindowModel):
         config.check()
         if not 0 < config.mask_prob < 1:
             raise UserError(f"bert4rec mask_prob must be in (0, 1), got {config.mask_prob}")
-        if config.init not in ("default", "normal"):
-            raise UserError(f"bert4rec init '{config.init}' unknown (known: default, normal)")
+        for name, known in (("init", ("default", "normal")), ("block", ("prenorm", "postnorm")), ("head", ("transform", "tied"))):
+            if getattr(config, name) not in known:
+                raise UserError(f"bert4rec {name} '{getattr(config, name)}' unknown (known: {', '.join(known)})")
         torch.manual_seed(config.seed)
         model = cls(config, data.n_items)
         net = model.net

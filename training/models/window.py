@@ -199,6 +199,24 @@ class TransformerBlock(nn.Module):
         return x + self.dropout(self.ffn(self.norm2(x)))
 
 
+class PostNormBlock(nn.Module):
+    """BERT's block (Hugging Face's ``BertLayer``): the norm after each residual sum, x = LN(x + attention(x)),
+    then LN(x + FFN(x)); dropout on the attention weights and on each part's output, none inside the FFN."""
+
+    def __init__(self, size: int, heads: int, dropout: float, ffn_size: int | None = None, activation: type[nn.Module] = nn.GELU):
+        super().__init__()
+        ffn_size = ffn_size or size
+        self.attention = SelfAttention(size, heads, dropout)
+        self.norm1 = nn.LayerNorm(size, eps=1e-12)  # BERT's epsilon
+        self.ffn = nn.Sequential(nn.Linear(size, ffn_size), activation(), nn.Linear(ffn_size, size))
+        self.norm2 = nn.LayerNorm(size, eps=1e-12)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        x = self.norm1(x + self.dropout(self.attention(x, allowed)))
+        return self.norm2(x + self.dropout(self.ffn(x)))
+
+
 class QueryNormBlock(nn.Module):
     """The SASRec paper's block as its widely used PyTorch port (pmixer's, also Klenitskiy & Vasilev's)
     writes it: only the queries are normalised, the residual adds the attention to them, and the
