@@ -335,7 +335,7 @@ def markdown(rows: list[dict]) -> str:
         "  (`evaluate --exclude-seen`), as Klenitskiy & Vasilev rank; a repeated target then counts as a miss.",
         "- **Machine**: one torch thread on the project's shared 2-core box; `load` is the 1-minute load average around",
         "  the row (2.0 = both cores already busy before ours), so times are indicative only. A row trained on a GPU",
-        "  names it in `train s` (`benchmarks/gpu_issue17.sh`); every other row was trained on the CPU.",
+        "  names it in `train s` (`benchmarks/gpu_issue17.py`); every other row was trained on the CPU.",
         "- GRU4Rec rows were re-run after its rework (defaults of docs/results.md \"GRU4Rec vs the official",
         "  implementation\"), with `--models gru4rec` on each dataset.",
         "",
