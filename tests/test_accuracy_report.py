@@ -76,3 +76,21 @@ def test_the_gpu_script_runs_its_smoke_on_the_cpu_and_every_model_loads_back_wit
     assert {(line["model"], line["precision"]) for line in lines} == {(m, p) for m in gpu_issue17.SMOKE for p in ("fp32", "bf16")}
     assert all(line["mrr20"] == line["mrr20_loaded_on_cpu"] and line["device"] == "cpu" for line in lines)
     assert json.loads((tmp_path / "smoke.json").read_text()) == lines
+
+
+def test_learning_curves_read_every_kept_run_and_mark_the_epoch_the_trainer_keeps(tmp_path, monkeypatch, capsys):
+    import learning_curves
+
+    for name, vals in (("a", [0.1, 0.3, 0.3, 0.2]), ("b", [0.2, 0.25])):
+        (tmp_path / name).mkdir()
+        lines = [json.dumps({"epoch": i, "loss": 5.0 - i, "val_mrr20": v}) for i, v in enumerate(vals)]
+        (tmp_path / name / "train_log.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "unvalidated").mkdir()
+    (tmp_path / "unvalidated" / "train_log.jsonl").write_text(json.dumps({"epoch": 0, "loss": 1.0, "val_mrr20": None}) + "\n")
+    logs = learning_curves.read_logs(tmp_path)
+    assert list(logs) == ["a", "b"]
+    assert learning_curves.best(logs["a"])["epoch"] == 1  # the first of equal figures, as the trainer keeps it
+    monkeypatch.setattr(sys, "argv", ["learning_curves.py", "--runs", str(tmp_path), "--out", str(tmp_path / "c.png")])
+    learning_curves.main()
+    assert (tmp_path / "c.png").stat().st_size > 0
+    assert "| a | 2 | 4 | 0.3000 | 2.000 |" in capsys.readouterr().out

@@ -1,0 +1,63 @@
+"""Validation curves of kept training runs, one line per run, for comparing how settings train.
+
+    python benchmarks/learning_curves.py --runs /work/b4r-runs/runs/beauty --out docs/img/bert4rec-beauty-curves.png
+
+Reads every ``<run>/train_log.jsonl`` under ``--runs`` (the folders ``benchmarks/accuracy.py --runs`` keeps),
+plots validation MRR@20 per epoch with each run's best epoch marked, and prints the table of bests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from _report import pyplot, save_figure, table  # benchmarks/ is on sys.path
+
+
+def read_logs(folder: Path) -> dict[str, list[dict]]:
+    """run name -> its epoch lines, for every run folder under ``folder`` with a train log."""
+    logs = {}
+    for log in sorted(folder.glob("*/train_log.jsonl")):
+        lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        if any(line.get("val_mrr20") is not None for line in lines):
+            logs[log.parent.name] = lines
+    return logs
+
+
+def best(lines: list[dict]) -> dict:
+    """The epoch line with the highest validation figure (the first of equals, as the trainer keeps it)."""
+    return max(lines, key=lambda line: (line["val_mrr20"], -line["epoch"]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, required=True, help="folder holding run folders (each with train_log.jsonl)")
+    parser.add_argument("--out", type=Path, required=True, help="PNG to write")
+    parser.add_argument("--title", default="", help="plot title")
+    args = parser.parse_args()
+    logs = read_logs(args.runs)
+    if not logs:
+        sys.exit(f"error: no train_log.jsonl with validation figures under {args.runs}")
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    rows = []
+    for name, lines in logs.items():
+        epochs = [line["epoch"] + 1 for line in lines]
+        ax.plot(epochs, [line["val_mrr20"] for line in lines], label=name, linewidth=1.2)
+        top = best(lines)
+        ax.plot([top["epoch"] + 1], [top["val_mrr20"]], "o", color=ax.lines[-1].get_color())
+        rows.append([name, top["epoch"] + 1, len(lines), f"{top['val_mrr20']:.4f}", f"{lines[-1]['loss']:.3f}"])
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation MRR@20")
+    ax.set_title(args.title or args.runs.name)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    save_figure(fig, args.out)
+    print("\n".join(table(["run", "best epoch", "epochs run", "best validation MRR@20", "last training loss"], rows)))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
