@@ -36,8 +36,9 @@ What ``fit`` does, in order:
     GPU step by step and builds the next batch while the GPU computes;
   - after each epoch, if ``validate`` is given: ``module.eval()`` + ``torch.no_grad()``, call it, keep the
     best epoch's weights (the models' validation ranks without the user's own items when
-    ``config.valid_exclude_seen`` is set, as the test's "own items removed" figures do); stop when ``config.patience`` (> 0) epochs pass without improvement. The best
-    weights are loaded back into ``module`` before ``fit`` returns;
+    ``config.valid_exclude_seen`` is set, as the test's "own items removed" figures do); stop when
+    ``config.patience`` (> 0) epochs pass without improvement. The best weights are loaded back into
+    ``module`` before ``fit`` returns;
   - with ``run_dir``: ``train_log.jsonl`` (one JSON line per epoch: epoch, loss, val_mrr20, seconds, lr,
     device, step_ms = training wall time per optimizer step, batch_ms = of which building and moving the
     batch, and on CUDA gpu_util = mean ``torch.cuda.utilization()`` in %, null where it cannot be read),

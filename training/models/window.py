@@ -289,10 +289,7 @@ def training_split(model: "WindowModel", data: PreparedData) -> tuple[Sessions, 
     inputs = [torch.from_numpy(windows)] + [torch.from_numpy(feats[name]) for name in model.event_features]
 
     batch = score_rows(model.n_items, VALIDATION_BATCH)
-    if getattr(model.config, "valid_exclude_seen", False):
-        seen_rows, seen = seen_items(valid, positions)  # sorted by row
-    else:
-        seen_rows = seen = None
+    seen_rows, seen = seen_items(valid, positions) if model.config.valid_exclude_seen else (None, None)  # sorted by row
 
     def validate() -> float:
         reciprocal = 0.0
