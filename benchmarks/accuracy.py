@@ -86,7 +86,6 @@ LITERATURE = {
     ("beauty", "sasrec:hidden_size=64,dropout=0.1,init=normal,block=querynorm"): (f"{KV2023}: SASRec+ (full CE, their settings, initialisation and block; best epoch 6)", {"HR@10": 0.0533, "NDCG@10": 0.0327}),
     ("beauty", "sasrec:hidden_size=64,dropout=0.1,init=normal"): (f"{KV2023}: SASRec+ (full CE, their settings and initialisation; best epoch 6)", {"HR@10": 0.0533, "NDCG@10": 0.0327}),
     ("beauty", "bert4rec:init=normal,batch_size=128"): (f"{KV2023}: BERT4Rec (their initialisation and batch 128; best epoch 87)", {"HR@10": 0.0338, "NDCG@10": 0.0187}),
-    ("beauty", "bert4rec:init=normal,batch_size=128,patience=20"): (f"{KV2023}: BERT4Rec (their initialisation, batch 128 and patience 20; best epoch 87)", {"HR@10": 0.0338, "NDCG@10": 0.0187}),
     ("beauty", "bert4rec:init=normal,batch_size=128,patience=20,valid_exclude_seen=true"): (f"{KV2023}: BERT4Rec (their initialisation, batch 128, patience 20, validation without own items; best epoch 87)", {"HR@10": 0.0338, "NDCG@10": 0.0187}),
     ("beauty", "bert4rec:init=normal,batch_size=128,patience=20,valid_exclude_seen=true,block=postnorm,head=tied"): (f"{KV2023}: BERT4Rec (their initialisation, batch 128, patience 20, validation without own items, BERT's block and bare tied output layer; best epoch 87)", {"HR@10": 0.0338, "NDCG@10": 0.0187}),
 }
@@ -269,7 +268,7 @@ def run_dataset(key: str, specs: list[str], max_epochs: int, threads: int, recor
         }
         if best is not None and mode == "last":
             row["refit"] = refit
-        device = getattr(getattr(model, "fit_result", None), "device", "cpu") or "cpu"
+        device = getattr(getattr(model, "fit_result", None), "device", "cpu")  # FitResult.device; baselines have none
         if device != "cpu":  # rows trained on a GPU name it
             row["device"] = f"{device} ({torch.cuda.get_device_name(device)})" if device.startswith("cuda") else device
         rows.append(row)

@@ -86,14 +86,11 @@ def beauty(device: str, max_epochs: int, threads: int, out: Path, dataset: str =
     rows: list[dict] = []
 
     def record(row: dict) -> None:
-        rows.append(row)
+        # named without the device, so that it replaces or sits beside the CPU row of that spec
+        rows.append({**row, "model": row["model"].removesuffix(f",device={device}")})
         (out / "accuracy-gpu.json").write_text(json.dumps(rows, indent=1))
 
-    specs = [f"{spec},device={device}" for spec in BEAUTY]
-    accuracy.run_dataset(dataset, specs, max_epochs, threads, record)
-    for row in rows:  # the row's name without the device, so it replaces or sits beside the CPU row of that spec
-        row["model"] = row["model"].removesuffix(f",device={device}")
-    (out / "accuracy-gpu.json").write_text(json.dumps(rows, indent=1))
+    accuracy.run_dataset(dataset, [f"{spec},device={device}" for spec in BEAUTY], max_epochs, threads, record)
 
 
 def main() -> None:
