@@ -85,13 +85,14 @@ def next_item_pairs(sessions: Sessions, length: int, targets: int = 1, features:
     return windows, target_items, feats
 
 
-def sequence_chunks(sessions: Sessions, length: int, features: tuple[str, ...] = ()) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def sequence_chunks(sessions: Sessions, length: int, features: tuple[str, ...] = (), last_only: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Left-padded chunks [C, length] covering every session's known items, for sequence-to-sequence training.
 
     A session of n known items gives chunks ending at n, n - (length - 1),
     n - 2 (length - 1), ... so that consecutive chunks overlap by one item and
     every item after the first is a next-item target (chunk[t] -> chunk[t+1])
     exactly once. Sessions with fewer than two known items give nothing.
+    ``last_only``: only the chunk ending at n (a session's last ``length`` items).
     """
     if length < 2:
         raise ValueError("sequence_chunks needs length >= 2")
@@ -99,6 +100,8 @@ def sequence_chunks(sessions: Sessions, length: int, features: tuple[str, ...] =
     counts = known.session_end - known.session_start
     stride = length - 1
     n_chunks = np.where(counts >= 2, -(-(counts - 1) // stride), 0)
+    if last_only:
+        n_chunks = np.minimum(n_chunks, 1)
     owner = np.repeat(np.arange(len(counts)), n_chunks)
     rank = np.arange(n_chunks.sum()) - np.repeat(np.cumsum(n_chunks) - n_chunks, n_chunks)
     idx, valid = known.gather(known.session_end[owner] - rank * stride, known.session_start[owner], length)

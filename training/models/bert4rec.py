@@ -66,6 +66,8 @@ class BERT4RecConfig(TrainerConfig):
     init: str = "default"  # "normal": every Linear weight N(0, 0.02) too, as Hugging Face's BERT
     block: str = "prenorm"  # "postnorm": BERT's block (norm after each residual sum), as Hugging Face's BERT
     head: str = "transform"  # "tied": scores = states x item embeddings, no dense layer, norm or bias between
+    unmasked: str = "mask_last"  # a sequence whose draw masked nothing: hide its last item; "skip": no target (Klenitskiy & Vasilev)
+    train_windows: str = "all"  # every item, in chunks of history_len; "last": each user's last history_len items only (theirs)
 
 
 class BERT4RecNet(nn.Module):
@@ -119,6 +121,26 @@ class BERT4RecNet(nn.Module):
         return self.logits(self.hidden(sequence)[:, -1])
 
 
+def cloze_batch(batch: np.ndarray, rng: np.random.Generator, mask_prob: float, mask_token: int, unmasked: str = "mask_last") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input with mask tokens, where masked, original items) of left-padded chunks, each item masked with ``mask_prob``.
+
+    A sequence whose draw masked nothing teaches nothing. ``mask_last`` hides its last item (what inference
+    asks for); on short sequences that is common (Beauty's median training user has 4 items: a third of them
+    draw no mask at 0.2) and those users then repeat one fixed example every epoch. ``skip`` leaves it without a
+    target, as Klenitskiy & Vasilev's cloze data does, and drops it from the batch, which changes nothing else:
+    sequences do not see each other and the loss is the mean over the masked items.
+    """
+    masked = (batch > 0) & (rng.random(batch.shape) < mask_prob)
+    empty = ~masked.any(1)
+    if unmasked == "skip":
+        batch, masked = batch[~empty], masked[~empty]
+    else:
+        masked[empty, -1] = True
+    start = first_column(batch)  # all-padding columns dropped here, on the CPU: no GPU sync in loss_fn
+    sequence = np.where(masked, mask_token, batch)
+    return tuple(torch.from_numpy(np.ascontiguousarray(a[:, start:])) for a in (sequence, masked, batch))
+
+
 class BERT4Rec(WindowModel):
     name = "bert4rec"
     Config = BERT4RecConfig
@@ -134,29 +156,24 @@ class BERT4Rec(WindowModel):
         config.check()
         if not 0 < config.mask_prob < 1:
             raise UserError(f"bert4rec mask_prob must be in (0, 1), got {config.mask_prob}")
-        for name, known in (("init", ("default", "normal")), ("block", ("prenorm", "postnorm")), ("head", ("transform", "tied"))):
+        for name, known in (("init", ("default", "normal")), ("block", ("prenorm", "postnorm")), ("head", ("transform", "tied")), ("unmasked", ("mask_last", "skip")), ("train_windows", ("all", "last"))):
             if getattr(config, name) not in known:
                 raise UserError(f"bert4rec {name} '{getattr(config, name)}' unknown (known: {', '.join(known)})")
         torch.manual_seed(config.seed)
         model = cls(config, data.n_items)
         net = model.net
         train, validate = training_split(model, data)
-        chunks, _ = sequence_chunks(train, config.history_len)
+        chunks, _ = sequence_chunks(train, config.history_len, last_only=config.train_windows == "last")
         if len(chunks) == 0:
             raise UserError("bert4rec: no training session has two known items")
 
         def make(idx: np.ndarray, rng: np.random.Generator):
-            batch = chunks[idx]
-            real = batch > 0
-            masked = real & (rng.random(batch.shape) < config.mask_prob)
-            # a sequence with nothing masked teaches nothing: hide its last item (what inference asks for)
-            masked[~masked.any(1), -1] = True
-            start = first_column(batch)  # all-padding columns dropped here, on the CPU: no GPU sync in loss_fn
-            sequence = np.where(masked, net.mask_token, batch)
-            return tuple(torch.from_numpy(np.ascontiguousarray(a[:, start:])) for a in (sequence, masked, batch))
+            return cloze_batch(chunks[idx], rng, config.mask_prob, net.mask_token, config.unmasked)
 
         def loss_fn(batch) -> torch.Tensor:
             sequence, masked, original = batch
+            if len(sequence) == 0:  # "skip" and a batch whose draw masked nothing at all: no target, no gradient
+                return net.item_embedding.weight.sum() * 0.0
             states = net.hidden(sequence)[masked]
             return catalogue_cross_entropy(net.head(states), net.item_embedding.weight[: net.n_items + 1], original[masked], net.output_bias)
 
