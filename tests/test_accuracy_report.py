@@ -32,6 +32,14 @@ def test_the_summary_says_so_when_a_neural_model_leads_everywhere():
     assert "A neural model leads on every dataset." in text
 
 
+def test_every_row_of_a_published_model_cites_its_figure_whatever_its_settings():
+    assert accuracy.published("beauty", "bert4rec:init=normal,unmasked=skip")[1] == {"HR@10": 0.0338, "NDCG@10": 0.0187}
+    assert accuracy.published("beauty", "sasrec:hidden_size=64,init=normal")[1]["HR@10"] == 0.0533  # SASRec+ (full CE)
+    assert accuracy.published("beauty", "sasrec:loss=bce")[1]["HR@10"] == 0.0246
+    assert accuracy.published("beauty", "sasrec:loss=sampled") is None  # neither of their losses
+    assert accuracy.published("beauty", "gru4rec") is None and accuracy.published("diginetica", "bert4rec") is None
+
+
 def test_a_tuned_rows_settings_cell_states_its_budget_and_validation_figure():
     tuned = row("diginetica", "gru4rec:lr=0.05", 0.3771, refit=True,
                 tuning={"trials": 24, "seed": 1, "val_mrr20": 0.2496, "val_mrr20_default": 0.2088})
