@@ -24,6 +24,11 @@ final states; ``postnorm`` is BERT's block (Hugging Face's ``BertLayer``, as in 
 BERT4Rec): the norm after each residual sum, no final norm. ``head=transform`` (default) is the paper's output
 layer above; ``tied`` is theirs: the states times the item embeddings, nothing between, no bias.
 
+Training data (``unmasked``, ``train_windows``): by default a sequence whose random draw masked nothing has
+its last item hidden (``mask_last``), and every item is trained on, in chunks of ``history_len``. Klenitskiy &
+Vasilev's data gives such a sequence no target (``skip``) and takes each user's last ``history_len`` items only
+(``last``).
+
 Initialisation (``init``): ``default`` draws item and position embeddings from
 a truncated N(0, 0.02) and leaves the Linear layers at PyTorch's defaults;
 ``normal`` also draws every Linear weight from N(0, 0.02) with zero biases, as
