@@ -41,7 +41,7 @@ def main() -> None:
     if not logs:
         sys.exit(f"error: no train_log.jsonl with validation figures under {args.runs}")
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(9, 4 + 0.2 * len(logs)))
     rows = []
     for name, lines in logs.items():
         epochs = [line["epoch"] + 1 for line in lines]
@@ -53,7 +53,7 @@ def main() -> None:
     ax.set_ylabel("validation MRR@20")
     ax.set_title(args.title or args.runs.name)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15))  # below the axes: run names are long
     save_figure(fig, args.out)
     print("\n".join(table(["run", "best epoch", "epochs run", "best validation MRR@20", "last training loss"], rows)))
     print(f"wrote {args.out}")
