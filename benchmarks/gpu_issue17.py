@@ -51,7 +51,7 @@ SMOKE = {
 }
 BEAUTY = [
     "sasrec:hidden_size=64,dropout=0.1,init=normal",
-    "bert4rec:init=normal,batch_size=128,patience=20,valid_exclude_seen=true",
+    "bert4rec:init=normal,batch_size=128,patience=20,valid_exclude_seen=true,unmasked=skip",
 ]
 
 
