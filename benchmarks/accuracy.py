@@ -133,7 +133,7 @@ NOTES = {
     "2026-12-05 is what a training sequence whose random mask draw hid nothing does: ours hid its last item, theirs "
     "gives it no target (`unmasked=skip`); on Beauty a third of the users draw no mask at 0.2, so ours repeated the same "
     "example for them every epoch and overfit from epoch 22. With `unmasked=skip` validation keeps rising to epoch 53 "
-    "of 73 (91 minutes of CPU, resumed once from its checkpoint; validation MRR@20 0.0199 against 0.0175) and the test "
+    "of 73 (91 minutes on the CPU, resumed once from its checkpoint; validation MRR@20 0.0199 against 0.0175) and the test "
     "gives 0.0303 / 0.0163 with own items removed, 90 % and 87 % of theirs: closer, still short. Its validation "
     "NDCG@10 (their metric, own items removed) at epoch 53 is 0.0247, where their convergence plot shows about 0.024 "
     "at epochs 40 to 50: at equal epochs validation is now where theirs is (their plot ends there; their best epoch "
