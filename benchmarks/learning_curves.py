@@ -1,6 +1,6 @@
 """Validation curves of kept training runs, one line per run, for comparing how settings train.
 
-    python benchmarks/learning_curves.py --runs /work/b4r-runs/runs/beauty --out docs/img/bert4rec-beauty-curves.png
+    python benchmarks/learning_curves.py --runs RUNS/beauty --out docs/img/bert4rec-beauty-curves.png
 
 Reads every ``<run>/train_log.jsonl`` under ``--runs`` (the folders ``benchmarks/accuracy.py --runs`` keeps),
 plots validation MRR@20 per epoch with each run's best epoch marked, and prints the table of bests.
