@@ -263,6 +263,19 @@ def test_validation_with_valid_exclude_seen_ranks_without_the_users_own_items():
     assert logged[True] != pytest.approx(logged[False], abs=1e-6)
 
 
+def test_validation_with_valid_users_ranks_a_fixed_sample_of_the_validation_users():
+    from training.trainer import validation_sample
+
+    data = leave_one_out_data()
+    config = Config(**SMALL, valid_users=len(data.valid) // 2)
+    sample = validation_sample(data.valid, config)
+    assert len(sample) == len(data.valid) // 2
+    model = GRU4Rec.train(data, config, progress=False)
+    logged = model.fit_result.history[0]["val_mrr20"]
+    assert logged == pytest.approx(evaluate(model, sample, ks=(20,), mode="last", progress=False)["MRR@20"], abs=1e-12)
+    assert logged != pytest.approx(evaluate(model, data.valid, ks=(20,), mode="last", progress=False)["MRR@20"], abs=1e-6)
+
+
 def test_evaluation_on_leave_one_out_data_scores_only_each_sequences_last_position():
     data = leave_one_out_data()
     model = GRU4Rec.train(data, Config(**SMALL), progress=False)

@@ -461,6 +461,28 @@ def test_validation_with_valid_exclude_seen_ranks_as_the_evaluator_does_without_
     assert logged[True] != pytest.approx(logged[False], abs=1e-6)  # the setting changed what was ranked
 
 
+@pytest.mark.parametrize("name", ["bert4rec", "sasrec"])
+def test_validation_with_valid_users_ranks_a_fixed_sample_of_that_many_validation_users(name):
+    from training.protocols import early_stopping_split, leave_one_out
+    from training.synth import generate_log
+    from training.trainer import validation_sample
+
+    data = leave_one_out(generate_log(n_items=200, n_sessions=600, seed=5), min_core=0)
+    _, valid = early_stopping_split(data)
+    cls = get_model(name)
+    config = cls.Config(threads=1, valid_users=150, **{**SMALL[name], "epochs": 1})
+    sample = validation_sample(valid, config)
+    assert len(sample) == 150 and set(sample.session_ids) < set(valid.session_ids)
+    assert np.array_equal(validation_sample(valid, config).session_ids, sample.session_ids)  # drawn once, from the seed
+    model = cls.train(data, config, progress=False)
+    logged = model.fit_result.history[0]["val_mrr20"]
+    assert logged == pytest.approx(evaluate(model, sample, ks=(20,), mode="last", progress=False)["MRR@20"], abs=1e-9)
+    assert logged != pytest.approx(evaluate(model, valid, ks=(20,), mode="last", progress=False)["MRR@20"], abs=1e-6)
+    assert validation_sample(valid, cls.Config(valid_users=0)) is valid
+    with pytest.raises(UserError, match="'valid_users' must not be negative"):
+        cls.train(data, cls.Config(valid_users=-1, epochs=1), progress=False)
+
+
 def test_bert4rec_with_berts_block_and_the_bare_tied_head_learns_the_walks_and_exports(data, pop_mrr, tmp_path):
     """Klenitskiy & Vasilev's BERT4Rec: Hugging Face's post-norm BertLayer, scores = states x item embeddings."""
     from training.models.window import PostNormBlock, attention_mask

@@ -30,7 +30,7 @@ from training.evaluate import evaluation_positions, ranks, score_rows, seen_item
 from training.models.base import SessionModel, next_positions, write_run_config
 from training.protocols import early_stopping_split
 from training.sessions import Sessions
-from training.trainer import epoch_rng
+from training.trainer import epoch_rng, validation_sample
 from training.windows import KnownEvents, prefix_windows
 
 LOW_SCORE = -1e9  # column 0 (padding / unknown) of every score row
@@ -278,11 +278,12 @@ def training_split(model: "WindowModel", data: PreparedData) -> tuple[Sessions, 
     positions ("next": every position, "last": each sequence's last target),
     full ranking with conservative ties, in batches that keep the [rows, n_items + 1]
     scores within the evaluator's score budget; with the setting ``valid_exclude_seen`` the user's own
-    items up to each position are ranked last. Without one: all of train, no callback.
+    items up to each position are ranked last; with ``valid_users`` only that many sessions, drawn once. Without one: all of train, no callback.
     """
     if data.valid is None or len(data.valid) == 0:
         return data.train, None
     fit_sessions, valid = early_stopping_split(data)
+    valid = validation_sample(valid, model.config)
     positions = evaluation_positions(valid, data.stats.get("eval_mode", "next"))
     targets = valid.items[positions + 1]
     windows, feats = prefix_windows(valid, positions, model.history_len, model.event_features)
