@@ -241,9 +241,10 @@ def test_figures(model, data: PreparedData, popularity: np.ndarray) -> dict:
 
 
 def run_dataset(key: str, specs: list[str], max_epochs: int, threads: int, record: Callable[[dict], None], refit: bool = False,
-                runs: Path | None = None) -> list[dict]:
+                runs: Path | None = None, keep_epochs: bool = False) -> list[dict]:
     """Train and evaluate every spec on one dataset; ``record`` gets each row as soon as it is measured.
-    With ``runs``, each neural model's training keeps its run folder under ``runs/<dataset>/<spec>``."""
+    With ``runs``, each neural model's training keeps its run folder under ``runs/<dataset>/<spec>``, and with
+    ``keep_epochs`` every epoch's weights in it too (for ``benchmarks/epoch_curves.py``)."""
     title, load = DATASETS[key]
     data = load()
     mode = data.stats.get("eval_mode", "next")
@@ -260,6 +261,8 @@ def run_dataset(key: str, specs: list[str], max_epochs: int, threads: int, recor
             config.threads = threads
         if hasattr(config, "epochs"):
             config.epochs = min(config.epochs, max_epochs)
+        if keep_epochs and hasattr(config, "keep_epochs"):
+            config.keep_epochs = True
         print(f"  {spec}", flush=True)
         load_before, cpu_before = os.getloadavg()[0], time.process_time()
         run_dir = runs / key / re.sub(r"[^A-Za-z0-9_.=-]+", "_", spec) if runs is not None else None
@@ -501,9 +504,12 @@ def main() -> None:
     parser.add_argument("--refit", action="store_true", help="leave-one-out data too: train again on all of train (validation targets included) for the best epoch count")
     parser.add_argument("--runs", type=Path, default=None, help="keep each neural training's run folder (log, checkpoint, curve) under DIR/<dataset>/<spec>; "
                         "started again, a training resumes from its checkpoint")
+    parser.add_argument("--keep-epochs", action="store_true", help="with --runs: also keep every epoch's weights in the run folder (epochs/NNN.pt, for benchmarks/epoch_curves.py)")
     parser.add_argument("--no-docs", action="store_true", help="print only; do not touch docs/")
     parser.add_argument("--render-only", action="store_true", help="train nothing: re-render the docs section and chart from docs/accuracy.json")
     args = parser.parse_args()
+    if args.keep_epochs and args.runs is None:
+        sys.exit("error: --keep-epochs keeps the weights in the run folders: give --runs DIR too")
     if args.render_only:
         rows = merge([])
         chart(rows)
@@ -522,7 +528,7 @@ def main() -> None:
             sys.exit(f"unknown dataset '{key}' (known: {', '.join(DATASETS)})")
     started = time.perf_counter()
     for key in args.datasets.split(","):
-        run_dataset(key, specs, args.max_epochs, args.threads, record=(lambda row: None) if args.no_docs else publish, refit=args.refit, runs=args.runs)
+        run_dataset(key, specs, args.max_epochs, args.threads, record=(lambda row: None) if args.no_docs else publish, refit=args.refit, runs=args.runs, keep_epochs=args.keep_epochs)
     print(f"\nall done in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
 
 

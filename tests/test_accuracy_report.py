@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import accuracy  # noqa: E402
@@ -102,3 +104,31 @@ def test_learning_curves_read_every_kept_run_and_mark_the_epoch_the_trainer_keep
     learning_curves.main()
     assert (tmp_path / "c.png").stat().st_size > 0
     assert "| a | 2 | 4 | 0.3000 | 2.000 |" in capsys.readouterr().out
+
+
+def test_epoch_curves_rank_each_kept_epochs_weights_as_the_run_and_the_evaluator_did(shared_data, tmp_path, monkeypatch, capsys):
+    """The kept weights of the best epoch give the run's logged validation figure and the returned model's test figure."""
+    import epoch_curves
+    from training.evaluate import evaluate
+    from training.models import get_model
+
+    spec = "sasrec:hidden_size=16,epochs=3,valid_exclude_seen=true"
+    name, options = accuracy.parse_spec(spec)
+    cls = get_model(name)
+    data = accuracy.load_diginetica()
+    config = accuracy.config_from_options(cls.Config, options)
+    config.threads, config.keep_epochs = 1, True
+    model = cls.train(data, config, progress=False, run_dir=tmp_path / "run")
+    assert epoch_curves.kept_epochs(tmp_path / "run", every=2, best=2) == [1, 2, 3]
+    out = tmp_path / "curves.png"
+    monkeypatch.setattr(sys, "argv", ["epoch_curves.py", "--dataset", "diginetica", "--model", spec, "--run", str(tmp_path / "run"),
+                                      "--every", "2", "--exclude-seen", "--out", str(out)])
+    epoch_curves.main()
+    assert out.stat().st_size > 0 and "wrote" in capsys.readouterr().out
+    figures = json.loads(out.with_suffix(".json").read_text())
+    best = next(f for f in figures["epochs"] if f["epoch"] == model.fit_result.best_epoch + 1)
+    assert [f["epoch"] for f in figures["epochs"]] == [1, 2, 3]
+    assert best["valid MRR@20"] == pytest.approx(best["logged_val_mrr20"], abs=1e-9)
+    test = evaluate(model, data.test, ks=(10, 20), mode="last", exclude_seen=True, progress=False)
+    assert best["test NDCG@10"] == pytest.approx(test["NDCG@10"], abs=1e-9)
+    assert len({f["test MRR@20"] for f in figures["epochs"]}) == 3  # each epoch's own weights, not one model three times

@@ -56,6 +56,26 @@ def test_early_stopping_keeps_the_best_epoch_weights(tmp_path):
     assert (tmp_path / "learning_curve.png").stat().st_size > 1000
 
 
+def test_keep_epochs_saves_the_weights_after_every_epoch_and_only_when_asked(tmp_path):
+    config = TrainerConfig(epochs=3, lr=0.05, threads=1, keep_epochs=True)
+    module, batches, loss_fn = regression_task(config)
+    snapshots = []
+
+    def validate():
+        snapshots.append({k: v.clone() for k, v in module.state_dict().items()})
+        return -float(len(snapshots))  # falling: the best is epoch 1, the module ends on it
+
+    fit(module, config, batches, loss_fn, validate=validate, run_dir=tmp_path / "kept", progress=False)
+    kept = sorted((tmp_path / "kept" / "epochs").glob("*.pt"))
+    assert [p.name for p in kept] == ["001.pt", "002.pt", "003.pt"]
+    for path, snapshot in zip(kept, snapshots):
+        for key, value in torch.load(path, weights_only=True).items():
+            torch.testing.assert_close(value, snapshot[key])
+    module, batches, loss_fn = regression_task(config)
+    fit(module, TrainerConfig(epochs=3, lr=0.05, threads=1), batches, loss_fn, run_dir=tmp_path / "default", progress=False)
+    assert not (tmp_path / "default" / "epochs").exists()
+
+
 def test_stop_after_ends_training_early_on_the_schedule_of_the_whole_run():
     """A refit for the best epoch count repeats the chosen run's first epochs, cosine decay included."""
     weights = {}

@@ -45,7 +45,8 @@ What ``fit`` does, in order:
     batch, and on CUDA gpu_util = mean ``torch.cuda.utilization()`` in %, null where it cannot be read),
     ``checkpoint.pt`` (weights, optimizer state, epoch, best weights, history; all tensors on the CPU,
     loadable with ``torch.load(..., weights_only=True)`` on a machine without a GPU) and
-    ``learning_curve.png`` after every epoch.
+    ``learning_curve.png`` after every epoch; with ``config.keep_epochs`` also ``epochs/NNN.pt``, the
+    weights after epoch NNN (counted from 1), so any metric can be traced over epochs afterwards.
     ``config.resume`` (``streamrec train --resume``) continues from ``checkpoint.pt`` when it exists
     (a finished run returns at once, on any device); without it an existing log is started afresh;
   - the module is back on the CPU when ``fit`` returns, so saving, evaluation and export need no GPU.
@@ -122,6 +123,7 @@ class TrainerConfig:
     valid_users: int = 0  # validate on a fixed random sample of this many validation sessions (0 = all); Klenitskiy & Vasilev sample 10,000
     stop_after: int = 0  # end after this many epochs (0 = all) while the lr schedule still spans ``epochs``: a refit repeats the chosen run's schedule
     resume: bool = False  # continue from run_dir/checkpoint.pt
+    keep_epochs: bool = False  # with a run_dir, also save every epoch's weights to run_dir/epochs/NNN.pt (benchmarks/epoch_curves.py)
     device: str = "auto"  # auto = CUDA when available, else cpu; cpu; cuda; cuda:N
     precision: str = "fp32"  # bf16 = autocast to bfloat16 in the forward pass and loss
 
@@ -557,6 +559,10 @@ def fit(
             }
             torch.save(ckpt, ckpt_path.with_suffix(".tmp"))
             ckpt_path.with_suffix(".tmp").replace(ckpt_path)
+            if config.keep_epochs:
+                kept = Path(run_dir) / "epochs" / f"{epoch + 1:03d}.pt"
+                kept.parent.mkdir(exist_ok=True)
+                torch.save(ckpt["model"], kept)
             _save_curve(result.history, Path(run_dir) / "learning_curve.png")
         if stop:
             break
