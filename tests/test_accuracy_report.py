@@ -132,3 +132,40 @@ def test_epoch_curves_rank_each_kept_epochs_weights_as_the_run_and_the_evaluator
     test = evaluate(model, data.test, ks=(10, 20), mode="last", exclude_seen=True, progress=False)
     assert best["test NDCG@10"] == pytest.approx(test["NDCG@10"], abs=1e-9)
     assert len({f["test MRR@20"] for f in figures["epochs"]}) == 3  # each epoch's own weights, not one model three times
+
+
+def test_a_parallel_tuning_run_journals_each_trial_and_a_second_run_takes_them_from_the_journal(shared_data, tmp_path, monkeypatch, capsys):
+    """Two trials at once, each in its own process, give the figures a trial trained alone gives; started again
+    with the same journal, the search trains no trial twice and picks the same row."""
+    journal = tmp_path / "trials.jsonl"
+    argv = ["tune.py", "--dataset", "diginetica", "--model", "gru4rec", "--trials", "2", "--journal", str(journal), "--no-docs"]
+    monkeypatch.setattr(sys, "argv", argv + ["--jobs", "2"])
+    tune.main()
+    first = capsys.readouterr().out
+    entries = [json.loads(line) for line in journal.read_text().splitlines()]
+    draws = [tune.with_companions("gru4rec", d) for d in tune.draw(tune.space_for("diginetica", "gru4rec"), 2, seed=1)]
+    assert sorted(json.dumps(e["settings"], sort_keys=True) for e in entries) == sorted(json.dumps(d, sort_keys=True) for d in draws)
+    alone = tune.run_trial("diginetica", "gru4rec", {}, threads=1, data=accuracy.load_diginetica())
+    defaults = next(e for e in entries if e["settings"] == {})
+    assert (defaults["val_mrr20"], defaults["best_epochs"]) == (alone["val_mrr20"], alone["best_epochs"])
+
+    monkeypatch.setattr(sys, "argv", argv)
+    tune.main()
+    second = capsys.readouterr().out
+    assert second.count("from the journal") == 2 and len(journal.read_text().splitlines()) == 2
+    pick = [line for line in first.splitlines() if line.startswith(("best on validation", "test:"))]
+    assert len(pick) == 2 and all(line.split("(tuning")[0] in second for line in pick)
+
+
+def test_a_journal_line_that_is_not_a_trial_is_a_one_line_error(tmp_path):
+    journal = tmp_path / "trials.jsonl"
+    journal.write_text('{"dataset": "beauty", "model": "gru4rec", "settings": {}, "val_mrr20": 0.02}\nnot json\n')
+    with pytest.raises(tune.UserError, match=r"trials.jsonl:2: not a tune.py journal line"):
+        tune.read_journal(journal)
+    assert tune.read_journal(tmp_path / "absent.jsonl") == {}
+
+
+def test_beauty_tunes_gru4rec_in_its_own_space_and_other_datasets_in_the_models():
+    assert tune.space_for("beauty", "gru4rec") is tune.DATASET_SPACES[("beauty", "gru4rec")]
+    assert tune.space_for("diginetica", "gru4rec") is tune.SPACES["gru4rec"]
+    assert set(tune.DATASET_SPACES[("beauty", "gru4rec")]) <= set(tune.SPACES["gru4rec"])  # the same knobs, fewer dear values
