@@ -177,6 +177,9 @@ def run_trials(dataset: str, model: str, draws: list[dict], threads: int, jobs: 
     (``jobs`` at a time, each in its own process, when ``jobs`` > 1) and appended to the journal."""
     done = read_journal(journal)
     entries: list[dict | None] = [done.get(trial_key(dataset, model, s)) for s in draws]
+    for entry in entries:
+        if entry is not None:
+            entry["from_journal"] = True
 
     def report(i: int, entry: dict, source: str) -> None:
         settings, n = entry["settings"], len(draws)
@@ -260,7 +263,8 @@ def main() -> None:
         "load_avg": round((load_before + os.getloadavg()[0]) / 2, 1), "measured": time.strftime("%Y-%m-%d"),
         "tuning": {"trials": len(scored), "seed": args.seed, "space": space, "val_mrr20": round(best_score, 4),
                    "val_mrr20_default": round(scored[0][0], 4), "script": "benchmarks/tune.py", "jobs": args.jobs,
-                   "trial_s": round(sum(e["seconds"] for e in entries), 1)},
+                   "trial_s": round(sum(e["seconds"] for e in entries), 1),
+                   "from_journal": sum(bool(e.get("from_journal")) for e in entries)},
     }
     row.update(figures, eval_s=round(time.perf_counter() - t0, 1))
     print(f"test: HR@10 {row['HR@10']:.4f}  HR@20 {row['HR@20']:.4f}  MRR@20 {row['MRR@20']:.4f}  NDCG@20 {row['NDCG@20']:.4f}"
