@@ -213,6 +213,12 @@ def run_trials(dataset: str, model: str, draws: list[dict], threads: int, jobs: 
     return entries
 
 
+def validation_score(entry: dict) -> float:
+    """A trial's figure for the choice: a failed or diverged (NaN) trial ranks last."""
+    score = entry["val_mrr20"]
+    return float("-inf") if score is None or score != score else score
+
+
 def children_cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -247,7 +253,7 @@ def main() -> None:
         entries = run_trials(args.dataset, args.model, draws, args.threads, args.jobs, data, args.journal)
     except UserError as e:
         sys.exit(f"error: {e}")
-    scored = [(e["val_mrr20"] if e["val_mrr20"] is not None else float("-inf"), e["best_epochs"], e["settings"]) for e in entries]
+    scored = [(validation_score(e), e["best_epochs"], e["settings"]) for e in entries]
     best_score, best_epochs, best = max(scored, key=lambda s: s[0])  # the first of equals: draw order
     spec = spec_of(args.model, best)
     print(f"best on validation: {best_score:.4f} ({spec}); refit on all of train for {best_epochs} epoch(s), then test", flush=True)

@@ -169,3 +169,9 @@ def test_beauty_tunes_gru4rec_in_its_own_space_and_other_datasets_in_the_models(
     assert tune.space_for("beauty", "gru4rec") is tune.DATASET_SPACES[("beauty", "gru4rec")]
     assert tune.space_for("diginetica", "gru4rec") is tune.SPACES["gru4rec"]
     assert set(tune.DATASET_SPACES[("beauty", "gru4rec")]) <= set(tune.SPACES["gru4rec"])  # the same knobs, fewer dear values
+
+
+def test_a_failed_or_diverged_trial_is_never_the_one_chosen():
+    entries = [{"val_mrr20": float("nan")}, {"val_mrr20": None}, {"val_mrr20": 0.01}]
+    assert [tune.validation_score(e) for e in entries][:2] == [float("-inf")] * 2
+    assert max(entries, key=tune.validation_score)["val_mrr20"] == 0.01
