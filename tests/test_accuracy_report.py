@@ -175,3 +175,10 @@ def test_a_failed_or_diverged_trial_is_never_the_one_chosen():
     entries = [{"val_mrr20": float("nan")}, {"val_mrr20": None}, {"val_mrr20": 0.01}]
     assert [tune.validation_score(e) for e in entries][:2] == [float("-inf")] * 2
     assert max(entries, key=tune.validation_score)["val_mrr20"] == 0.01
+
+
+def test_a_lead_that_is_within_noise_gets_its_caveat_under_the_verdict_and_a_loss_does_not():
+    lead = accuracy.summary([row("beauty", "sr", 0.0283), row("beauty", "gru4rec:lr=0.05", 0.0285)])
+    assert "A neural model leads on every dataset." in lead and accuracy.SUMMARY_CAVEATS["beauty"] in lead
+    loss = accuracy.summary([row("beauty", "sr", 0.0283), row("beauty", "gru4rec", 0.0252)])
+    assert "No neural model leads on: beauty" in loss and accuracy.SUMMARY_CAVEATS["beauty"] not in loss
