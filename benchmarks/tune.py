@@ -163,13 +163,12 @@ def run_trial(dataset: str, model: str, settings: dict, threads: int, data=None)
     cls = get_model(model)
     config = dataclasses.replace(cls.Config(), **settings, threads=threads)
     t0 = time.perf_counter()
-    entry = {"dataset": dataset, "model": model, "settings": settings}
     try:
         result = cls.train(data, config, progress=False).fit_result
+        figures = {"val_mrr20": result.best_score, "best_epochs": result.best_epoch + 1, "epochs_run": len(result.history), "error": None}
     except UserError as e:  # a diverged trial is a failed draw, not the end of the search
-        return {**entry, "val_mrr20": None, "best_epochs": 0, "epochs_run": 0, "seconds": round(time.perf_counter() - t0, 1), "error": str(e)}
-    return {**entry, "val_mrr20": result.best_score, "best_epochs": result.best_epoch + 1, "epochs_run": len(result.history),
-            "seconds": round(time.perf_counter() - t0, 1), "error": None}
+        figures = {"val_mrr20": None, "best_epochs": 0, "epochs_run": 0, "error": str(e)}
+    return {"dataset": dataset, "model": model, "settings": settings, **figures, "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def run_trials(dataset: str, model: str, draws: list[dict], threads: int, jobs: int, data, journal: Path | None) -> list[dict]:
@@ -253,8 +252,8 @@ def main() -> None:
         entries = run_trials(args.dataset, args.model, draws, args.threads, args.jobs, data, args.journal)
     except UserError as e:
         sys.exit(f"error: {e}")
-    scored = [(validation_score(e), e["best_epochs"], e["settings"]) for e in entries]
-    best_score, best_epochs, best = max(scored, key=lambda s: s[0])  # the first of equals: draw order
+    chosen = max(entries, key=validation_score)  # the first of equals: draw order
+    best_score, best_epochs, best = validation_score(chosen), chosen["best_epochs"], chosen["settings"]
     spec = spec_of(args.model, best)
     print(f"best on validation: {best_score:.4f} ({spec}); refit on all of train for {best_epochs} epoch(s), then test", flush=True)
     model = accuracy.refit_on_all(cls, data, dataclasses.replace(cls.Config(), **best, threads=args.threads), best_epochs)
@@ -267,8 +266,8 @@ def main() -> None:
         "epochs_run": best_epochs, "stopped_early": True, "train_s": round(train_s, 1), "train_cpu_s": round(train_cpu_s, 1),
         "eval_s": 0.0, "threads": args.threads, "max_epochs": best_epochs, "refit": True,
         "load_avg": round((load_before + os.getloadavg()[0]) / 2, 1), "measured": time.strftime("%Y-%m-%d"),
-        "tuning": {"trials": len(scored), "seed": args.seed, "space": space, "val_mrr20": round(best_score, 4),
-                   "val_mrr20_default": round(scored[0][0], 4), "script": "benchmarks/tune.py", "jobs": args.jobs,
+        "tuning": {"trials": len(entries), "seed": args.seed, "space": space, "val_mrr20": round(best_score, 4),
+                   "val_mrr20_default": round(validation_score(entries[0]), 4), "script": "benchmarks/tune.py", "jobs": args.jobs,
                    "trial_s": round(sum(e["seconds"] for e in entries), 1),
                    "from_journal": sum(bool(e.get("from_journal")) for e in entries)},
     }
