@@ -30,6 +30,7 @@ import json
 import multiprocessing
 import os
 import random
+import re
 import resource
 import sys
 import time
@@ -126,6 +127,16 @@ def spec_of(model: str, settings: dict) -> str:
     if not settings:
         return model
     return model + ":" + ",".join(f"{k}={json.dumps(v) if not isinstance(v, (int, float)) else v}" for k, v in settings.items())
+
+
+def settings_of(spec: str) -> tuple[str, dict]:
+    """(model, settings) of a ``spec_of`` string: its inverse, every value read back as the JSON it was written as."""
+    model, _, rest = spec.partition(":")
+    settings = {}
+    for part in filter(None, re.split(r",(?=\w+=)", rest)):  # a comma inside a JSON list is not followed by key=
+        key, _, raw = part.partition("=")
+        settings[key] = {"True": True, "False": False}.get(raw) if raw in ("True", "False") else json.loads(raw)
+    return model, settings
 
 
 def trial_key(dataset: str, model: str, settings: dict) -> str:

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -177,8 +178,92 @@ def test_a_failed_or_diverged_trial_is_never_the_one_chosen():
     assert max(entries, key=tune.validation_score)["val_mrr20"] == 0.01
 
 
-def test_a_lead_that_is_within_noise_gets_its_caveat_under_the_verdict_and_a_loss_does_not():
-    lead = accuracy.summary([row("beauty", "sr", 0.0283), row("beauty", "gru4rec:lr=0.05", 0.0285)])
-    assert "A neural model leads on every dataset." in lead and accuracy.SUMMARY_CAVEATS["beauty"] in lead
-    loss = accuracy.summary([row("beauty", "sr", 0.0283), row("beauty", "gru4rec", 0.0252)])
-    assert "No neural model leads on: beauty" in loss and accuracy.SUMMARY_CAVEATS["beauty"] not in loss
+def test_the_summary_shows_a_recorded_interval_and_calls_a_lead_inside_it_a_tie_until_a_row_changes():
+    paired = {"MRR@20": {"against": "sr", "mrr": [0.0285, 0.0283], "interval": [-0.0007, 0.0009]}}
+    rows = [row("beauty", "sr", 0.0283), row("beauty", "gru4rec", 0.0285, paired=paired),
+            row("diginetica", "vstan", 0.3757), row("diginetica", "sasrec", 0.4231)]
+    text = accuracy.summary(rows)
+    assert "| +0.0002 (+0.7%) | -0.0007 to +0.0009 |" in text and "| +0.0474 (+12.6%) | not measured |" in text
+    assert "A neural model leads on every dataset. Within noise (the interval holds 0, so neither side is shown to lead) on: beauty." in text
+    assert "Not tested against noise: diginetica." in text
+    rows[0]["MRR@20"] = 0.0280  # the baseline measured again: the interval belongs to other figures
+    assert "-0.0007 to +0.0009" not in accuracy.summary(rows) and "Within noise" not in accuracy.summary(rows)
+    rows[2:] = []
+    rows[1]["paired"]["MRR@20"].update(mrr=[0.0285, 0.0280], interval=[0.0001, 0.0009])
+    assert "Within noise" not in accuracy.summary(rows) and "+0.0001 to +0.0009" in accuracy.summary(rows)
+
+
+def test_a_paired_bootstrap_of_a_model_against_itself_is_a_tie_with_a_zero_width_interval():
+    import paired
+
+    ranks = np.array([1, 3, 25, 2, 40, 7])
+    result = paired.paired_bootstrap(ranks, ranks, k=20, resamples=200)
+    assert result.difference == 0.0 and result.interval == (0.0, 0.0) and result.only_a == result.only_b == 0
+    assert "a tie" in paired.report(result, ("a", "b"), 20)
+
+
+def test_a_paired_bootstrap_finds_a_lead_every_resample_shows_and_its_interval_holds_the_difference():
+    import paired
+
+    rng = np.random.default_rng(0)
+    b = rng.integers(1, 60, 500)
+    a = np.maximum(b - 5, 1)  # a ranks every target at least as high as b
+    result = paired.paired_bootstrap(a, b, k=20, resamples=500)
+    assert result.difference > 0 and 0 < result.interval[0] <= result.difference <= result.interval[1]
+    assert result.only_b == 0 and result.only_a > 0
+    assert result.mrr[0] == pytest.approx(np.mean(np.where(a <= 20, 1 / a, 0)))
+    with pytest.raises(ValueError):
+        paired.paired_bootstrap(a, b[:-1])
+
+
+def test_paired_rebuilds_two_stored_rows_gives_their_figures_again_and_records_the_interval_in_the_first(shared_data, tmp_path, monkeypatch):
+    """A refit neural row and a baseline of the Diginetica sample, rebuilt from (a copy of) docs/accuracy.json."""
+    import paired
+
+    (tmp_path / "accuracy.json").write_text(accuracy.STORE.read_text())
+    for name, path in (("REPO", tmp_path), ("STORE", tmp_path / "accuracy.json"), ("RESULTS", tmp_path / "results.md"), ("CHART", tmp_path / "accuracy.png")):
+        monkeypatch.setattr(accuracy, name, path)
+    rows = {r["model"]: r for r in json.loads(accuracy.STORE.read_text()) if r["dataset"] == "diginetica"}
+    result = paired.compare("diginetica", "sasrec", "vsknn", resamples=200, record=True)
+    assert result.events == rows["vsknn"]["events"]
+    assert result.mrr == (pytest.approx(rows["sasrec"]["MRR@20"], abs=1e-9), pytest.approx(rows["vsknn"]["MRR@20"], abs=1e-9))
+    assert result.hr == (pytest.approx(rows["sasrec"]["HR@20"], abs=1e-9), pytest.approx(rows["vsknn"]["HR@20"], abs=1e-9))
+    assert result.interval[0] <= result.difference <= result.interval[1]
+    stored = next(r for r in json.loads(accuracy.STORE.read_text()) if (r["dataset"], r["model"]) == ("diginetica", "sasrec"))
+    assert stored["paired"]["MRR@20"]["against"] == "vsknn" and stored["paired"]["MRR@20"]["interval"] == list(result.interval)
+    assert "## Best neural model against the best baseline" in accuracy.RESULTS.read_text()
+
+
+def test_paired_stops_when_a_rebuilt_model_does_not_give_its_rows_figure(shared_data, tmp_path, monkeypatch, capsys):
+    import paired
+
+    rows = json.loads(accuracy.STORE.read_text())
+    for r in rows:
+        if (r["dataset"], r["model"]) == ("diginetica", "sr"):
+            r["MRR@20"] += 0.01
+    store = tmp_path / "accuracy.json"
+    store.write_text(json.dumps(rows))
+    monkeypatch.setattr(accuracy, "STORE", store)
+    with pytest.raises(SystemExit, match="rebuilt gives MRR@20 .* not the row's model"):
+        paired.compare("diginetica", "sr", "markov", resamples=10)
+    with pytest.raises(SystemExit, match="no row for model 'nosuch'"):
+        paired.compare("diginetica", "nosuch", "markov", resamples=10)
+
+
+def test_the_bert4rec_reference_script_draws_a_journal_beside_ours_and_refuses_a_folder_without_their_code(tmp_path, capsys):
+    """What runs without their checkout: the plot from a journal, and one-line errors (training needs their src/)."""
+    import bert4rec_reference
+
+    journal = tmp_path / "theirs.jsonl"
+    rows = [{"epoch": e, "seed": 0, "loss": 10 - e, "valid NDCG@10": 0.01 * e, **({"test NDCG@10": 0.008 * e} if e % 2 else {})} for e in (1, 2, 3)]
+    journal.write_text("\n".join(json.dumps(r) for r in rows + [{"final": True, "best_epoch": 3}]) + "\n")
+    epochs, final = bert4rec_reference.read_journal(journal)
+    assert [r["epoch"] for r in epochs] == [1, 2, 3] and final["best_epoch"] == 3
+    out = tmp_path / "ref.png"
+    bert4rec_reference.plot([journal], out)
+    assert out.stat().st_size > 0 and "wrote" in capsys.readouterr().out
+    journal.write_text("{not json\n")
+    with pytest.raises(SystemExit, match="line 1 is not JSON"):
+        bert4rec_reference.read_journal(journal)
+    with pytest.raises(SystemExit, match="src/ folder of a sasrec-bert4rec-recsys23 checkout"):
+        bert4rec_reference.import_reference(tmp_path)

@@ -145,6 +145,7 @@ def evaluate(
     progress: bool = True,
     exclude_seen: bool = False,
     score_budget: int = SCORE_BUDGET,
+    event_ranks: bool = False,
 ) -> dict:
     """Full-ranking metrics of ``model`` on ``sessions`` (see module docstring for the rules).
 
@@ -155,7 +156,10 @@ def evaluate(
     ``item_features`` are given, ``n_events``, ``n_skipped``,
     ``n_unknown_inputs`` and ``by_length`` (metrics at the largest K per
     session-length bucket). ``batch_size`` is lowered to keep each score batch
-    within ``score_budget`` cells (``score_rows``).
+    within ``score_budget`` cells (``score_rows``). With ``event_ranks`` it also
+    returns each evaluated event's conservative rank (``event_ranks``) and
+    position in ``sessions`` (``event_positions``), sorted by position, for
+    paired comparisons of two models on the same events.
     """
     ks = tuple(sorted(set(int(k) for k in ks)))
     if not ks or ks[0] < 1:
@@ -260,6 +264,9 @@ def evaluate(
             row.update(rank_metrics(cons[m], (kmax,), ""))
             by_length.append(row)
     out["by_length"] = by_length
+    if event_ranks:
+        order = np.argsort(pos, kind="stable")
+        out["event_ranks"], out["event_positions"] = cons[order], pos[order]
     return out
 
 

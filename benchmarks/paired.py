@@ -1,0 +1,174 @@
+"""Is one row's lead over another real? A paired bootstrap over the test events both rows were ranked on.
+
+Two rows of docs/accuracy.json on the same dataset are rebuilt as they were measured (a baseline fitted again;
+a tuned or refit neural row trained again on all of train for its kept epoch count, with the row's threads; any
+other neural row trained again with its early stopping), every test event is ranked by both, and the difference
+of their MRR@K is resampled over events (users, on leave-one-out data) with replacement. Each rebuilt model must
+give its row's MRR@K again, else the script stops: the interval would describe other models than the rows.
+
+    python benchmarks/paired.py --dataset beauty --models "gru4rec:<the tuned row's settings>" sr
+    python benchmarks/paired.py --dataset diginetica --models vsknn sknn --exclude-seen
+    python benchmarks/paired.py --dataset beauty --models NEURAL BASELINE --record   # the interval into the summary
+
+Prints both MRR@K and HR@K, the difference with its 95 % percentile interval (``stream.experiment.bootstrap_interval``,
+the A/B report's) and how many events only one of the two has in its top K.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from stream.experiment import bootstrap_interval  # noqa: E402  (the A/B report's percentile bootstrap)
+from streamrec.runtime import configure_process  # noqa: E402
+from training.evaluate import evaluate  # noqa: E402
+from training.models import get_model  # noqa: E402
+from training.models.base import config_from_options  # noqa: E402
+
+import accuracy  # noqa: E402  (benchmarks/ is on sys.path)
+import tune  # noqa: E402
+
+REPRODUCE_TOLERANCE = 1e-6  # a rebuilt row's MRR@K may differ from the stored one by float rounding only
+
+
+@dataclasses.dataclass
+class PairedResult:
+    """Per-model figures and the bootstrap of ``a - b`` (MRR@K) over the shared test events."""
+
+    events: int
+    mrr: tuple[float, float]
+    hr: tuple[float, float]
+    difference: float
+    interval: tuple[float, float]
+    only_a: int  # events with the target in a's top K and not in b's
+    only_b: int
+
+
+def reciprocal_ranks(ranks: np.ndarray, k: int) -> np.ndarray:
+    """1 / rank where the rank is at most ``k``, else 0 (the per-event terms of MRR@K)."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    return np.where(ranks <= k, 1.0 / ranks, 0.0)
+
+
+def paired_bootstrap(ranks_a: np.ndarray, ranks_b: np.ndarray, k: int = 20, resamples: int = 2000, seed: int = 0) -> PairedResult:
+    """95 % percentile bootstrap of MRR@K(a) - MRR@K(b), resampling events with replacement; ``ranks_*`` are aligned
+    event by event, so each resample keeps both models' results on the same events (a paired comparison)."""
+    if len(ranks_a) != len(ranks_b) or len(ranks_a) == 0:
+        raise ValueError(f"need the same non-zero number of events for both models, got {len(ranks_a)} and {len(ranks_b)}")
+    rr_a, rr_b = reciprocal_ranks(ranks_a, k), reciprocal_ranks(ranks_b, k)
+    difference = rr_a - rr_b
+    interval = bootstrap_interval(difference, np.ones_like(difference), np.random.default_rng(seed), resamples)
+    hit_a, hit_b = rr_a > 0, rr_b > 0
+    return PairedResult(
+        events=len(difference), mrr=(float(rr_a.mean()), float(rr_b.mean())), hr=(float(hit_a.mean()), float(hit_b.mean())),
+        difference=float(difference.mean()), interval=interval,
+        only_a=int((hit_a & ~hit_b).sum()), only_b=int((hit_b & ~hit_a).sum()),
+    )
+
+
+def stored_row(dataset: str, spec: str) -> dict:
+    store = accuracy.STORE
+    rows = [r for r in json.loads(store.read_text()) if r["dataset"] == dataset and r["model"] == spec] if store.is_file() else []
+    if not rows:
+        sys.exit(f"error: docs/accuracy.json has no row for model '{spec}' on '{dataset}' (the rows to compare must be measured first)")
+    return rows[0]
+
+
+def rebuild(row: dict, data):
+    """The row's model, trained again the way the row was measured."""
+    if "tuning" in row:  # benchmarks/tune.py: settings written as JSON, the draw's own schedule, refit for its best epochs
+        name, settings = tune.settings_of(row["model"])
+        cls = get_model(name)
+        config = dataclasses.replace(cls.Config(), **settings, threads=row.get("threads", 1))
+        return accuracy.refit_on_all(cls, data, config, row["best_epochs"])
+    name, options = accuracy.parse_spec(row["model"])
+    cls = get_model(name)
+    config = config_from_options(cls.Config, options)
+    if row.get("best_epochs") is None:  # a baseline
+        return cls.train(data, config, progress=False)
+    config = dataclasses.replace(config, threads=row.get("threads", 1))
+    if row.get("max_epochs") is not None:  # benchmarks/accuracy.py caps the schedule at --max-epochs
+        config = dataclasses.replace(config, epochs=min(config.epochs, row["max_epochs"]))
+    if row.get("refit") or data.stats.get("eval_mode", "next") == "next":  # what train_and_select kept: the refit model
+        return accuracy.refit_on_all(cls, data, config, row["best_epochs"])
+    model, *_ = accuracy.train_and_select(cls, data, config)
+    return model
+
+
+def event_ranks(row: dict, data, k: int, exclude_seen: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, ranks) of the row's rebuilt model on every test event; stops when the row is not reproduced."""
+    started = time.perf_counter()
+    model = rebuild(row, data)
+    popularity = np.bincount(data.train.items, minlength=data.n_items + 1)
+    mode = data.stats.get("eval_mode", "next")
+    m = evaluate(model, data.test, ks=(k,), mode=mode, popularity=popularity, exclude_seen=exclude_seen, progress=False, event_ranks=True)
+    key = f"MRR@{k}" + (" seen removed" if exclude_seen else "")
+    if key not in row:
+        sys.exit(f"error: the row for '{row['model']}' has no {key}")
+    if abs(m[f"MRR@{k}"] - row[key]) > REPRODUCE_TOLERANCE:
+        sys.exit(f"error: '{row['model']}' rebuilt gives {key} {m[f'MRR@{k}']:.6f}, its row {row[key]:.6f}: not the row's model")
+    print(f"  {row['model']}: {key} {m[f'MRR@{k}']:.4f}, as in its row ({time.perf_counter() - started:.0f} s)", flush=True)
+    return m["event_positions"], m["event_ranks"]
+
+
+def compare(dataset: str, spec_a: str, spec_b: str, k: int = 20, resamples: int = 2000, exclude_seen: bool = False, record: bool = False) -> PairedResult:
+    """Both rows rebuilt, ranked on the same test events and bootstrapped; with ``record`` the result is stored in the
+    first row (``paired``, by metric) of docs/accuracy.json and the docs are rendered again (the summary's interval)."""
+    if dataset not in accuracy.DATASETS:
+        sys.exit(f"error: unknown dataset '{dataset}' (one of {', '.join(accuracy.DATASETS)})")
+    row_a, row_b = stored_row(dataset, spec_a), stored_row(dataset, spec_b)
+    data = accuracy.DATASETS[dataset][1]()
+    positions_a, ranks_a = event_ranks(row_a, data, k, exclude_seen)
+    positions_b, ranks_b = event_ranks(row_b, data, k, exclude_seen)
+    if not np.array_equal(positions_a, positions_b):
+        sys.exit("error: the two models were ranked on different test events")
+    result = paired_bootstrap(ranks_a, ranks_b, k, resamples)
+    if record:
+        metric = f"MRR@{k}" + (" seen removed" if exclude_seen else "")
+        entry = {"against": spec_b, "mrr": [row_a[metric], row_b[metric]], "difference": result.difference,
+                 "interval": list(result.interval), "events": result.events, "resamples": resamples, "measured": time.strftime("%Y-%m-%d")}
+        accuracy.publish({**row_a, "paired": {**row_a.get("paired", {}), metric: entry}})
+    return result
+
+
+def report(result: PairedResult, names: tuple[str, str], k: int) -> str:
+    low, high = result.interval
+    verdict = "a tie: the interval holds 0" if low <= 0 <= high else ("a lead" if low > 0 else "a loss") + " of the first model beyond noise"
+    return "\n".join([
+        f"events: {result.events:,}",
+        f"  {names[0]}: MRR@{k} {result.mrr[0]:.4f}  HR@{k} {result.hr[0]:.4f}",
+        f"  {names[1]}: MRR@{k} {result.mrr[1]:.4f}  HR@{k} {result.hr[1]:.4f}",
+        f"difference MRR@{k}: {result.difference:+.4f}, 95 % interval {low:+.4f} to {high:+.4f} ({verdict})",
+        f"events with the target in only one top {k}: first {result.only_a:,}, second {result.only_b:,}",
+    ])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", required=True, help=f"one of {', '.join(accuracy.DATASETS)}")
+    parser.add_argument("--models", nargs=2, required=True, metavar=("A", "B"), help="two model specs, as in their rows")
+    parser.add_argument("--k", type=int, default=20, help="the cut-off of MRR@K and HR@K")
+    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
+    parser.add_argument("--exclude-seen", action="store_true", help="rank without the user's own earlier items (the rows' 'seen removed' figures)")
+    parser.add_argument("--record", action="store_true", help="store the interval in the first row of docs/accuracy.json and render the docs again")
+    args = parser.parse_args()
+    if args.k < 1 or args.resamples < 1:
+        sys.exit("error: --k and --resamples must be at least 1")
+    configure_process(threads=1)
+    if args.record and args.k != 20:
+        sys.exit("error: --record stores MRR@20 intervals (the summary's metric): leave --k at 20")
+    result = compare(args.dataset, args.models[0], args.models[1], args.k, args.resamples, args.exclude_seen, args.record)
+    print(report(result, tuple(args.models), args.k))
+
+
+if __name__ == "__main__":
+    main()
