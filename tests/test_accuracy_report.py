@@ -256,7 +256,7 @@ def test_the_bert4rec_reference_script_draws_a_journal_beside_ours_and_refuses_a
 
     journal = tmp_path / "theirs.jsonl"
     rows = [{"epoch": e, "seed": 0, "loss": 10 - e, "valid NDCG@10": 0.01 * e, **({"test NDCG@10": 0.008 * e} if e % 2 else {})} for e in (1, 2, 3)]
-    journal.write_text("\n".join(json.dumps(r) for r in rows + [{"final": True, "best_epoch": 3}]) + "\n")
+    journal.write_text("\n".join(json.dumps(r) for r in rows + [{"final": True, "best_epoch": 3, "test HR@10": 0.05, "test NDCG@10": 0.024}]) + "\n")
     epochs, final = bert4rec_reference.read_journal(journal)
     assert [r["epoch"] for r in epochs] == [1, 2, 3] and final["best_epoch"] == 3
     out = tmp_path / "ref.png"
