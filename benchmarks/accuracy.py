@@ -93,7 +93,6 @@ def published(dataset: str, spec: str) -> tuple[str, dict[str, float]] | None:
     return PUBLISHED.get((dataset, name, options.get("loss", "ce") if name == "sasrec" else ""))
 
 
-# A sentence under the verdict for a dataset whose lead needs one (said where the measurement is).
 NOTES = {
     "yoochoose": "Rows with empty `CPU s` and `load` were measured before those columns existed and were not re-run for them. "
     "The `bst` row was trained before BST moved to the blockwise catalogue cross-entropy of the other window models (the "

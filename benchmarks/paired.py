@@ -104,14 +104,13 @@ def rebuild(row: dict, data):
     return model
 
 
-def event_ranks(row: dict, data, k: int, exclude_seen: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(positions, ranks) of the row's rebuilt model on every test event; stops when the row is not reproduced."""
+def event_ranks(row: dict, data, k: int, exclude_seen: bool, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, ranks) of the row's rebuilt model on every test event; stops unless it gives the row's ``key`` again."""
     started = time.perf_counter()
     model = rebuild(row, data)
     popularity = np.bincount(data.train.items, minlength=data.n_items + 1)
     mode = data.stats.get("eval_mode", "next")
     m = evaluate(model, data.test, ks=(k,), mode=mode, popularity=popularity, exclude_seen=exclude_seen, progress=False, event_ranks=True)
-    key = f"MRR@{k}" + (" seen removed" if exclude_seen else "")
     if key not in row:
         sys.exit(f"error: the row for '{row['model']}' has no {key}")
     if abs(m[f"MRR@{k}"] - row[key]) > REPRODUCE_TOLERANCE:
@@ -127,13 +126,13 @@ def compare(dataset: str, spec_a: str, spec_b: str, k: int = 20, resamples: int 
         sys.exit(f"error: unknown dataset '{dataset}' (one of {', '.join(accuracy.DATASETS)})")
     row_a, row_b = stored_row(dataset, spec_a), stored_row(dataset, spec_b)
     data = accuracy.DATASETS[dataset][1]()
-    positions_a, ranks_a = event_ranks(row_a, data, k, exclude_seen)
-    positions_b, ranks_b = event_ranks(row_b, data, k, exclude_seen)
+    metric = f"MRR@{k}" + (" seen removed" if exclude_seen else "")  # the rows' name for the figure ranked here
+    positions_a, ranks_a = event_ranks(row_a, data, k, exclude_seen, metric)
+    positions_b, ranks_b = event_ranks(row_b, data, k, exclude_seen, metric)
     if not np.array_equal(positions_a, positions_b):
         sys.exit("error: the two models were ranked on different test events")
     result = paired_bootstrap(ranks_a, ranks_b, k, resamples)
     if record:
-        metric = f"MRR@{k}" + (" seen removed" if exclude_seen else "")
         entry = {"against": spec_b, "mrr": [row_a[metric], row_b[metric]], "difference": result.difference,
                  "interval": list(result.interval), "events": result.events, "resamples": resamples, "measured": time.strftime("%Y-%m-%d")}
         accuracy.publish({**row_a, "paired": {**row_a.get("paired", {}), metric: entry}})
