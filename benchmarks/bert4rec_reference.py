@@ -130,7 +130,12 @@ def train_reference(args: argparse.Namespace) -> dict:
             sys.exit(f"error: mask-slot ranking agrees with their make_prediction on only {same:.1%} of the top-10 slots")
         print(f"check: loss {ours:.6f} = theirs {theirs:.6f}; top 10 equal to their make_prediction on {same:.2%} of slots", flush=True)
 
-    journal = open(args.journal, "a") if args.journal else None
+    def record(row: dict) -> None:
+        print(json.dumps(row), flush=True)
+        if args.journal:
+            with open(args.journal, "a") as journal:
+                journal.write(json.dumps(row) + "\n")
+
     best_ndcg, best_epoch, best_state = -1.0, 0, None
     for epoch in range(1, args.max_epochs + 1):
         module.train()
@@ -148,18 +153,13 @@ def train_reference(args: argparse.Namespace) -> dict:
         if epoch % args.test_every == 0 or epoch == 1:
             row["test HR@10"], row["test NDCG@10"] = rank(test_loader, test_target)
         row.update(wall_s=round(time.perf_counter() - wall, 1), cpu_s=round(time.process_time() - cpu, 1), best_epoch=best_epoch)
-        print(json.dumps(row), flush=True)
-        if journal:
-            journal.write(json.dumps(row) + "\n")
-            journal.flush()
+        record(row)
         if epoch - best_epoch >= args.patience:
             break
     model.load_state_dict(best_state)
     hr, ndcg = rank(test_loader, test_target)
     final = {"final": True, "seed": args.seed, "best_epoch": best_epoch, "last_epoch": epoch, "valid NDCG@10": best_ndcg, "test HR@10": hr, "test NDCG@10": ndcg}
-    print(json.dumps(final), flush=True)
-    if journal:
-        journal.write(json.dumps(final) + "\n")
+    record(final)
     return final
 
 

@@ -106,13 +106,13 @@ def rebuild(row: dict, data):
 
 def event_ranks(row: dict, data, k: int, exclude_seen: bool, key: str) -> tuple[np.ndarray, np.ndarray]:
     """(positions, ranks) of the row's rebuilt model on every test event; stops unless it gives the row's ``key`` again."""
+    if key not in row:  # before the rebuild, which can take minutes
+        sys.exit(f"error: the row for '{row['model']}' has no {key}")
     started = time.perf_counter()
     model = rebuild(row, data)
     popularity = np.bincount(data.train.items, minlength=data.n_items + 1)
     mode = data.stats.get("eval_mode", "next")
     m = evaluate(model, data.test, ks=(k,), mode=mode, popularity=popularity, exclude_seen=exclude_seen, progress=False, event_ranks=True)
-    if key not in row:
-        sys.exit(f"error: the row for '{row['model']}' has no {key}")
     if abs(m[f"MRR@{k}"] - row[key]) > REPRODUCE_TOLERANCE:
         sys.exit(f"error: '{row['model']}' rebuilt gives {key} {m[f'MRR@{k}']:.6f}, its row {row[key]:.6f}: not the row's model")
     print(f"  {row['model']}: {key} {m[f'MRR@{k}']:.4f}, as in its row ({time.perf_counter() - started:.0f} s)", flush=True)

@@ -135,7 +135,7 @@ def settings_of(spec: str) -> tuple[str, dict]:
     settings = {}
     for part in filter(None, re.split(r",(?=\w+=)", rest)):  # a comma inside a JSON list is not followed by key=
         key, _, raw = part.partition("=")
-        settings[key] = {"True": True, "False": False}.get(raw) if raw in ("True", "False") else json.loads(raw)
+        settings[key] = raw == "True" if raw in ("True", "False") else json.loads(raw)  # spec_of writes bools as Python does
     return model, settings
 
 
