@@ -12,6 +12,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from streamrec.errors import UserError
 from training.evaluate import evaluate
@@ -390,9 +391,31 @@ def test_bert4rec_trained_as_klenitskiy_and_vasilev_feed_it_learns_the_walks(dat
     settings = {**SMALL["bert4rec"], "epochs": 30}
     model = cls.train(data, cls.Config(threads=1, unmasked="skip", train_windows="last", **settings), progress=False)
     assert evaluate(model, data.test, ks=(20,), progress=False)["MRR@20"] > pop_mrr + MARGIN
-    for setting in ({"unmasked": "keep"}, {"train_windows": "first"}):
+    for setting in ({"unmasked": "keep"}, {"train_windows": "first"}, {"softmax": "all"}):
         with pytest.raises(UserError, match=f"bert4rec {next(iter(setting))} '{next(iter(setting.values()))}' unknown"):
             cls.train(data, cls.Config(epochs=1, **setting), progress=False)
+
+
+@pytest.mark.parametrize("head", ["tied", "transform"])
+def test_bert4rec_vocab_softmax_makes_every_embedding_row_a_class_where_items_leaves_padding_and_mask_out(head):
+    """softmax=vocab is Klenitskiy & Vasilev's output over their whole vocabulary: padding and mask rows are classes too."""
+    from training.models.bert4rec import BERT4RecNet, cloze_batch, cloze_loss
+
+    torch.manual_seed(0)
+    net = BERT4RecNet(30, get_model("bert4rec").Config(hidden_size=16, history_len=8, head=head)).eval()  # no dropout: one forward pass = another
+    if net.output_bias is not None:
+        torch.nn.init.normal_(net.output_bias)
+    batch = cloze_batch(np.random.default_rng(1).integers(1, 31, (6, 8)), np.random.default_rng(2), 0.5, net.mask_token, "skip")
+    sequence, masked, original = batch
+    states = net.head(net.hidden(sequence)[masked])
+    bias = torch.zeros(32) if net.output_bias is None else torch.cat([net.output_bias, torch.zeros(1)])
+    logits = states @ net.item_embedding.weight.T + bias  # all 32 rows: padding, items 1..30, mask
+    torch.testing.assert_close(cloze_loss(net, batch, "vocab"), F.cross_entropy(logits, original[masked]))
+    torch.testing.assert_close(cloze_loss(net, batch, "items"), F.cross_entropy(logits[:, 1:31], original[masked] - 1))
+    for softmax, padding_learns in (("vocab", True), ("items", False)):
+        net.zero_grad()
+        cloze_loss(net, batch, softmax).backward()
+        assert bool(net.item_embedding.weight.grad[0].abs().sum() > 0) == padding_learns
 
 
 def test_sampled_cross_entropy_over_the_whole_catalogue_equals_the_full_softmax():

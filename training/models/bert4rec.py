@@ -29,6 +29,11 @@ its last item hidden (``mask_last``), and every item is trained on, in chunks of
 Vasilev's data gives such a sequence no target (``skip``) and takes each user's last ``history_len`` items only
 (``last``).
 
+Training softmax (``softmax``): ``items`` (default) makes the items the classes of the training loss;
+``vocab`` makes every embedding row one, the padding and mask rows too, as Klenitskiy & Vasilev's output over
+their whole vocabulary does (their padding row then learns through the output layer, and every masked slot
+pushes its state away from the mask token's embedding). Scoring ranks items only either way.
+
 Initialisation (``init``): ``default`` draws item and position embeddings from
 a truncated N(0, 0.02) and leaves the Linear layers at PyTorch's defaults;
 ``normal`` also draws every Linear weight from N(0, 0.02) with zero biases, as
@@ -73,6 +78,7 @@ class BERT4RecConfig(TrainerConfig):
     head: str = "transform"  # "tied": scores = states x item embeddings, no dense layer, norm or bias between
     unmasked: str = "mask_last"  # a sequence whose draw masked nothing: hide its last item; "skip": no target (Klenitskiy & Vasilev)
     train_windows: str = "all"  # every item, in chunks of history_len; "last": each user's last history_len items only (theirs)
+    softmax: str = "items"  # classes of the training loss; "vocab": every embedding row, padding and mask too (theirs)
 
 
 class BERT4RecNet(nn.Module):
@@ -146,6 +152,19 @@ def cloze_batch(batch: np.ndarray, rng: np.random.Generator, mask_prob: float, m
     return tuple(torch.from_numpy(np.ascontiguousarray(a[:, start:])) for a in (sequence, masked, batch))
 
 
+def cloze_loss(net: BERT4RecNet, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], softmax: str = "items") -> torch.Tensor:
+    """Mean cross-entropy of the masked items of a ``cloze_batch``, over the items (``items``) or over every
+    embedding row, padding and mask included (``vocab``)."""
+    sequence, masked, original = batch
+    if len(sequence) == 0:  # "skip" and a batch whose draw masked nothing at all: no target, no gradient
+        return net.item_embedding.weight.sum() * 0.0
+    states = net.head(net.hidden(sequence)[masked])
+    if softmax == "vocab":  # catalogue_cross_entropy drops row 0 and counts targets from 1: shift everything by one
+        bias = None if net.output_bias is None else F.pad(net.output_bias, (1, 1))
+        return catalogue_cross_entropy(states, F.pad(net.item_embedding.weight, (0, 0, 1, 0)), original[masked] + 1, bias)
+    return catalogue_cross_entropy(states, net.item_embedding.weight[: net.n_items + 1], original[masked], net.output_bias)
+
+
 class BERT4Rec(WindowModel):
     name = "bert4rec"
     Config = BERT4RecConfig
@@ -161,7 +180,7 @@ class BERT4Rec(WindowModel):
         config.check()
         if not 0 < config.mask_prob < 1:
             raise UserError(f"bert4rec mask_prob must be in (0, 1), got {config.mask_prob}")
-        for name, known in (("init", ("default", "normal")), ("block", ("prenorm", "postnorm")), ("head", ("transform", "tied")), ("unmasked", ("mask_last", "skip")), ("train_windows", ("all", "last"))):
+        for name, known in (("init", ("default", "normal")), ("block", ("prenorm", "postnorm")), ("head", ("transform", "tied")), ("unmasked", ("mask_last", "skip")), ("train_windows", ("all", "last")), ("softmax", ("items", "vocab"))):
             if getattr(config, name) not in known:
                 raise UserError(f"bert4rec {name} '{getattr(config, name)}' unknown (known: {', '.join(known)})")
         torch.manual_seed(config.seed)
@@ -175,12 +194,5 @@ class BERT4Rec(WindowModel):
         def make(idx: np.ndarray, rng: np.random.Generator):
             return cloze_batch(chunks[idx], rng, config.mask_prob, net.mask_token, config.unmasked)
 
-        def loss_fn(batch) -> torch.Tensor:
-            sequence, masked, original = batch
-            if len(sequence) == 0:  # "skip" and a batch whose draw masked nothing at all: no target, no gradient
-                return net.item_embedding.weight.sum() * 0.0
-            states = net.hidden(sequence)[masked]
-            return catalogue_cross_entropy(net.head(states), net.item_embedding.weight[: net.n_items + 1], original[masked], net.output_bias)
-
-        model.fit_result = fit(net, config, lambda epoch: shuffled(config, epoch, len(chunks), make), loss_fn, validate=validate, run_dir=run_dir, progress=progress)
+        model.fit_result = fit(net, config, lambda epoch: shuffled(config, epoch, len(chunks), make), lambda batch: cloze_loss(net, batch, config.softmax), validate=validate, run_dir=run_dir, progress=progress)
         return model
