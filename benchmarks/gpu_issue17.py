@@ -16,7 +16,9 @@ The machine's own python3 holds torch (no pip there); everything this imports is
    time (the host's share: near step time means the GPU is starved) and GPU utilisation per epoch.
 2. **Amazon Beauty rows**: the two rows of docs/results.md that issue 17 holds against Klenitskiy & Vasilev,
    trained with ``device=cuda`` until early stopping: SASRec with their settings and initialisation, and
-   BERT4Rec with their initialisation, batch 128 and patience 20 (validation without the user's own items).
+   BERT4Rec in their whole configuration (initialisation, batch 128, patience 20 on their 10,000-user
+   validation sample without the user's own items, post-norm block, bare tied output layer, each user's last
+   window, no target where the mask draw hid nothing), the closest BERT4Rec row on the CPU.
    Each row goes to ``$OUT/accuracy-gpu.json`` as it is measured (``device`` names the GPU); merge them into
    docs/accuracy.json here and re-render with ``python benchmarks/accuracy.py --render-only``.
 
@@ -51,7 +53,7 @@ SMOKE = {
 }
 BEAUTY = [
     "sasrec:hidden_size=64,dropout=0.1,init=normal",
-    "bert4rec:init=normal,batch_size=128,patience=20,valid_exclude_seen=true,unmasked=skip",
+    "bert4rec:init=normal,batch_size=128,patience=20,valid_exclude_seen=true,unmasked=skip,train_windows=last,block=postnorm,head=tied,valid_users=10000",
 ]
 
 

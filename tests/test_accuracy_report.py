@@ -89,6 +89,17 @@ def test_the_gpu_script_runs_its_smoke_on_the_cpu_and_every_model_loads_back_wit
     assert json.loads((tmp_path / "smoke.json").read_text()) == lines
 
 
+def test_every_beauty_spec_of_the_gpu_script_parses_into_its_model_config_before_device_time_is_spent():
+    import gpu_issue17
+    from training.models import get_model
+    from training.models.base import config_from_options
+
+    for spec in gpu_issue17.BEAUTY:
+        name, options = accuracy.parse_spec(spec)
+        config = config_from_options(get_model(name).Config, options)
+        assert all(str(getattr(config, key)).lower() == value.lower() for key, value in options.items()), spec
+
+
 def test_learning_curves_read_every_kept_run_and_mark_the_epoch_the_trainer_keeps(tmp_path, monkeypatch, capsys):
     import learning_curves
 
