@@ -159,9 +159,9 @@ def cloze_loss(net: BERT4RecNet, batch: tuple[torch.Tensor, torch.Tensor, torch.
     if len(sequence) == 0:  # "skip" and a batch whose draw masked nothing at all: no target, no gradient
         return net.item_embedding.weight.sum() * 0.0
     states = net.head(net.hidden(sequence)[masked])
-    if softmax == "vocab":  # catalogue_cross_entropy drops row 0 and counts targets from 1: shift everything by one
-        bias = None if net.output_bias is None else F.pad(net.output_bias, (1, 1))
-        return catalogue_cross_entropy(states, F.pad(net.item_embedding.weight, (0, 0, 1, 0)), original[masked] + 1, bias)
+    if softmax == "vocab":  # the bias has no mask row: the mask's score is its dot product alone
+        bias = None if net.output_bias is None else F.pad(net.output_bias, (0, 1))
+        return catalogue_cross_entropy(states, net.item_embedding.weight, original[masked], bias, padding_class=True)
     return catalogue_cross_entropy(states, net.item_embedding.weight[: net.n_items + 1], original[masked], net.output_bias)
 
 

@@ -112,8 +112,11 @@ class _CatalogueCrossEntropy(torch.autograd.Function):
         return grad_states * grad, grad_weight * grad, grad_bias * grad, None, None
 
 
-def catalogue_cross_entropy(states: torch.Tensor, embeddings: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def catalogue_cross_entropy(states: torch.Tensor, embeddings: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None, padding_class: bool = False) -> torch.Tensor:
     """Mean cross-entropy of ``states @ embeddings.T + bias`` (column 0 excluded) against ``targets`` (1..n_items).
+
+    ``padding_class`` keeps column 0 as a class too (every row of ``embeddings`` is one; BERT4Rec's
+    ``softmax=vocab``).
 
     The same value and gradients as ``F.cross_entropy(mask_padding_column(logits), targets)``, but the
     [N, n_items] logits are never held at once: rows are done in blocks of at most
@@ -121,10 +124,11 @@ def catalogue_cross_entropy(states: torch.Tensor, embeddings: torch.Tensor, targ
     catalogue (Amazon Beauty: 54,542 items) the full logits are hundreds of MB per step, which glibc
     maps and unmaps for every allocation; the page faults alone cost about as much as the arithmetic.
     """
-    weight = embeddings[1:]
-    bias = bias[1:] if bias is not None else weight.new_zeros(len(weight))
+    first = 0 if padding_class else 1
+    weight = embeddings[first:]
+    bias = bias[first:] if bias is not None else weight.new_zeros(len(weight))
     block = max(1, CATALOGUE_BLOCK_BYTES // (4 * max(len(weight), 1)))
-    return _CatalogueCrossEntropy.apply(states, weight, bias, targets - 1, block)
+    return _CatalogueCrossEntropy.apply(states, weight, bias, targets - first, block)
 
 
 def relative_positions(window: torch.Tensor) -> torch.Tensor:
