@@ -58,14 +58,14 @@ def yoochoose(shared_data, tmp_path_factory):
     return out
 
 
-def train_small(name: str, data_dir, run_dir):
-    """Train ``name`` briefly and write a run directory like `streamrec train` does."""
+def train_small(name: str, data_dir, run_dir, **settings: str):
+    """Train ``name`` briefly (``settings`` on top of the small ones) and write a run directory like `streamrec train` does."""
     from training.data import PreparedData
 
     torch.manual_seed(0)
     cls = get_model(name)
     fields = {f.name for f in dataclasses.fields(cls.Config)}
-    config = config_from_options(cls.Config, {k: v for k, v in SMALL.items() if k in fields})
+    config = config_from_options(cls.Config, {**{k: v for k, v in SMALL.items() if k in fields}, **settings})
     data = PreparedData.load(data_dir)
     model = cls.train(data, config, progress=False)
     model.save(run_dir)
@@ -91,6 +91,17 @@ def exported(yoochoose, tmp_path_factory):
         return cache[name]
 
     return get
+
+
+@pytest.mark.shared_data
+def test_bert4rec_in_klenitskiy_and_vasilev_configuration_exports_with_parity(yoochoose, tmp_path):
+    """Their block, output layer, softmax and input layer change the network: the bundle still scores like it."""
+    settings = {"init": "normal", "block": "postnorm", "head": "tied", "softmax": "vocab", "embeddings": "bert"}
+    train_small("bert4rec", yoochoose, tmp_path / "run", **settings)
+    export_run(tmp_path / "run", tmp_path / "bundle", parity_sessions=PARITY_SESSIONS, log=lambda line: None)
+    manifest = load_scorer(tmp_path / "bundle").manifest
+    assert manifest["parity"]["max_score_diff"] <= 1e-4 and manifest["parity"]["positions"] > 100
+    assert load_run(tmp_path / "run").config.embeddings == "bert"
 
 
 @pytest.mark.shared_data

@@ -391,7 +391,7 @@ def test_bert4rec_trained_as_klenitskiy_and_vasilev_feed_it_learns_the_walks(dat
     settings = {**SMALL["bert4rec"], "epochs": 30}
     model = cls.train(data, cls.Config(threads=1, unmasked="skip", train_windows="last", **settings), progress=False)
     assert evaluate(model, data.test, ks=(20,), progress=False)["MRR@20"] > pop_mrr + MARGIN
-    for setting in ({"unmasked": "keep"}, {"train_windows": "first"}, {"softmax": "all"}):
+    for setting in ({"unmasked": "keep"}, {"train_windows": "first"}, {"softmax": "all"}, {"embeddings": "roberta"}):
         with pytest.raises(UserError, match=f"bert4rec {next(iter(setting))} '{next(iter(setting.values()))}' unknown"):
             cls.train(data, cls.Config(epochs=1, **setting), progress=False)
 
@@ -416,6 +416,26 @@ def test_bert4rec_vocab_softmax_makes_every_embedding_row_a_class_where_items_le
         net.zero_grad()
         cloze_loss(net, batch, softmax).backward()
         assert bool(net.item_embedding.weight.grad[0].abs().sum() > 0) == padding_learns
+
+
+def test_bert4rec_bert_embeddings_add_a_learned_token_type_vector_and_normalise_with_bert_epsilon():
+    """embeddings=bert is Hugging Face's BertEmbeddings: LN(item + position + token type 0), epsilon 1e-12."""
+    from training.models.bert4rec import BERT4RecNet
+    from training.models.window import relative_positions
+
+    config = get_model("bert4rec").Config(hidden_size=16, history_len=8, dropout=0.0, block="postnorm", head="tied")
+    plain = BERT4RecNet(30, config)
+    assert plain.token_type is None and plain.norm_in.eps == 1e-5
+    torch.manual_seed(0)
+    net = BERT4RecNet(30, get_model("bert4rec").Config(**{**vars(config), "embeddings": "bert"}))
+    assert net.norm_in.eps == 1e-12 and 0 < float(net.token_type.abs().max()) < 0.2  # drawn from N(0, 0.02)
+    sequence = torch.tensor([[0, 0, 3, 7, 31], [4, 5, 6, 7, 31]])  # 31: the mask token
+    captured = []
+    net.blocks[0].register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    net.hidden(sequence).sum().backward()
+    summed = net.item_embedding(sequence) + net.position_embedding(relative_positions(sequence)) + net.token_type
+    torch.testing.assert_close(captured[0], F.layer_norm(summed, (16,), net.norm_in.weight, net.norm_in.bias, 1e-12))
+    assert float(net.token_type.grad.abs().sum()) > 0  # trained, like any embedding
 
 
 def test_sampled_cross_entropy_over_the_whole_catalogue_equals_the_full_softmax():

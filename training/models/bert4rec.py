@@ -34,6 +34,12 @@ Training softmax (``softmax``): ``items`` (default) makes the items the classes 
 their whole vocabulary does (their padding row then learns through the output layer, and every masked slot
 pushes its state away from the mask token's embedding). Scoring ranks items only either way.
 
+Input layer (``embeddings``): ``plain`` (default) sums item and position embeddings and normalises them
+(epsilon 1e-5); ``bert`` is Hugging Face's ``BertEmbeddings`` as Klenitskiy & Vasilev's BERT4Rec uses it: one
+learned token-type vector (N(0, 0.02)) added to every slot too, and the norm's epsilon BERT's 1e-12. The vector
+could be folded into the position embeddings, so the two differ in how Adam trains them, not in what they can
+represent.
+
 Initialisation (``init``): ``default`` draws item and position embeddings from
 a truncated N(0, 0.02) and leaves the Linear layers at PyTorch's defaults;
 ``normal`` also draws every Linear weight from N(0, 0.02) with zero biases, as
@@ -79,6 +85,7 @@ class BERT4RecConfig(TrainerConfig):
     unmasked: str = "mask_last"  # a sequence whose draw masked nothing: hide its last item; "skip": no target (Klenitskiy & Vasilev)
     train_windows: str = "all"  # every item, in chunks of history_len; "last": each user's last history_len items only (theirs)
     softmax: str = "items"  # classes of the training loss; "vocab": every embedding row, padding and mask too (theirs)
+    embeddings: str = "plain"  # "bert": Hugging Face's BertEmbeddings (a learned token-type vector, norm epsilon 1e-12)
 
 
 class BERT4RecNet(nn.Module):
@@ -91,7 +98,10 @@ class BERT4RecNet(nn.Module):
         self.mask_token = n_items + 1
         self.item_embedding = nn.Embedding(n_items + 2, size, padding_idx=0)
         self.position_embedding = nn.Embedding(config.history_len, size)
-        self.norm_in = nn.LayerNorm(size)
+        bert_input = config.embeddings == "bert"
+        self.norm_in = nn.LayerNorm(size, eps=1e-12 if bert_input else 1e-5)
+        # BERT's token-type embedding for type 0, the only type a sequence of items has
+        self.token_type = nn.Parameter(torch.randn(size) * 0.02) if bert_input else None
         self.dropout = nn.Dropout(config.dropout)
         block = PostNormBlock if config.block == "postnorm" else TransformerBlock
         self.blocks = nn.ModuleList(block(size, config.heads, config.dropout, 4 * size, nn.GELU) for _ in range(config.blocks))
@@ -115,6 +125,8 @@ class BERT4RecNet(nn.Module):
     def hidden(self, sequence: torch.Tensor) -> torch.Tensor:
         """States [B, L, H] of a left-padded sequence that may contain mask tokens."""
         x = self.item_embedding(sequence) + self.position_embedding(relative_positions(sequence))
+        if self.token_type is not None:
+            x = x + self.token_type
         x = self.dropout(self.norm_in(x))
         allowed = attention_mask(sequence, causal=False)
         for block in self.blocks:
@@ -180,7 +192,7 @@ class BERT4Rec(WindowModel):
         config.check()
         if not 0 < config.mask_prob < 1:
             raise UserError(f"bert4rec mask_prob must be in (0, 1), got {config.mask_prob}")
-        for name, known in (("init", ("default", "normal")), ("block", ("prenorm", "postnorm")), ("head", ("transform", "tied")), ("unmasked", ("mask_last", "skip")), ("train_windows", ("all", "last")), ("softmax", ("items", "vocab"))):
+        for name, known in (("init", ("default", "normal")), ("block", ("prenorm", "postnorm")), ("head", ("transform", "tied")), ("unmasked", ("mask_last", "skip")), ("train_windows", ("all", "last")), ("softmax", ("items", "vocab")), ("embeddings", ("plain", "bert"))):
             if getattr(config, name) not in known:
                 raise UserError(f"bert4rec {name} '{getattr(config, name)}' unknown (known: {', '.join(known)})")
         torch.manual_seed(config.seed)
