@@ -116,6 +116,14 @@ def test_learning_curves_read_every_kept_run_and_mark_the_epoch_the_trainer_keep
     learning_curves.main()
     assert (tmp_path / "c.png").stat().st_size > 0
     assert "| a | 2 | 4 | 0.3000 | 2.000 |" in capsys.readouterr().out
+    (tmp_path / "ndcg").mkdir()  # a run logged with both figures: NDCG@10 keeps another epoch
+    lines = [json.dumps({"epoch": i, "loss": 1.0, "val_mrr20": m, "val_ndcg10": n}) for i, (m, n) in enumerate([(0.1, 0.4), (0.2, 0.3)])]
+    (tmp_path / "ndcg" / "train_log.jsonl").write_text("\n".join(lines) + "\n")
+    assert list(learning_curves.read_logs(tmp_path, "ndcg10")) == ["ndcg"]  # the older logs have no NDCG@10
+    assert learning_curves.best(learning_curves.read_logs(tmp_path, "ndcg10")["ndcg"], "ndcg10")["epoch"] == 0
+    monkeypatch.setattr(sys, "argv", ["learning_curves.py", "--runs", str(tmp_path), "--out", str(tmp_path / "n.png"), "--metric", "ndcg10"])
+    learning_curves.main()
+    assert "| ndcg | 1 | 2 | 0.4000 | 1.000 |" in capsys.readouterr().out
 
 
 def test_epoch_curves_rank_each_kept_epochs_weights_as_the_run_and_the_evaluator_did(shared_data, tmp_path, monkeypatch, capsys):

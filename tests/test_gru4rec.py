@@ -257,9 +257,10 @@ def test_validation_with_valid_exclude_seen_ranks_without_the_users_own_items():
     logged = {}
     for exclude in (False, True):
         model = GRU4Rec.train(data, Config(**SMALL, valid_exclude_seen=exclude), progress=False)
-        logged[exclude] = model.fit_result.history[0]["val_mrr20"]
-        figure = evaluate(model, data.valid, ks=(20,), mode="last", exclude_seen=exclude, progress=False)["MRR@20"]
-        assert logged[exclude] == pytest.approx(figure, abs=1e-12)
+        line = model.fit_result.history[0]
+        logged[exclude] = line["val_mrr20"]
+        figures = evaluate(model, data.valid, ks=(10, 20), mode="last", exclude_seen=exclude, progress=False)
+        assert (line["val_mrr20"], line["val_ndcg10"]) == (pytest.approx(figures["MRR@20"], abs=1e-12), pytest.approx(figures["NDCG@10"], abs=1e-12))
     assert logged[True] != pytest.approx(logged[False], abs=1e-6)
 
 

@@ -56,6 +56,27 @@ def test_early_stopping_keeps_the_best_epoch_weights(tmp_path):
     assert (tmp_path / "learning_curve.png").stat().st_size > 1000
 
 
+def test_valid_metric_picks_the_validation_figure_that_early_stopping_follows_and_both_are_logged(tmp_path):
+    """Klenitskiy & Vasilev keep the epoch with the best NDCG@10: with valid_metric=ndcg10 that figure decides."""
+    answers = [{"mrr20": 0.1, "ndcg10": 0.5}, {"mrr20": 0.3, "ndcg10": 0.4}, {"mrr20": 0.2, "ndcg10": 0.45}]
+    kept = {}
+    for metric in ("mrr20", "ndcg10"):
+        config = TrainerConfig(epochs=3, lr=0.05, threads=1, patience=1, valid_metric=metric)
+        module, batches, loss_fn = regression_task(config)
+        figures = iter(answers)
+        result = fit(module, config, batches, loss_fn, validate=lambda: next(figures), run_dir=tmp_path / metric, progress=False)
+        kept[metric] = (result.best_epoch, result.best_score, len(result.history))
+        log = [json.loads(line) for line in (tmp_path / metric / "train_log.jsonl").read_text().splitlines()]
+        assert [(line["val_mrr20"], line["val_ndcg10"]) for line in log] == [(a["mrr20"], a["ndcg10"]) for a in answers[: len(log)]]
+    assert kept == {"mrr20": (1, 0.3, 3), "ndcg10": (0, 0.5, 2)}  # ndcg10 fell after epoch 1: patience 1 stops at 2
+    with pytest.raises(UserError, match="valid_metric 'hr10' unknown"):
+        TrainerConfig(valid_metric="hr10").check()
+    config = TrainerConfig(epochs=1, threads=1, valid_metric="ndcg10")
+    module, batches, loss_fn = regression_task(config)
+    with pytest.raises(UserError, match="validation gives mrr20 only"):  # a bare float is MRR@20
+        fit(module, config, batches, loss_fn, validate=lambda: 0.1, progress=False)
+
+
 def test_keep_epochs_saves_the_weights_after_every_epoch_and_only_when_asked(tmp_path):
     config = TrainerConfig(epochs=3, lr=0.05, threads=1, keep_epochs=True)
     module, batches, loss_fn = regression_task(config)

@@ -498,9 +498,10 @@ def test_validation_with_valid_exclude_seen_ranks_as_the_evaluator_does_without_
     logged = {}
     for exclude in (False, True):
         model = cls.train(data, cls.Config(threads=1, valid_exclude_seen=exclude, **settings), progress=False)
-        logged[exclude] = model.fit_result.history[0]["val_mrr20"]
-        figure = evaluate(model, valid, ks=(20,), mode="last", exclude_seen=exclude, progress=False)["MRR@20"]
-        assert logged[exclude] == pytest.approx(figure, abs=1e-9)
+        line = model.fit_result.history[0]
+        logged[exclude] = line["val_mrr20"]
+        figures = evaluate(model, valid, ks=(10, 20), mode="last", exclude_seen=exclude, progress=False)
+        assert (line["val_mrr20"], line["val_ndcg10"]) == (pytest.approx(figures["MRR@20"], abs=1e-9), pytest.approx(figures["NDCG@10"], abs=1e-9))
     assert logged[True] != pytest.approx(logged[False], abs=1e-6)  # the setting changed what was ranked
 
 

@@ -2,7 +2,7 @@
 
 How a model uses it (the whole API)::
 
-    from training.trainer import TrainerConfig, fit, mrr_at_k
+    from training.trainer import TrainerConfig, fit, validation_figures
 
     @dataclass
     class Config(TrainerConfig):          # the model's Config *inherits* the common settings,
@@ -14,7 +14,7 @@ How a model uses it (the whole API)::
         config,                           # a TrainerConfig (usually the model's Config)
         batches=lambda epoch: ...,        # epoch -> iterable of mini-batches (anything loss_fn takes)
         loss_fn=lambda batch: ...,        # mini-batch -> scalar loss tensor (closes over the module)
-        validate=lambda: mrr_at_k(model, data.valid),   # optional: -> MRR@20 on held-out sessions
+        validate=lambda: validation_figures(model, data.valid),   # optional: MRR@20, NDCG@10 on held-out sessions
         run_dir=run_dir, progress=True,
     )
     result.best_epoch, result.best_score, result.history, result.stopped_early
@@ -58,8 +58,9 @@ Contracts for the callbacks:
     otherwise the schedule moves per epoch.
   - Any state carried between mini-batches (GRU4Rec's hidden state) lives in the model-side closures:
     ``batches`` says what to carry, ``loss_fn`` carries it (detached).
-  - ``validate()`` returns a float, higher is better (MRR@20 by convention; ``mrr_at_k`` computes it
-    from any model's ``score_next``).
+  - ``validate()`` returns a float (MRR@20) or a dict of ``VALID_METRICS`` figures, higher is better
+    (``validation_figures`` computes them from any model's ``score_next``); ``config.valid_metric`` picks
+    the one early stopping and the kept epoch follow.
   - Both run while the module is on ``config.device``: tensors that ``loss_fn`` makes itself are made on
     its batch's device, and scoring moves its inputs to the network's device (``WindowModel.scores``,
     GRU4Rec's ``_score``) and returns CPU arrays.
@@ -98,6 +99,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd", "adagrad")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 DEVICES = ("auto", "cpu", "cuda")  # and cuda:N
 PRECISIONS = ("fp32", "bf16")
+VALID_METRICS = ("mrr20", "ndcg10")  # what early stopping and the kept epoch follow; train_log.jsonl has both
 SYNC_EVERY = 20  # GPU steps between two reads of the loss (divergence check, progress bar)
 _END = object()
 
@@ -121,6 +123,7 @@ class TrainerConfig:
     patience: int = 0  # epochs without validation gain before stopping, 0 = run all epochs
     valid_exclude_seen: bool = False  # validation ranks without the user's own earlier items, as `evaluate --exclude-seen` (and Klenitskiy & Vasilev) rank
     valid_users: int = 0  # validate on a fixed random sample of this many validation sessions (0 = all); Klenitskiy & Vasilev sample 10,000
+    valid_metric: str = "mrr20"  # the validation figure early stopping follows; "ndcg10": NDCG@10, as Klenitskiy & Vasilev choose
     stop_after: int = 0  # end after this many epochs (0 = all) while the lr schedule still spans ``epochs``: a refit repeats the chosen run's schedule
     resume: bool = False  # continue from run_dir/checkpoint.pt
     keep_epochs: bool = False  # with a run_dir, also save every epoch's weights to run_dir/epochs/NNN.pt (benchmarks/epoch_curves.py)
@@ -139,6 +142,8 @@ class TrainerConfig:
         for name in ("lr", "momentum", "weight_decay", "grad_clip", "warmup_steps", "patience", "stop_after", "valid_users"):
             if getattr(self, name) < 0:
                 raise UserError(f"setting '{name}' must not be negative, got {getattr(self, name)}")
+        if self.valid_metric not in VALID_METRICS:
+            raise UserError(f"valid_metric '{self.valid_metric}' unknown (known: {', '.join(VALID_METRICS)})")
         if self.precision not in PRECISIONS:
             raise UserError(f"precision '{self.precision}' unknown (known: {', '.join(PRECISIONS)})")
         resolve_device(self.device)
@@ -375,16 +380,17 @@ def epoch_rng(config: TrainerConfig, epoch: int) -> np.random.Generator:
     return np.random.default_rng([config.seed, epoch])
 
 
-def mrr_at_k(model, sessions: Sessions, k: int = 20, batch_size: int = 512, mode: str = "next", exclude_seen: bool = False) -> float:
-    """MRR@k of ``model`` (anything with ``score_next``) over the positions ``mode`` evaluates: every
-    next-item position ("next") or each sequence's last target ("last", leave-one-out).
+def validation_figures(model, sessions: Sessions, batch_size: int = 512, mode: str = "next", exclude_seen: bool = False) -> dict[str, float]:
+    """Every ``VALID_METRICS`` figure of ``model`` (anything with ``score_next``) over the positions ``mode``
+    evaluates: every next-item position ("next") or each sequence's last target ("last", leave-one-out).
 
-    Full ranking with conservative ties, by ``training.evaluate.evaluate``; ``exclude_seen`` removes the
+    One full ranking with conservative ties, by ``training.evaluate.evaluate``; ``exclude_seen`` removes the
     session's own items up to each position from the ranking first.
     """
     from training.evaluate import evaluate
 
-    return evaluate(model, sessions, ks=(k,), mode=mode, batch_size=batch_size, progress=False, exclude_seen=exclude_seen)[f"MRR@{k}"]
+    figures = evaluate(model, sessions, ks=(10, 20), mode=mode, batch_size=batch_size, progress=False, exclude_seen=exclude_seen)
+    return {"mrr20": figures["MRR@20"], "ndcg10": figures["NDCG@10"]}
 
 
 def _save_curve(history: list[dict], path: Path) -> None:
@@ -515,11 +521,15 @@ def fit(
         bar.close()
         seconds = time.perf_counter() - started
 
-        score = None
+        score, figures = None, {}
         if validate is not None:
             module.eval()
             with torch.no_grad():
-                score = float(validate())
+                answer = validate()
+            figures = {name: float(value) for name, value in answer.items()} if isinstance(answer, dict) else {"mrr20": float(answer)}
+            if config.valid_metric not in figures:
+                raise UserError(f"valid_metric '{config.valid_metric}': this model's validation gives {', '.join(figures)} only")
+            score = figures[config.valid_metric]
             if best_state is None or score > result.best_score:
                 result.best_epoch, result.best_score, since_best = epoch, score, 0
                 best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
@@ -527,13 +537,15 @@ def fit(
                 since_best += 1
         else:
             result.best_epoch = epoch
-        line = {"epoch": epoch, "loss": loss_sum / max(n_batches, 1), "val_mrr20": score, "seconds": round(seconds, 3), "lr": lr,
+        line = {"epoch": epoch, "loss": loss_sum / max(n_batches, 1), "val_mrr20": figures.get("mrr20"), "seconds": round(seconds, 3), "lr": lr,
                 "device": str(device), "step_ms": round(1000 * seconds / max(n_batches, 1), 3), "batch_ms": round(1000 * batch_seconds / max(n_batches, 1), 3)}
+        if "ndcg10" in figures:
+            line["val_ndcg10"] = figures["ndcg10"]
         if device.type == "cuda":
             line["gpu_util"] = round(sum(utilization) / len(utilization), 1) if utilization else None
         result.history.append(line)
         if progress:
-            val = f", val MRR@20 {score:.4f}" if score is not None else ""
+            val = "".join(f", val {label} {figures[name]:.4f}" for name, label in (("mrr20", "MRR@20"), ("ndcg10", "NDCG@10")) if name in figures)
             gpu = f", GPU {line['gpu_util']:.0f}%" if line.get("gpu_util") is not None else ""
             tqdm.write(f"epoch {epoch + 1}/{config.epochs}: loss {line['loss']:.4f}{val} ({seconds:.1f} s, {line['step_ms']:.1f} ms/step on {device}{gpu})")
         stop = validate is not None and config.patience > 0 and since_best >= config.patience

@@ -88,7 +88,7 @@ from training.data import PreparedData
 from training.models.base import SessionModel, write_run_config
 from training.protocols import early_stopping_split
 from training.sessions import Sessions
-from training.trainer import TrainerConfig, epoch_rng, fit, mrr_at_k, validation_sample
+from training.trainer import TrainerConfig, epoch_rng, fit, validation_figures, validation_sample
 
 LOSSES = ("cross-entropy", "bpr-max")
 FINAL_ACTS = ("elu", "linear", "tanh", "relu")
@@ -419,7 +419,7 @@ class GRU4Rec(SessionModel):
         support = np.bincount(train.items, minlength=data.n_items + 1).astype(np.float64)
         batches, loss_fn = model.training_closures(schedule, support)
         valid = validation_sample(valid, config) if valid is not None else None
-        validate = (lambda: mrr_at_k(model, valid, mode=mode, exclude_seen=config.valid_exclude_seen)) if valid is not None else None
+        validate = (lambda: validation_figures(model, valid, mode=mode, exclude_seen=config.valid_exclude_seen)) if valid is not None else None
         model.fit_result = fit(model.net, config, batches, loss_fn, validate=validate, run_dir=run_dir, progress=progress)
         return model
 

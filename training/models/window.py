@@ -278,7 +278,7 @@ def training_split(model: "WindowModel", data: PreparedData) -> tuple[Sessions, 
 
     With a validation split, training uses ``early_stopping_split`` (train
     without the validation sessions / targets, so early stopping is not fooled
-    by leakage) and the callback returns MRR@20 at the dataset's evaluation
+    by leakage) and the callback returns MRR@20 and NDCG@10 at the dataset's evaluation
     positions ("next": every position, "last": each sequence's last target),
     full ranking with conservative ties, in batches that keep the [rows, n_items + 1]
     scores within the evaluator's score budget; with the setting ``valid_exclude_seen`` the user's own
@@ -296,8 +296,8 @@ def training_split(model: "WindowModel", data: PreparedData) -> tuple[Sessions, 
     batch = score_rows(model.n_items, VALIDATION_BATCH)
     seen_rows, seen = seen_items(valid, positions) if model.config.valid_exclude_seen else (None, None)  # sorted by row
 
-    def validate() -> float:
-        reciprocal = 0.0
+    def validate() -> dict[str, float]:
+        reciprocal = discounted = 0.0
         for start in range(0, len(targets), batch):
             rows = slice(start, start + batch)
             scores = model.scores(*(x[rows] for x in inputs), on_device=True)  # ranked where they were computed
@@ -305,8 +305,10 @@ def training_split(model: "WindowModel", data: PreparedData) -> tuple[Sessions, 
                 lo, hi = np.searchsorted(seen_rows, [start, start + batch])
                 scores[torch.from_numpy(seen_rows[lo:hi] - start).to(scores.device), torch.from_numpy(seen[lo:hi]).to(scores.device)] = -torch.inf
             rank, _ = ranks(scores, np.maximum(targets[rows], 1))
-            reciprocal += float(np.where((targets[rows] > 0) & (rank <= 20), 1.0 / rank, 0.0).sum())
-        return reciprocal / max(len(targets), 1)
+            known = targets[rows] > 0
+            reciprocal += float(np.where(known & (rank <= 20), 1.0 / rank, 0.0).sum())
+            discounted += float(np.where(known & (rank <= 10), 1.0 / np.log2(rank + 1.0), 0.0).sum())
+        return {"mrr20": reciprocal / max(len(targets), 1), "ndcg10": discounted / max(len(targets), 1)}
 
     return fit_sessions, validate
 
