@@ -23,14 +23,12 @@ import torch
 from _report import pyplot, save_figure, table  # benchmarks/ is on sys.path
 
 
-def kept_epochs(run: Path, every: int, best: int) -> list[int]:
-    """The epochs (from 1) to evaluate: every ``every``-th kept one, the first, the best and the last."""
+def kept_epochs(run: Path, every: int, best: int, also: tuple[int, ...] = ()) -> list[int]:
+    """The epochs (from 1) to evaluate: every ``every``-th kept one, the first, the best, the last and ``also``."""
     kept = sorted(int(p.stem) for p in (run / "epochs").glob("[0-9][0-9][0-9].pt"))
     if not kept:
         return []
-    chosen = {e for e in kept if e % every == 0} | {kept[0], kept[-1]}
-    if best in kept:
-        chosen.add(best)
+    chosen = {e for e in kept if e % every == 0} | {kept[0], kept[-1]} | ({best} & set(kept)) | (set(also) & set(kept))
     return sorted(chosen)
 
 
@@ -40,6 +38,7 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="the spec the run was trained with")
     parser.add_argument("--run", type=Path, required=True, help="the run folder (with checkpoint.pt, train_log.jsonl and epochs/)")
     parser.add_argument("--every", type=int, default=5, help="evaluate every N-th epoch (and the first, best and last)")
+    parser.add_argument("--also", default="", help="more epochs to evaluate, comma-separated (e.g. the one another validation figure would keep)")
     parser.add_argument("--exclude-seen", action="store_true", help="rank without the user's own earlier items (Klenitskiy & Vasilev)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--out", type=Path, required=True, help="PNG to write (the JSON goes beside it)")
@@ -60,7 +59,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     ckpt = torch.load(checkpoint, weights_only=True, map_location="cpu")
     best = ckpt["best_epoch"] + 1
-    epochs = kept_epochs(args.run, args.every, best)
+    try:
+        also = tuple(int(e) for e in args.also.split(",") if e.strip())
+    except ValueError:
+        sys.exit(f"error: --also takes epoch numbers separated by commas, got '{args.also}'")
+    epochs = kept_epochs(args.run, args.every, best, also)
     if not epochs:
         sys.exit(f"error: {args.run}/epochs holds no kept weights (train with accuracy.py --keep-epochs, trainer setting keep_epochs)")
     log = [json.loads(line) for line in (args.run / "train_log.jsonl").read_text().splitlines() if line.strip()]

@@ -140,6 +140,8 @@ def test_epoch_curves_rank_each_kept_epochs_weights_as_the_run_and_the_evaluator
     config.threads, config.keep_epochs = 1, True
     model = cls.train(data, config, progress=False, run_dir=tmp_path / "run")
     assert epoch_curves.kept_epochs(tmp_path / "run", every=2, best=2) == [1, 2, 3]
+    assert epoch_curves.kept_epochs(tmp_path / "run", every=10, best=1) == [1, 3]
+    assert epoch_curves.kept_epochs(tmp_path / "run", every=10, best=1, also=(2, 7)) == [1, 2, 3]  # 7 was never kept
     out = tmp_path / "curves.png"
     monkeypatch.setattr(sys, "argv", ["epoch_curves.py", "--dataset", "diginetica", "--model", spec, "--run", str(tmp_path / "run"),
                                       "--every", "2", "--exclude-seen", "--out", str(out)])
