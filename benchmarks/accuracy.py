@@ -235,6 +235,11 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
     return name, options
 
 
+def run_folder(runs: Path, dataset: str, spec: str) -> Path:
+    """Where ``--runs RUNS`` keeps the early-stopped training of ``spec`` on ``dataset`` (log, checkpoint, curve)."""
+    return runs / dataset / re.sub(r"[^A-Za-z0-9_.=-]+", "_", spec)
+
+
 def train_and_select(cls, data: PreparedData, config, refit: bool = False, run_dir: Path | None = None):
     """(model, best epoch + 1, epochs run, early stopping triggered, seconds): early-stopped, then refit on all of train
     in "next" mode (and on leave-one-out data too with ``refit``, so the model also learns the validation targets,
@@ -297,7 +302,7 @@ def run_dataset(key: str, specs: list[str], max_epochs: int, threads: int, recor
             config.keep_epochs = True
         print(f"  {spec}", flush=True)
         load_before, cpu_before = os.getloadavg()[0], time.process_time()
-        run_dir = runs / key / re.sub(r"[^A-Za-z0-9_.=-]+", "_", spec) if runs is not None else None
+        run_dir = run_folder(runs, key, spec) if runs is not None else None
         model, best, run, stopped_early, train_s = train_and_select(cls, data, config, refit=refit, run_dir=run_dir)
         train_cpu_s = time.process_time() - cpu_before
         t0 = time.perf_counter()

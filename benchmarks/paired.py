@@ -9,9 +9,13 @@ give its row's MRR@K again, else the script stops: the interval would describe o
     python benchmarks/paired.py --dataset beauty --models "gru4rec:<the tuned row's settings>" sr
     python benchmarks/paired.py --dataset diginetica --models vsknn sknn --exclude-seen
     python benchmarks/paired.py --dataset beauty --models NEURAL BASELINE --record   # the interval into the summary
+    python benchmarks/paired.py --dataset beauty --models A B --k 10 --exclude-seen --runs RUNS   # kept runs, no training
 
-Prints both MRR@K and HR@K, the difference with its 95 % percentile interval (``stream.experiment.bootstrap_interval``,
-the A/B report's) and how many events only one of the two has in its top K.
+With ``--runs RUNS`` (the folder ``accuracy.py --runs`` kept) an early-stopped leave-one-out row is loaded from its
+run's checkpoint (the kept epoch's weights) instead of trained again; the row's figure is still checked.
+
+Prints MRR@K, HR@K and NDCG@K of both, each difference with its 95 % percentile interval
+(``stream.experiment.bootstrap_interval``, the A/B report's) and how many events only one of the two has in its top K.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ REPRODUCE_TOLERANCE = 1e-6  # a rebuilt row's MRR@K may differ from the stored o
 
 @dataclasses.dataclass
 class PairedResult:
-    """Per-model figures and the bootstrap of ``a - b`` (MRR@K) over the shared test events."""
+    """Per-model figures and the bootstrap of ``a - b`` (MRR@K; HR@K and NDCG@K beside it) over the shared test events."""
 
     events: int
     mrr: tuple[float, float]
@@ -51,6 +55,9 @@ class PairedResult:
     interval: tuple[float, float]
     only_a: int  # events with the target in a's top K and not in b's
     only_b: int
+    ndcg: tuple[float, float] = (0.0, 0.0)
+    hr_interval: tuple[float, float] = (0.0, 0.0)  # of hr[0] - hr[1]
+    ndcg_interval: tuple[float, float] = (0.0, 0.0)  # of ndcg[0] - ndcg[1]
 
 
 def reciprocal_ranks(ranks: np.ndarray, k: int) -> np.ndarray:
@@ -65,13 +72,19 @@ def paired_bootstrap(ranks_a: np.ndarray, ranks_b: np.ndarray, k: int = 20, resa
     if len(ranks_a) != len(ranks_b) or len(ranks_a) == 0:
         raise ValueError(f"need the same non-zero number of events for both models, got {len(ranks_a)} and {len(ranks_b)}")
     rr_a, rr_b = reciprocal_ranks(ranks_a, k), reciprocal_ranks(ranks_b, k)
-    difference = rr_a - rr_b
-    interval = bootstrap_interval(difference, np.ones_like(difference), np.random.default_rng(seed), resamples)
     hit_a, hit_b = rr_a > 0, rr_b > 0
+    gain_a, gain_b = (np.where(hit, 1.0 / np.log2(np.asarray(r, dtype=np.float64) + 1.0), 0.0) for hit, r in ((hit_a, ranks_a), (hit_b, ranks_b)))
+
+    def interval_of(difference: np.ndarray) -> tuple[float, float]:  # the same resamples for every metric
+        return bootstrap_interval(difference, np.ones_like(difference), np.random.default_rng(seed), resamples)
+
+    difference = rr_a - rr_b
     return PairedResult(
         events=len(difference), mrr=(float(rr_a.mean()), float(rr_b.mean())), hr=(float(hit_a.mean()), float(hit_b.mean())),
-        difference=float(difference.mean()), interval=interval,
+        difference=float(difference.mean()), interval=interval_of(difference),
         only_a=int((hit_a & ~hit_b).sum()), only_b=int((hit_b & ~hit_a).sum()),
+        ndcg=(float(gain_a.mean()), float(gain_b.mean())),
+        hr_interval=interval_of(hit_a.astype(np.float64) - hit_b), ndcg_interval=interval_of(gain_a - gain_b),
     )
 
 
@@ -83,8 +96,9 @@ def stored_row(dataset: str, spec: str) -> dict:
     return rows[0]
 
 
-def rebuild(row: dict, data):
-    """The row's model, trained again the way the row was measured."""
+def rebuild(row: dict, data, runs: Path | None = None):
+    """The row's model, trained again the way the row was measured, or with ``runs`` an early-stopped
+    leave-one-out row loaded from its kept run (``accuracy.py --runs``: the kept epoch's weights)."""
     if "tuning" in row:  # benchmarks/tune.py: settings written as JSON, the draw's own schedule, refit for its best epochs
         name, settings = tune.settings_of(row["model"])
         cls = get_model(name)
@@ -100,16 +114,21 @@ def rebuild(row: dict, data):
         config = dataclasses.replace(config, epochs=min(config.epochs, row["max_epochs"]))
     if row.get("refit") or data.stats.get("eval_mode", "next") == "next":  # what train_and_select kept: the refit model
         return accuracy.refit_on_all(cls, data, config, row["best_epochs"])
-    model, *_ = accuracy.train_and_select(cls, data, config)
+    run_dir = None
+    if runs is not None:
+        run_dir = accuracy.run_folder(runs, row["dataset"], row["model"])
+        if not (run_dir / "checkpoint.pt").is_file():
+            sys.exit(f"error: no kept run for '{row['model']}' under {runs} (looked for {run_dir}/checkpoint.pt)")
+    model, *_ = accuracy.train_and_select(cls, data, config, run_dir=run_dir)  # a finished kept run returns at once
     return model
 
 
-def event_ranks(row: dict, data, k: int, exclude_seen: bool, key: str) -> tuple[np.ndarray, np.ndarray]:
+def event_ranks(row: dict, data, k: int, exclude_seen: bool, key: str, runs: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(positions, ranks) of the row's rebuilt model on every test event; stops unless it gives the row's ``key`` again."""
     if key not in row:  # before the rebuild, which can take minutes
         sys.exit(f"error: the row for '{row['model']}' has no {key}")
     started = time.perf_counter()
-    model = rebuild(row, data)
+    model = rebuild(row, data, runs)
     popularity = np.bincount(data.train.items, minlength=data.n_items + 1)
     mode = data.stats.get("eval_mode", "next")
     m = evaluate(model, data.test, ks=(k,), mode=mode, popularity=popularity, exclude_seen=exclude_seen, progress=False, event_ranks=True)
@@ -119,7 +138,8 @@ def event_ranks(row: dict, data, k: int, exclude_seen: bool, key: str) -> tuple[
     return m["event_positions"], m["event_ranks"]
 
 
-def compare(dataset: str, spec_a: str, spec_b: str, k: int = 20, resamples: int = 2000, exclude_seen: bool = False, record: bool = False) -> PairedResult:
+def compare(dataset: str, spec_a: str, spec_b: str, k: int = 20, resamples: int = 2000, exclude_seen: bool = False, record: bool = False,
+            runs: Path | None = None) -> PairedResult:
     """Both rows rebuilt, ranked on the same test events and bootstrapped; with ``record`` the result is stored in the
     first row (``paired``, by metric) of docs/accuracy.json and the docs are rendered again (the summary's interval)."""
     if dataset not in accuracy.DATASETS:
@@ -127,8 +147,8 @@ def compare(dataset: str, spec_a: str, spec_b: str, k: int = 20, resamples: int 
     row_a, row_b = stored_row(dataset, spec_a), stored_row(dataset, spec_b)
     data = accuracy.DATASETS[dataset][1]()
     metric = f"MRR@{k}" + (" seen removed" if exclude_seen else "")  # the rows' name for the figure ranked here
-    positions_a, ranks_a = event_ranks(row_a, data, k, exclude_seen, metric)
-    positions_b, ranks_b = event_ranks(row_b, data, k, exclude_seen, metric)
+    positions_a, ranks_a = event_ranks(row_a, data, k, exclude_seen, metric, runs)
+    positions_b, ranks_b = event_ranks(row_b, data, k, exclude_seen, metric, runs)
     if not np.array_equal(positions_a, positions_b):
         sys.exit("error: the two models were ranked on different test events")
     result = paired_bootstrap(ranks_a, ranks_b, k, resamples)
@@ -140,13 +160,16 @@ def compare(dataset: str, spec_a: str, spec_b: str, k: int = 20, resamples: int 
 
 
 def report(result: PairedResult, names: tuple[str, str], k: int) -> str:
-    low, high = result.interval
-    verdict = "a tie: the interval holds 0" if low <= 0 <= high else ("a lead" if low > 0 else "a loss") + " of the first model beyond noise"
+    def line(metric: str, pair: tuple[float, float], interval: tuple[float, float]) -> str:
+        low, high = interval
+        verdict = "a tie: the interval holds 0" if low <= 0 <= high else ("a lead" if low > 0 else "a loss") + " of the first model beyond noise"
+        return f"difference {metric}@{k}: {pair[0] - pair[1]:+.4f}, 95 % interval {low:+.4f} to {high:+.4f} ({verdict})"
+
     return "\n".join([
         f"events: {result.events:,}",
-        f"  {names[0]}: MRR@{k} {result.mrr[0]:.4f}  HR@{k} {result.hr[0]:.4f}",
-        f"  {names[1]}: MRR@{k} {result.mrr[1]:.4f}  HR@{k} {result.hr[1]:.4f}",
-        f"difference MRR@{k}: {result.difference:+.4f}, 95 % interval {low:+.4f} to {high:+.4f} ({verdict})",
+        f"  {names[0]}: MRR@{k} {result.mrr[0]:.4f}  HR@{k} {result.hr[0]:.4f}  NDCG@{k} {result.ndcg[0]:.4f}",
+        f"  {names[1]}: MRR@{k} {result.mrr[1]:.4f}  HR@{k} {result.hr[1]:.4f}  NDCG@{k} {result.ndcg[1]:.4f}",
+        line("MRR", result.mrr, result.interval), line("HR", result.hr, result.hr_interval), line("NDCG", result.ndcg, result.ndcg_interval),
         f"events with the target in only one top {k}: first {result.only_a:,}, second {result.only_b:,}",
     ])
 
@@ -158,6 +181,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=20, help="the cut-off of MRR@K and HR@K")
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
     parser.add_argument("--exclude-seen", action="store_true", help="rank without the user's own earlier items (the rows' 'seen removed' figures)")
+    parser.add_argument("--runs", type=Path, help="load early-stopped leave-one-out rows from the runs accuracy.py --runs kept there, not train them again")
     parser.add_argument("--record", action="store_true", help="store the interval in the first row of docs/accuracy.json and render the docs again")
     args = parser.parse_args()
     if args.k < 1 or args.resamples < 1:
@@ -165,7 +189,7 @@ def main() -> None:
     configure_process(threads=1)
     if args.record and args.k != 20:
         sys.exit("error: --record stores MRR@20 intervals (the summary's metric): leave --k at 20")
-    result = compare(args.dataset, args.models[0], args.models[1], args.k, args.resamples, args.exclude_seen, args.record)
+    result = compare(args.dataset, args.models[0], args.models[1], args.k, args.resamples, args.exclude_seen, args.record, args.runs)
     print(report(result, tuple(args.models), args.k))
 
 

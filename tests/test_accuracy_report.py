@@ -233,6 +233,10 @@ def test_a_paired_bootstrap_finds_a_lead_every_resample_shows_and_its_interval_h
     assert result.difference > 0 and 0 < result.interval[0] <= result.difference <= result.interval[1]
     assert result.only_b == 0 and result.only_a > 0
     assert result.mrr[0] == pytest.approx(np.mean(np.where(a <= 20, 1 / a, 0)))
+    assert result.ndcg[0] == pytest.approx(np.mean(np.where(a <= 20, 1 / np.log2(a + 1), 0)))
+    for pair, interval in ((result.hr, result.hr_interval), (result.ndcg, result.ndcg_interval)):
+        assert 0 < interval[0] <= pair[0] - pair[1] <= interval[1]
+    assert "difference NDCG@20" in paired.report(result, ("a", "b"), 20)
     with pytest.raises(ValueError):
         paired.paired_bootstrap(a, b[:-1])
 
@@ -253,6 +257,24 @@ def test_paired_rebuilds_two_stored_rows_gives_their_figures_again_and_records_t
     stored = next(r for r in json.loads(accuracy.STORE.read_text()) if (r["dataset"], r["model"]) == ("diginetica", "sasrec"))
     assert stored["paired"]["MRR@20"]["against"] == "vsknn" and stored["paired"]["MRR@20"]["interval"] == list(result.interval)
     assert "## Best neural model against the best baseline" in accuracy.RESULTS.read_text()
+
+
+def test_paired_loads_an_early_stopped_row_from_its_kept_run_instead_of_training_it_again(shared_data, tmp_path, monkeypatch):
+    """``--runs``: the kept epoch's weights give the row's figure again; a run that was not kept is a one-line error."""
+    import paired
+
+    spec = "sasrec:hidden_size=16,epochs=2,patience=1"
+    rows = accuracy.run_dataset("diginetica", [spec], max_epochs=2, threads=1, record=lambda row: None, runs=tmp_path / "runs")
+    store = tmp_path / "accuracy.json"
+    store.write_text(json.dumps(rows + [{**rows[0], "model": "sasrec:hidden_size=16,epochs=2,patience=1,seed=3"}]))
+    monkeypatch.setattr(accuracy, "STORE", store)
+    checkpoint = accuracy.run_folder(tmp_path / "runs", "diginetica", spec) / "checkpoint.pt"
+    written = checkpoint.stat().st_mtime_ns
+    monkeypatch.setattr(paired.accuracy, "refit_on_all", lambda *a: pytest.fail("a kept leave-one-out run is not refit"))
+    result = paired.compare("diginetica", spec, spec, resamples=50, runs=tmp_path / "runs")  # its row's MRR@20, checked
+    assert result.difference == 0.0 and checkpoint.stat().st_mtime_ns == written  # loaded, no epoch trained again
+    with pytest.raises(SystemExit, match="no kept run for 'sasrec:hidden_size=16,epochs=2,patience=1,seed=3'"):
+        paired.compare("diginetica", spec, f"{spec},seed=3", resamples=10, runs=tmp_path / "runs")
 
 
 def test_paired_stops_when_a_rebuilt_model_does_not_give_its_rows_figure(shared_data, tmp_path, monkeypatch, capsys):
