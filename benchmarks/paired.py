@@ -119,6 +119,13 @@ def rebuild(row: dict, data, runs: Path | None = None):
         run_dir = accuracy.run_folder(runs, row["dataset"], row["model"])
         if not (run_dir / "checkpoint.pt").is_file():
             sys.exit(f"error: no kept run for '{row['model']}' under {runs} (looked for {run_dir}/checkpoint.pt)")
+        import torch
+
+        kept = torch.load(run_dir / "checkpoint.pt", weights_only=True, map_location="cpu")
+        if not (kept["stopped_early"] or kept["epoch"] + 1 >= config.epochs):  # resuming would train it on here
+            sys.exit(f"error: the kept run for '{row['model']}' is not finished (epoch {kept['epoch'] + 1} of {config.epochs}): finish it with accuracy.py --runs first")
+        if kept["best_epoch"] + 1 != row["best_epochs"]:
+            sys.exit(f"error: the kept run for '{row['model']}' kept epoch {kept['best_epoch'] + 1}, its row {row['best_epochs']}: not the row's run")
     model, *_ = accuracy.train_and_select(cls, data, config, run_dir=run_dir)  # a finished kept run returns at once
     return model
 

@@ -275,6 +275,9 @@ def test_paired_loads_an_early_stopped_row_from_its_kept_run_instead_of_training
     assert result.difference == 0.0 and checkpoint.stat().st_mtime_ns == written  # loaded, no epoch trained again
     with pytest.raises(SystemExit, match="no kept run for 'sasrec:hidden_size=16,epochs=2,patience=1,seed=3'"):
         paired.compare("diginetica", spec, f"{spec},seed=3", resamples=10, runs=tmp_path / "runs")
+    store.write_text(json.dumps([{**rows[0], "best_epochs": rows[0]["best_epochs"] % 2 + 1}]))  # the other epoch
+    with pytest.raises(SystemExit, match="kept epoch .* its row .* not the row's run"):
+        paired.compare("diginetica", spec, spec, resamples=10, runs=tmp_path / "runs")
 
 
 def test_paired_stops_when_a_rebuilt_model_does_not_give_its_rows_figure(shared_data, tmp_path, monkeypatch, capsys):
