@@ -15,9 +15,7 @@ import sys
 from pathlib import Path
 
 from _report import pyplot, save_figure, table  # benchmarks/ is on sys.path
-
-
-METRICS = {"mrr20": "MRR@20", "ndcg10": "NDCG@10"}
+from training.trainer import VALID_METRICS
 
 
 def read_logs(folder: Path, metric: str = "mrr20") -> dict[str, list[dict]]:
@@ -40,9 +38,9 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, required=True, help="folder holding run folders (each with train_log.jsonl)")
     parser.add_argument("--out", type=Path, required=True, help="PNG to write")
     parser.add_argument("--title", default="", help="plot title")
-    parser.add_argument("--metric", choices=sorted(METRICS), default="mrr20", help="validation figure to plot and take the best of")
+    parser.add_argument("--metric", choices=sorted(VALID_METRICS), default="mrr20", help="validation figure to plot and take the best of")
     args = parser.parse_args()
-    key, label = f"val_{args.metric}", METRICS[args.metric]
+    key, label = f"val_{args.metric}", VALID_METRICS[args.metric]
     logs = read_logs(args.runs, args.metric)
     if not logs:
         sys.exit(f"error: no train_log.jsonl with validation {label} on every epoch under {args.runs}")

@@ -99,7 +99,9 @@ OPTIMIZERS = ("adam", "adamw", "sgd", "adagrad")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 DEVICES = ("auto", "cpu", "cuda")  # and cuda:N
 PRECISIONS = ("fp32", "bf16")
-VALID_METRICS = ("mrr20", "ndcg10")  # what early stopping and the kept epoch follow; train_log.jsonl has both
+# what early stopping and the kept epoch may follow (train_log.jsonl has each as val_<name>) -> the evaluator's figure
+VALID_METRICS = {"mrr20": "MRR@20", "ndcg10": "NDCG@10"}
+VALID_KS = (10, 20)  # the cut-offs those figures need
 SYNC_EVERY = 20  # GPU steps between two reads of the loss (divergence check, progress bar)
 _END = object()
 
@@ -389,8 +391,12 @@ def validation_figures(model, sessions: Sessions, batch_size: int = 512, mode: s
     """
     from training.evaluate import evaluate
 
-    figures = evaluate(model, sessions, ks=(10, 20), mode=mode, batch_size=batch_size, progress=False, exclude_seen=exclude_seen)
-    return {"mrr20": figures["MRR@20"], "ndcg10": figures["NDCG@10"]}
+    return validation_subset(evaluate(model, sessions, ks=VALID_KS, mode=mode, batch_size=batch_size, progress=False, exclude_seen=exclude_seen))
+
+
+def validation_subset(figures: dict[str, float]) -> dict[str, float]:
+    """The ``VALID_METRICS`` figures, by setting name, of the evaluator's figures (``evaluate``, ``rank_metrics``)."""
+    return {name: figures[label] for name, label in VALID_METRICS.items()}
 
 
 def _save_curve(history: list[dict], path: Path) -> None:
@@ -545,7 +551,7 @@ def fit(
             line["gpu_util"] = round(sum(utilization) / len(utilization), 1) if utilization else None
         result.history.append(line)
         if progress:
-            val = "".join(f", val {label} {figures[name]:.4f}" for name, label in (("mrr20", "MRR@20"), ("ndcg10", "NDCG@10")) if name in figures)
+            val = "".join(f", val {label} {figures[name]:.4f}" for name, label in VALID_METRICS.items() if name in figures)
             gpu = f", GPU {line['gpu_util']:.0f}%" if line.get("gpu_util") is not None else ""
             tqdm.write(f"epoch {epoch + 1}/{config.epochs}: loss {line['loss']:.4f}{val} ({seconds:.1f} s, {line['step_ms']:.1f} ms/step on {device}{gpu})")
         stop = validate is not None and config.patience > 0 and since_best >= config.patience

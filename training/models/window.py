@@ -26,11 +26,11 @@ from torch import nn
 
 from streamrec.errors import UserError
 from training.data import PreparedData
-from training.evaluate import evaluation_positions, ranks, score_rows, seen_items
+from training.evaluate import evaluation_positions, rank_metrics, ranks, score_rows, seen_items
 from training.models.base import SessionModel, next_positions, write_run_config
 from training.protocols import early_stopping_split
 from training.sessions import Sessions
-from training.trainer import epoch_rng, validation_sample
+from training.trainer import VALID_KS, epoch_rng, validation_sample, validation_subset
 from training.windows import KnownEvents, prefix_windows
 
 LOW_SCORE = -1e9  # column 0 (padding / unknown) of every score row
@@ -297,7 +297,7 @@ def training_split(model: "WindowModel", data: PreparedData) -> tuple[Sessions, 
     seen_rows, seen = seen_items(valid, positions) if model.config.valid_exclude_seen else (None, None)  # sorted by row
 
     def validate() -> dict[str, float]:
-        reciprocal = discounted = 0.0
+        found = []
         for start in range(0, len(targets), batch):
             rows = slice(start, start + batch)
             scores = model.scores(*(x[rows] for x in inputs), on_device=True)  # ranked where they were computed
@@ -305,10 +305,8 @@ def training_split(model: "WindowModel", data: PreparedData) -> tuple[Sessions, 
                 lo, hi = np.searchsorted(seen_rows, [start, start + batch])
                 scores[torch.from_numpy(seen_rows[lo:hi] - start).to(scores.device), torch.from_numpy(seen[lo:hi]).to(scores.device)] = -torch.inf
             rank, _ = ranks(scores, np.maximum(targets[rows], 1))
-            known = targets[rows] > 0
-            reciprocal += float(np.where(known & (rank <= 20), 1.0 / rank, 0.0).sum())
-            discounted += float(np.where(known & (rank <= 10), 1.0 / np.log2(rank + 1.0), 0.0).sum())
-        return {"mrr20": reciprocal / max(len(targets), 1), "ndcg10": discounted / max(len(targets), 1)}
+            found.append(np.where(targets[rows] > 0, rank, np.inf))  # an unknown target is a miss
+        return validation_subset(rank_metrics(np.concatenate(found) if found else np.zeros(0), VALID_KS))
 
     return fit_sessions, validate
 
