@@ -53,6 +53,7 @@ from training.data import PreparedData
 from training.evaluate import evaluate
 from training.models import available_models, get_model
 from training.models.base import config_from_options
+from training.trainer import VALID_METRICS
 
 from _report import grouped, pyplot, table, write_section  # benchmarks/ is on sys.path
 
@@ -387,9 +388,9 @@ def markdown(rows: list[dict]) -> str:
         "  ran `epochs = best` (for GRU4Rec, whose learning rate decays over the run, a compressed schedule; the",
         "  window models keep a constant rate, so for them it is the same run).",
         "- **Settings**: each model's defaults, settings fixed by hand before the run (named in the row), or the best",
-        "  of a seeded random search scored on validation MRR@20 only (`benchmarks/tune.py`; the `settings` column gives",
-        "  the number of draws, the validation figure of the winner and of the defaults). Test figures are computed",
-        "  for the chosen setting only.",
+        "  of a seeded random search scored on validation only (`benchmarks/tune.py`; MRR@20, or NDCG@10 with",
+        "  `--valid-metric ndcg10`; the `settings` column gives the number of draws, the figure followed and its value",
+        "  for the winner and for the defaults). Test figures are computed for the chosen setting only.",
         "- **Own items removed**: on leave-one-out data each row is also ranked without the user's earlier items",
         "  (`evaluate --exclude-seen`), as Klenitskiy & Vasilev rank; a repeated target then counts as a miss.",
         "- **Machine**: one torch thread on the project's shared 2-core box; `load` is the 1-minute load average around",
@@ -450,7 +451,9 @@ def settings_cell(r: dict) -> str:
     refit = ", refit on all of train" if r.get("refit") else ""
     if "tuning" in r:
         t = r["tuning"]
-        return (f"best of {t['trials']} random draws on validation MRR@20 ({t['val_mrr20']:.4f}; defaults {t['val_mrr20_default']:.4f}), "
+        label = VALID_METRICS[t.get("valid_metric", "mrr20")]  # rows before valid_metric followed MRR@20
+        best, default = (t["val_score"], t["val_score_default"]) if "val_score" in t else (t["val_mrr20"], t["val_mrr20_default"])
+        return (f"best of {t['trials']} random draws on validation {label} ({best:.4f}; defaults {default:.4f}), "
                 f"`benchmarks/tune.py --trials {t['trials']} --seed {t['seed']}`{refit}")
     return ("defaults" if not options else "fixed (the row's name)") + refit
 

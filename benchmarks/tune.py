@@ -5,7 +5,8 @@
 
 Each trial trains on the leak-free ``early_stopping_split`` (train without the validation targets) and is
 scored by its best validation MRR@20 (early stopping where the model has patience, else the best epoch
-of the run). Only the trial with the best validation figure is then trained again on all of train (the
+of the run); ``--valid-metric ndcg10`` makes every trial follow validation NDCG@10 instead (the trainer's
+``valid_metric``, which then names the row), and the choice between trials uses the same figure. Only the trial with the best validation figure is then trained again on all of train (the
 data the baselines are fitted on) for its best epoch count (``stop_after``: the same learning-rate schedule,
 ended there) and evaluated on test, with and without the
 user's own items in the ranking. Test figures of the other trials are never computed, so nothing is
@@ -42,6 +43,7 @@ import numpy as np
 from streamrec.errors import UserError
 from streamrec.runtime import configure_process
 from training.models import get_model
+from training.trainer import VALID_METRICS
 
 import accuracy  # benchmarks/ is on sys.path
 
@@ -169,17 +171,28 @@ def _start_worker(dataset: str, threads: int) -> None:
 
 
 def run_trial(dataset: str, model: str, settings: dict, threads: int, data=None) -> dict:
-    """Train one setting on the early-stopping split; its best validation MRR@20 and epoch (a journal entry)."""
+    """Train one setting on the early-stopping split; a journal entry: the validation figure early stopping
+    followed (``valid_metric``, MRR@20 unless the settings say otherwise) at the kept epoch, as ``val_score``,
+    beside every figure that epoch logged (``val_mrr20``, ``val_ndcg10``)."""
     data = data if data is not None else _worker["data"]
     cls = get_model(model)
     config = dataclasses.replace(cls.Config(), **settings, threads=threads)
+    metric = getattr(config, "valid_metric", "mrr20")
     t0 = time.perf_counter()
     try:
         result = cls.train(data, config, progress=False).fit_result
-        figures = {"val_mrr20": result.best_score, "best_epochs": result.best_epoch + 1, "epochs_run": len(result.history), "error": None}
+        kept = result.history[result.best_epoch] if 0 <= result.best_epoch < len(result.history) else {}
+        figures = {"val_score": result.best_score, **{f"val_{name}": kept.get(f"val_{name}") for name in VALID_METRICS},
+                   "best_epochs": result.best_epoch + 1, "epochs_run": len(result.history), "error": None}
     except UserError as e:  # a diverged trial is a failed draw, not the end of the search
-        figures = {"val_mrr20": None, "best_epochs": 0, "epochs_run": 0, "error": str(e)}
-    return {"dataset": dataset, "model": model, "settings": settings, **figures, "seconds": round(time.perf_counter() - t0, 1)}
+        figures = {"val_score": None, **{f"val_{name}": None for name in VALID_METRICS}, "best_epochs": 0, "epochs_run": 0, "error": str(e)}
+    return {"dataset": dataset, "model": model, "settings": settings, "valid_metric": metric, **figures,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def metric_of(entry: dict) -> str:
+    """The validation figure a trial followed (journals from before ``valid_metric`` followed MRR@20)."""
+    return entry.get("valid_metric", "mrr20")
 
 
 def run_trials(dataset: str, model: str, draws: list[dict], threads: int, jobs: int, data, journal: Path | None) -> list[dict]:
@@ -196,7 +209,7 @@ def run_trials(dataset: str, model: str, draws: list[dict], threads: int, jobs: 
         if entry["error"]:
             print(f"  trial {i + 1:2d}/{n}: failed ({entry['error']})  {spec_of(model, settings)}", flush=True)
         else:
-            print(f"  trial {i + 1:2d}/{n}: val MRR@20 {entry['val_mrr20']:.4f} at epoch {entry['best_epochs']}/{entry['epochs_run']}"
+            print(f"  trial {i + 1:2d}/{n}: val {VALID_METRICS[metric_of(entry)]} {validation_score(entry):.4f} at epoch {entry['best_epochs']}/{entry['epochs_run']}"
                   f" ({entry['seconds']:.0f} s{source})  {spec_of(model, settings)}", flush=True)
 
     def finished(i: int, entry: dict) -> None:
@@ -224,9 +237,19 @@ def run_trials(dataset: str, model: str, draws: list[dict], threads: int, jobs: 
 
 
 def validation_score(entry: dict) -> float:
-    """A trial's figure for the choice: a failed or diverged (NaN) trial ranks last."""
-    score = entry["val_mrr20"]
+    """A trial's figure for the choice (the one its early stopping followed): a failed or diverged (NaN) trial
+    ranks last."""
+    score = entry["val_score"] if "val_score" in entry else entry["val_mrr20"]
     return float("-inf") if score is None or score != score else score
+
+
+def choose(entries: list[dict]) -> tuple[str, dict]:
+    """(the validation figure the trials followed, the trial with the best of it; the first of equals, in draw
+    order). Trials that followed different figures are a ``UserError``: their best would be no choice at all."""
+    metrics = sorted({metric_of(entry) for entry in entries})
+    if len(metrics) != 1:
+        raise UserError(f"the trials follow different validation figures ({', '.join(metrics)}); give every draw one valid_metric")
+    return metrics[0], max(entries, key=validation_score)
 
 
 def children_cpu_s() -> float:
@@ -243,6 +266,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each trial")
     parser.add_argument("--jobs", type=int, default=1, help="trials trained at once, each in its own process")
     parser.add_argument("--journal", type=Path, help="JSON-lines file of finished trials: appended to, and read back when started again")
+    parser.add_argument("--valid-metric", choices=sorted(VALID_METRICS), default="mrr20",
+                        help="the validation figure each trial's early stopping follows and the choice between trials uses")
     parser.add_argument("--no-docs", action="store_true", help="print only; do not touch docs/")
     args = parser.parse_args()
     if args.trials < 1 or args.jobs < 1 or args.threads < 1:
@@ -257,16 +282,21 @@ def main() -> None:
     cls = get_model(args.model)
     space = space_for(args.dataset, args.model)
     started, cpu_started, load_before = time.perf_counter(), time.process_time() + children_cpu_s(), os.getloadavg()[0]
-    print(f"== {title}: {args.model}, {args.trials} trials on validation (seed {args.seed}, {args.jobs} at a time)", flush=True)
+    print(f"== {title}: {args.model}, {args.trials} trials on validation {VALID_METRICS[args.valid_metric]} (seed {args.seed}, {args.jobs} at a time)", flush=True)
     draws = [with_companions(args.model, settings) for settings in draw(space, args.trials, args.seed)]
+    if args.valid_metric != "mrr20":  # a setting of every draw, so the journal and the row's name say it
+        draws = [{**settings, "valid_metric": args.valid_metric} for settings in draws]
     try:
         entries = run_trials(args.dataset, args.model, draws, args.threads, args.jobs, data, args.journal)
     except UserError as e:
         sys.exit(f"error: {e}")
-    chosen = max(entries, key=validation_score)  # the first of equals: draw order
+    try:
+        metric, chosen = choose(entries)
+    except UserError as e:
+        sys.exit(f"error: {e}")
     best_score, best_epochs, best = validation_score(chosen), chosen["best_epochs"], chosen["settings"]
     spec = spec_of(args.model, best)
-    print(f"best on validation: {best_score:.4f} ({spec}); refit on all of train for {best_epochs} epoch(s), then test", flush=True)
+    print(f"best on validation {VALID_METRICS[metric]}: {best_score:.4f} ({spec}); refit on all of train for {best_epochs} epoch(s), then test", flush=True)
     model = accuracy.refit_on_all(cls, data, dataclasses.replace(cls.Config(), **best, threads=args.threads), best_epochs)
     popularity = np.bincount(data.train.items, minlength=data.n_items + 1)
     train_s, train_cpu_s = time.perf_counter() - started, time.process_time() + children_cpu_s() - cpu_started
@@ -277,8 +307,8 @@ def main() -> None:
         "epochs_run": best_epochs, "stopped_early": True, "train_s": round(train_s, 1), "train_cpu_s": round(train_cpu_s, 1),
         "eval_s": 0.0, "threads": args.threads, "max_epochs": best_epochs, "refit": True,
         "load_avg": round((load_before + os.getloadavg()[0]) / 2, 1), "measured": time.strftime("%Y-%m-%d"),
-        "tuning": {"trials": len(entries), "seed": args.seed, "space": space, "val_mrr20": round(best_score, 4),
-                   "val_mrr20_default": round(validation_score(entries[0]), 4), "script": "benchmarks/tune.py", "jobs": args.jobs,
+        "tuning": {"trials": len(entries), "seed": args.seed, "space": space, "valid_metric": metric, "val_score": round(best_score, 4),
+                   "val_score_default": round(validation_score(entries[0]), 4), "script": "benchmarks/tune.py", "jobs": args.jobs,
                    "trial_s": round(sum(e["seconds"] for e in entries), 1),
                    "from_journal": sum(bool(e.get("from_journal")) for e in entries)},
     }

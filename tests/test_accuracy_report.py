@@ -53,6 +53,23 @@ def test_a_tuned_rows_settings_cell_states_its_budget_and_validation_figure():
     assert accuracy.settings_cell(row("beauty", "sasrec:init=normal", 0.01)) == "fixed (the row's name)"
 
 
+def test_a_row_tuned_on_validation_ndcg10_says_so_in_its_settings_cell():
+    tuned = row("beauty", "bert4rec:valid_metric=ndcg10", 0.01, refit=True,
+                tuning={"trials": 4, "seed": 2, "valid_metric": "ndcg10", "val_score": 0.0247, "val_score_default": 0.0199})
+    cell = accuracy.settings_cell(tuned)
+    assert "validation NDCG@10 (0.0247; defaults 0.0199)" in cell and "MRR@20" not in cell
+
+
+def test_the_search_chooses_on_the_figure_its_trials_followed_and_refuses_trials_that_followed_different_ones():
+    ndcg = [{"valid_metric": "ndcg10", "val_score": 0.020, "val_mrr20": 0.030},
+            {"valid_metric": "ndcg10", "val_score": 0.025, "val_mrr20": 0.010}]
+    assert tune.choose(ndcg) == ("ndcg10", ndcg[1])  # the better NDCG@10, though its MRR@20 is worse
+    journal_of_before = [{"val_mrr20": 0.02}, {"val_mrr20": 0.03}]  # entries from before valid_metric: MRR@20
+    assert tune.choose(journal_of_before) == ("mrr20", journal_of_before[1])
+    with pytest.raises(tune.UserError, match=r"different validation figures \(mrr20, ndcg10\)"):
+        tune.choose(journal_of_before + ndcg)
+
+
 def test_the_tuning_draws_start_with_the_defaults_are_distinct_and_stay_in_the_space():
     space = tune.SPACES["gru4rec"]
     draws = tune.draw(space, 12, seed=3)
@@ -177,6 +194,15 @@ def test_a_parallel_tuning_run_journals_each_trial_and_a_second_run_takes_them_f
     assert second.count("from the journal") == 2 and len(journal.read_text().splitlines()) == 2
     pick = [line for line in first.splitlines() if line.startswith(("best on validation", "test:"))]
     assert len(pick) == 2 and all(line.split("(tuning")[0] in second for line in pick)
+
+
+def test_a_trial_that_follows_validation_ndcg10_is_scored_by_it_and_logs_mrr20_beside_it(shared_data):
+    data = accuracy.load_diginetica()
+    by_mrr = tune.run_trial("diginetica", "gru4rec", {}, threads=1, data=data)
+    by_ndcg = tune.run_trial("diginetica", "gru4rec", {"valid_metric": "ndcg10"}, threads=1, data=data)
+    assert (by_mrr["valid_metric"], by_ndcg["valid_metric"]) == ("mrr20", "ndcg10")
+    assert by_mrr["val_score"] == by_mrr["val_mrr20"] and by_ndcg["val_score"] == by_ndcg["val_ndcg10"]
+    assert by_ndcg["val_score"] != by_ndcg["val_mrr20"] and by_ndcg["error"] is None
 
 
 def test_a_journal_line_that_is_not_a_trial_is_a_one_line_error(tmp_path):
