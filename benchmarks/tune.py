@@ -6,10 +6,10 @@
 Each trial trains on the leak-free ``early_stopping_split`` (train without the validation targets) and is
 scored by its best validation MRR@20 (early stopping where the model has patience, else the best epoch
 of the run); ``--valid-metric ndcg10`` makes every trial follow validation NDCG@10 instead (the trainer's
-``valid_metric``, which then names the row), and the choice between trials uses the same figure. Only the trial with the best validation figure is then trained again on all of train (the
-data the baselines are fitted on) for its best epoch count (``stop_after``: the same learning-rate schedule,
-ended there) and evaluated on test, with and without the
-user's own items in the ranking. Test figures of the other trials are never computed, so nothing is
+``valid_metric``, which then names the row), and the choice between trials uses the same figure. Only the
+trial with the best validation figure is then trained again on all of train (the data the baselines are
+fitted on) for its best epoch count (``stop_after``: the same learning-rate schedule, ended there) and
+evaluated on test, with and without the user's own items in the ranking. Test figures of the other trials are never computed, so nothing is
 chosen on test. The row goes to docs/accuracy.json beside the other accuracy rows, with the search
 space, the number of trials and the seed (the tuning budget), and docs/results.md is re-rendered.
 
@@ -288,9 +288,6 @@ def main() -> None:
         draws = [{**settings, "valid_metric": args.valid_metric} for settings in draws]
     try:
         entries = run_trials(args.dataset, args.model, draws, args.threads, args.jobs, data, args.journal)
-    except UserError as e:
-        sys.exit(f"error: {e}")
-    try:
         metric, chosen = choose(entries)
     except UserError as e:
         sys.exit(f"error: {e}")
