@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
+import tempfile
 import time
+import weakref
 from pathlib import Path
 
 import faust
@@ -104,11 +107,18 @@ class StreamWorker:
     def _build_app(self) -> faust.App:
         s = self.settings
         store, table_options = faust_store(s)
+        if table_options:
+            datadir = s.worker_data_dir()
+        else:
+            # The memory store writes nothing to disk, but Faust makes <datadir>/v1/tables when it starts, by
+            # default "<app id>-data" in the working directory: give it a temporary one, gone with the worker.
+            datadir = Path(tempfile.mkdtemp(prefix=f"{s.app_id}-faust-"))
+            weakref.finalize(self, shutil.rmtree, datadir, True)
         app = faust.App(
             s.app_id,
             broker=s.faust_broker(),
             store=store,
-            **({"datadir": str(s.worker_data_dir())} if table_options else {}),
+            datadir=str(datadir),
             web_enabled=False,
             topic_partitions=self.partitions,
             topic_replication_factor=s.replication_factor,

@@ -86,6 +86,28 @@ def test_a_sigkilled_worker_restarted_reads_only_the_changelog_tail_with_rocksdb
     print(f"--store {store}: {len(sent):,} clicks, SIGKILL at {written:,} changelog records, the restart read {recovered:.0f} of them: {total:,} answers, {duplicates} duplicates")
 
 
+@pytest.mark.broker
+def test_a_worker_on_the_memory_store_leaves_no_data_directory_behind(broker, markov_bundle, tmp_path, monkeypatch):
+    """Faust makes its data directory when it starts, by default ``<app id>-data`` in the working directory:
+    a worker on the memory store, which writes nothing there, gives it a temporary one removed when it stops."""
+    from stream.process import wait_until_serving
+
+    cwd, tmp = tmp_path / "cwd", tmp_path / "tmp"
+    cwd.mkdir()
+    tmp.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    settings = worker_settings(broker, store="memory")
+    worker = start_worker(settings, markov_bundle[1], tmp_path / "worker.log")
+    try:
+        wait_until_serving(settings, worker)
+        assert [p.name.startswith(f"{settings.app_id}-faust-") for p in tmp.iterdir()] == [True], list(tmp.iterdir())
+    finally:
+        status = stop_worker(worker)
+    assert status == 0, (tmp_path / "worker.log").read_text()[-3000:]
+    assert list(cwd.iterdir()) == [] and list(tmp.iterdir()) == [], (list(cwd.iterdir()), list(tmp.iterdir()))
+
+
 def test_tombstones_never_written_because_their_partition_moved_leave_pending_and_the_stored_state_shows_again():
     """Under exactly_once an expiry tombstone whose transaction found its partition revoked (NotOwned) is
     never written: it must not stay in ``pending`` (a leak, and it hid the stored state from the next
