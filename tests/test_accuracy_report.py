@@ -267,6 +267,37 @@ def test_a_paired_bootstrap_finds_a_lead_every_resample_shows_and_its_interval_h
         paired.paired_bootstrap(a, b[:-1])
 
 
+def test_the_paired_difference_split_by_history_length_counts_every_event_once_and_finds_the_group_that_makes_it():
+    import paired
+    from training.sessions import Sessions
+
+    sessions = Sessions(session_ids=np.array(["u1", "u2"]), items=np.array([5, 6, 7, 8, 9, 5, 6]), offsets=np.array([0, 4, 7]), times=np.arange(7.0))
+    assert paired.history_lengths(sessions, np.array([0, 2, 3, 4, 5])).tolist() == [1, 3, 4, 1, 2]
+    rng = np.random.default_rng(1)
+    history = rng.integers(1, 30, 2000)
+    b = rng.integers(1, 40, 2000)
+    a = np.where(history >= 10, np.maximum(b - 8, 1), b)  # a gains on long histories only
+    groups = paired.split_by_history(a, b, history, k=20, resamples=300)
+    assert sum(g["events"] for g in groups) == 2000 and sum(g["share"] for g in groups) == pytest.approx(1.0)
+    assert sum(g["weight"] for g in groups) == pytest.approx(1.0)
+    by_name = {g["history"]: g for g in groups}
+    assert by_name["1"]["difference"] == 0.0 and by_name["1"]["interval"] == (0.0, 0.0)
+    assert by_name["10-19"]["interval"][0] > 0 and by_name["20+"]["interval"][0] > 0
+    assert by_name["10-19"]["weight"] + by_name["20+"]["weight"] == pytest.approx(1.0)
+    table = paired.history_table(groups, ("a", "b"), 20)
+    assert table.count("\n") == len(groups) + 1 and "| 10-19 |" in table
+
+
+def test_paired_by_history_splits_two_rebuilt_rows_over_all_their_test_events(shared_data):
+    import paired
+
+    result = paired.compare("diginetica", "sknn", "sr", resamples=100, by_history=True)
+    assert sum(g["events"] for g in result.by_history) == result.events
+    overall = sum(g["difference"] * g["events"] for g in result.by_history) / result.events
+    assert overall == pytest.approx(result.difference, abs=1e-12)
+    assert "MRR@20 by history length" in paired.report(result, ("sknn", "sr"), 20)
+
+
 def test_paired_rebuilds_two_stored_rows_gives_their_figures_again_and_records_the_interval_in_the_first(shared_data, tmp_path, monkeypatch):
     """A refit neural row and a baseline of the Diginetica sample, rebuilt from (a copy of) docs/accuracy.json."""
     import paired
