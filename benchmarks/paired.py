@@ -14,6 +14,9 @@ give its row's MRR@K again, else the script stops: the interval would describe o
 
 With ``--runs RUNS`` (the folder ``accuracy.py --runs`` kept) an early-stopped leave-one-out row is loaded from its
 run's checkpoint (the kept epoch's weights) instead of trained again; the row's figure is still checked.
+A row trained again on another CPU need not give its figure to the last digit (another float path: a GRU4Rec row of
+2026-12-05 gives MRR@20 0.028599 on this AMD EPYC against its 0.028451); ``--tolerance`` accepts such a rebuild and
+says so, for questions about the model (``--by-history``), never for ``--record``.
 
 Prints MRR@K, HR@K and NDCG@K of both, each difference with its 95 % percentile interval
 (``stream.experiment.bootstrap_interval``, the A/B report's) and how many events only one of the two has in its top K.
@@ -173,8 +176,10 @@ def rebuild(row: dict, data, runs: Path | None = None):
     return model
 
 
-def event_ranks(row: dict, data, k: int, exclude_seen: bool, key: str, runs: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(positions, ranks) of the row's rebuilt model on every test event; stops unless it gives the row's ``key`` again."""
+def event_ranks(row: dict, data, k: int, exclude_seen: bool, key: str, runs: Path | None = None,
+                tolerance: float = REPRODUCE_TOLERANCE) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, ranks) of the row's rebuilt model on every test event; stops unless it gives the row's ``key``
+    again, within ``tolerance``."""
     if key not in row:  # before the rebuild, which can take minutes
         sys.exit(f"error: the row for '{row['model']}' has no {key}")
     started = time.perf_counter()
@@ -182,14 +187,16 @@ def event_ranks(row: dict, data, k: int, exclude_seen: bool, key: str, runs: Pat
     popularity = np.bincount(data.train.items, minlength=data.n_items + 1)
     mode = data.stats.get("eval_mode", "next")
     m = evaluate(model, data.test, ks=(k,), mode=mode, popularity=popularity, exclude_seen=exclude_seen, progress=False, event_ranks=True)
-    if abs(m[f"MRR@{k}"] - row[key]) > REPRODUCE_TOLERANCE:
-        sys.exit(f"error: '{row['model']}' rebuilt gives {key} {m[f'MRR@{k}']:.6f}, its row {row[key]:.6f}: not the row's model")
-    print(f"  {row['model']}: {key} {m[f'MRR@{k}']:.4f}, as in its row ({time.perf_counter() - started:.0f} s)", flush=True)
+    if abs(m[f"MRR@{k}"] - row[key]) > tolerance:
+        sys.exit(f"error: '{row['model']}' rebuilt gives {key} {m[f'MRR@{k}']:.6f}, its row {row[key]:.6f}: not the row's model"
+                 + ("" if tolerance > REPRODUCE_TOLERANCE else " (trained again on another CPU? see --tolerance)"))
+    same = "as in its row" if abs(m[f"MRR@{k}"] - row[key]) <= REPRODUCE_TOLERANCE else f"its row {row[key]:.6f}, within --tolerance"
+    print(f"  {row['model']}: {key} {m[f'MRR@{k}']:.6f}, {same} ({time.perf_counter() - started:.0f} s)", flush=True)
     return m["event_positions"], m["event_ranks"]
 
 
 def compare(dataset: str, spec_a: str, spec_b: str, k: int = 20, resamples: int = 2000, exclude_seen: bool = False, record: bool = False,
-            runs: Path | None = None, by_history: bool = False) -> PairedResult:
+            runs: Path | None = None, by_history: bool = False, tolerance: float = REPRODUCE_TOLERANCE) -> PairedResult:
     """Both rows rebuilt, ranked on the same test events and bootstrapped; with ``record`` the result is stored in the
     first row (``paired``, by metric) of docs/accuracy.json and the docs are rendered again (the summary's interval);
     with ``by_history`` the difference is split by the events' history lengths too (``split_by_history``)."""
@@ -198,8 +205,10 @@ def compare(dataset: str, spec_a: str, spec_b: str, k: int = 20, resamples: int 
     row_a, row_b = stored_row(dataset, spec_a), stored_row(dataset, spec_b)
     data = accuracy.DATASETS[dataset][1]()
     metric = f"MRR@{k}" + (" seen removed" if exclude_seen else "")  # the rows' name for the figure ranked here
-    positions_a, ranks_a = event_ranks(row_a, data, k, exclude_seen, metric, runs)
-    positions_b, ranks_b = event_ranks(row_b, data, k, exclude_seen, metric, runs)
+    if record and tolerance > REPRODUCE_TOLERANCE:
+        sys.exit("error: --record stores the interval of the rows themselves: leave --tolerance at its default")
+    positions_a, ranks_a = event_ranks(row_a, data, k, exclude_seen, metric, runs, tolerance)
+    positions_b, ranks_b = event_ranks(row_b, data, k, exclude_seen, metric, runs, tolerance)
     if not np.array_equal(positions_a, positions_b):
         sys.exit("error: the two models were ranked on different test events")
     result = paired_bootstrap(ranks_a, ranks_b, k, resamples)
@@ -235,15 +244,17 @@ def main() -> None:
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
     parser.add_argument("--exclude-seen", action="store_true", help="rank without the user's own earlier items (the rows' 'seen removed' figures)")
     parser.add_argument("--runs", type=Path, help="load early-stopped leave-one-out rows from the runs accuracy.py --runs kept there, not train them again")
+    parser.add_argument("--tolerance", type=float, default=REPRODUCE_TOLERANCE,
+                        help="how far a rebuilt row's MRR@K may lie from its row's (retrained on another CPU, the float path and so the model differ a little); not with --record")
     parser.add_argument("--by-history", action="store_true", help="also split the MRR@K difference by how many items come before the target")
     parser.add_argument("--record", action="store_true", help="store the interval in the first row of docs/accuracy.json and render the docs again")
     args = parser.parse_args()
-    if args.k < 1 or args.resamples < 1:
-        sys.exit("error: --k and --resamples must be at least 1")
+    if args.k < 1 or args.resamples < 1 or args.tolerance < 0:
+        sys.exit("error: --k and --resamples must be at least 1, --tolerance at least 0")
     configure_process(threads=1)
     if args.record and args.k != 20:
         sys.exit("error: --record stores MRR@20 intervals (the summary's metric): leave --k at 20")
-    result = compare(args.dataset, args.models[0], args.models[1], args.k, args.resamples, args.exclude_seen, args.record, args.runs, args.by_history)
+    result = compare(args.dataset, args.models[0], args.models[1], args.k, args.resamples, args.exclude_seen, args.record, args.runs, args.by_history, args.tolerance)
     print(report(result, tuple(args.models), args.k))
 
 
