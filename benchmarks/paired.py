@@ -10,18 +10,19 @@ give its row's MRR@K again, else the script stops: the interval would describe o
     python benchmarks/paired.py --dataset diginetica --models vsknn sknn --exclude-seen
     python benchmarks/paired.py --dataset beauty --models NEURAL BASELINE --record   # the interval into the summary
     python benchmarks/paired.py --dataset beauty --models A B --k 10 --exclude-seen --runs RUNS   # kept runs, no training
-    python benchmarks/paired.py --dataset beauty --models NEURAL BASELINE --by-history   # where the difference comes from
+    python benchmarks/paired.py --dataset beauty --models NEURAL BASELINE --by history popularity   # where it comes from
 
 With ``--runs RUNS`` (the folder ``accuracy.py --runs`` kept) an early-stopped leave-one-out row is loaded from its
 run's checkpoint (the kept epoch's weights) instead of trained again; the row's figure is still checked.
 A row trained again on another CPU need not give its figure to the last digit (another float path: a GRU4Rec row of
 2026-12-05 gives MRR@20 0.028599 on this AMD EPYC against its 0.028451); ``--tolerance`` accepts such a rebuild and
-says so, for questions about the model (``--by-history``), never for ``--record``.
+says so, for questions about the model (``--by``), never for ``--record``.
 
 Prints MRR@K, HR@K and NDCG@K of both, each difference with its 95 % percentile interval
 (``stream.experiment.bootstrap_interval``, the A/B report's) and how many events only one of the two has in its top K.
-``--by-history`` adds a table of the MRR@K difference by how many of the user's items come before the target (each
-group bootstrapped on its own): where one model gains and the other loses.
+``--by history popularity`` adds tables of the MRR@K difference by how many of the user's items come before the
+target and by how often the target was clicked in training (each group bootstrapped on its own): where one model
+gains and where the other.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class PairedResult:
     ndcg: tuple[float, float] = (0.0, 0.0)
     hr_interval: tuple[float, float] = (0.0, 0.0)  # of hr[0] - hr[1]
     ndcg_interval: tuple[float, float] = (0.0, 0.0)  # of ndcg[0] - ndcg[1]
-    by_history: list[dict] = dataclasses.field(default_factory=list)  # split_by_history, where asked for
+    splits: dict[str, list[dict]] = dataclasses.field(default_factory=dict)  # split_difference by grouping, where asked for
 
 
 def reciprocal_ranks(ranks: np.ndarray, k: int) -> np.ndarray:
@@ -95,7 +96,11 @@ def paired_bootstrap(ranks_a: np.ndarray, ranks_b: np.ndarray, k: int = 20, resa
     )
 
 
-HISTORY_GROUPS = ((1, 1), (2, 2), (3, 3), (4, 4), (5, 6), (7, 9), (10, 19), (20, None))  # items before the target
+# The groupings of ``--by``: what is measured per test event, its groups (lo, hi; hi None: no upper end), the table's heading.
+GROUPINGS = {
+    "history": (((1, 1), (2, 2), (3, 3), (4, 4), (5, 6), (7, 9), (10, 19), (20, None)), "items before the target"),
+    "popularity": (((0, 0), (1, 4), (5, 9), (10, 19), (20, 49), (50, 99), (100, 199), (200, None)), "the target's training clicks"),
+}
 
 
 def history_lengths(sessions, positions: np.ndarray) -> np.ndarray:
@@ -104,32 +109,38 @@ def history_lengths(sessions, positions: np.ndarray) -> np.ndarray:
     return positions - sessions.offsets[owner] + 1
 
 
-def split_by_history(ranks_a: np.ndarray, ranks_b: np.ndarray, history: np.ndarray, k: int = 20, resamples: int = 2000, seed: int = 0) -> list[dict]:
-    """The MRR@K difference ``a - b`` per group of ``HISTORY_GROUPS``, each with its own paired bootstrap interval;
-    ``share`` is the group's part of all events and ``weight`` its part of the overall difference (they sum to 1
-    where the overall difference is not 0)."""
+def target_popularity(data, positions: np.ndarray) -> np.ndarray:
+    """How often each event's target occurs in the training clicks (``data.train``)."""
+    return np.bincount(data.train.items, minlength=data.n_items + 1)[data.test.items[positions + 1]]
+
+
+def split_difference(ranks_a: np.ndarray, ranks_b: np.ndarray, values: np.ndarray, groups, k: int = 20, resamples: int = 2000,
+                     seed: int = 0) -> list[dict]:
+    """The MRR@K difference ``a - b`` per group of events (``values`` in [lo, hi]), each with its own paired bootstrap
+    interval; ``share`` is the group's part of all events and ``weight`` its part of the overall difference (they
+    sum to 1 where the overall difference is not 0)."""
     rr_a, rr_b = reciprocal_ranks(ranks_a, k), reciprocal_ranks(ranks_b, k)
     total = float((rr_a - rr_b).sum())
-    groups = []
-    for lo, hi in HISTORY_GROUPS:
-        m = (history >= lo) & (history <= (hi if hi is not None else np.iinfo(np.int64).max))
+    rows = []
+    for lo, hi in groups:
+        m = (values >= lo) & (values <= (hi if hi is not None else np.iinfo(np.int64).max))
         if not m.any():
             continue
         difference = rr_a[m] - rr_b[m]
         low, high = bootstrap_interval(difference, np.ones_like(difference), np.random.default_rng(seed), resamples)
-        groups.append({"history": str(lo) if lo == hi else (f"{lo}+" if hi is None else f"{lo}-{hi}"), "events": int(m.sum()),
-                       "share": float(m.mean()), "mrr": (float(rr_a[m].mean()), float(rr_b[m].mean())),
-                       "difference": float(difference.mean()), "interval": (low, high),
-                       "weight": float(difference.sum()) / total if total else float("nan")})
-    return groups
+        rows.append({"group": str(lo) if lo == hi else (f"{lo}+" if hi is None else f"{lo}-{hi}"), "events": int(m.sum()),
+                     "share": float(m.mean()), "mrr": (float(rr_a[m].mean()), float(rr_b[m].mean())),
+                     "difference": float(difference.mean()), "interval": (low, high),
+                     "weight": float(difference.sum()) / total if total else float("nan")})
+    return rows
 
 
-def history_table(groups: list[dict], names: tuple[str, str], k: int) -> str:
-    """``split_by_history`` as a Markdown table."""
-    lines = [f"| items before the target | events | share | MRR@{k} {names[0]} | MRR@{k} {names[1]} | difference | 95 % interval | part of the overall difference |",
+def split_table(rows: list[dict], heading: str, names: tuple[str, str], k: int) -> str:
+    """``split_difference`` as a Markdown table."""
+    lines = [f"| {heading} | events | share | MRR@{k} {names[0]} | MRR@{k} {names[1]} | difference | 95 % interval | part of the overall difference |",
              "|---|---|---|---|---|---|---|---|"]
-    for g in groups:
-        lines.append(f"| {g['history']} | {g['events']:,} | {g['share']:.1%} | {g['mrr'][0]:.4f} | {g['mrr'][1]:.4f} | {g['difference']:+.4f} | "
+    for g in rows:
+        lines.append(f"| {g['group']} | {g['events']:,} | {g['share']:.1%} | {g['mrr'][0]:.4f} | {g['mrr'][1]:.4f} | {g['difference']:+.4f} | "
                      f"{g['interval'][0]:+.4f} to {g['interval'][1]:+.4f} | {g['weight']:+.0%} |")
     return "\n".join(lines)
 
@@ -196,10 +207,10 @@ def event_ranks(row: dict, data, k: int, exclude_seen: bool, key: str, runs: Pat
 
 
 def compare(dataset: str, spec_a: str, spec_b: str, k: int = 20, resamples: int = 2000, exclude_seen: bool = False, record: bool = False,
-            runs: Path | None = None, by_history: bool = False, tolerance: float = REPRODUCE_TOLERANCE) -> PairedResult:
+            runs: Path | None = None, by: tuple[str, ...] = (), tolerance: float = REPRODUCE_TOLERANCE) -> PairedResult:
     """Both rows rebuilt, ranked on the same test events and bootstrapped; with ``record`` the result is stored in the
     first row (``paired``, by metric) of docs/accuracy.json and the docs are rendered again (the summary's interval);
-    with ``by_history`` the difference is split by the events' history lengths too (``split_by_history``)."""
+    ``by`` splits the difference by those ``GROUPINGS`` too (``split_difference``)."""
     if dataset not in accuracy.DATASETS:
         sys.exit(f"error: unknown dataset '{dataset}' (one of {', '.join(accuracy.DATASETS)})")
     row_a, row_b = stored_row(dataset, spec_a), stored_row(dataset, spec_b)
@@ -212,8 +223,9 @@ def compare(dataset: str, spec_a: str, spec_b: str, k: int = 20, resamples: int 
     if not np.array_equal(positions_a, positions_b):
         sys.exit("error: the two models were ranked on different test events")
     result = paired_bootstrap(ranks_a, ranks_b, k, resamples)
-    if by_history:
-        result.by_history = split_by_history(ranks_a, ranks_b, history_lengths(data.test, positions_a), k, resamples)
+    for grouping in by:
+        values = history_lengths(data.test, positions_a) if grouping == "history" else target_popularity(data, positions_a)
+        result.splits[grouping] = split_difference(ranks_a, ranks_b, values, GROUPINGS[grouping][0], k, resamples)
     if record:
         entry = {"against": spec_b, "mrr": [row_a[metric], row_b[metric]], "difference": result.difference,
                  "interval": list(result.interval), "events": result.events, "resamples": resamples, "measured": time.strftime("%Y-%m-%d")}
@@ -233,7 +245,8 @@ def report(result: PairedResult, names: tuple[str, str], k: int) -> str:
         f"  {names[1]}: MRR@{k} {result.mrr[1]:.4f}  HR@{k} {result.hr[1]:.4f}  NDCG@{k} {result.ndcg[1]:.4f}",
         line("MRR", result.mrr, result.interval), line("HR", result.hr, result.hr_interval), line("NDCG", result.ndcg, result.ndcg_interval),
         f"events with the target in only one top {k}: first {result.only_a:,}, second {result.only_b:,}",
-    ] + (["", f"MRR@{k} by history length (first minus second):", history_table(result.by_history, names, k)] if result.by_history else []))
+    ] + [line for grouping, rows in result.splits.items()
+         for line in ("", f"MRR@{k} by {GROUPINGS[grouping][1]} (first minus second):", split_table(rows, GROUPINGS[grouping][1], names, k))])
 
 
 def main() -> None:
@@ -246,7 +259,8 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, help="load early-stopped leave-one-out rows from the runs accuracy.py --runs kept there, not train them again")
     parser.add_argument("--tolerance", type=float, default=REPRODUCE_TOLERANCE,
                         help="how far a rebuilt row's MRR@K may lie from its row's (retrained on another CPU, the float path and so the model differ a little); not with --record")
-    parser.add_argument("--by-history", action="store_true", help="also split the MRR@K difference by how many items come before the target")
+    parser.add_argument("--by", nargs="+", default=[], choices=sorted(GROUPINGS),
+                        help="also split the MRR@K difference by how many items come before the target (history) or how often the target was clicked in training (popularity)")
     parser.add_argument("--record", action="store_true", help="store the interval in the first row of docs/accuracy.json and render the docs again")
     args = parser.parse_args()
     if args.k < 1 or args.resamples < 1 or args.tolerance < 0:
@@ -254,7 +268,7 @@ def main() -> None:
     configure_process(threads=1)
     if args.record and args.k != 20:
         sys.exit("error: --record stores MRR@20 intervals (the summary's metric): leave --k at 20")
-    result = compare(args.dataset, args.models[0], args.models[1], args.k, args.resamples, args.exclude_seen, args.record, args.runs, args.by_history, args.tolerance)
+    result = compare(args.dataset, args.models[0], args.models[1], args.k, args.resamples, args.exclude_seen, args.record, args.runs, tuple(args.by), args.tolerance)
     print(report(result, tuple(args.models), args.k))
 
 

@@ -267,7 +267,7 @@ def test_a_paired_bootstrap_finds_a_lead_every_resample_shows_and_its_interval_h
         paired.paired_bootstrap(a, b[:-1])
 
 
-def test_the_paired_difference_split_by_history_length_counts_every_event_once_and_finds_the_group_that_makes_it():
+def test_the_paired_difference_split_into_groups_counts_every_event_once_and_finds_the_group_that_makes_it():
     import paired
     from training.sessions import Sessions
 
@@ -277,25 +277,31 @@ def test_the_paired_difference_split_by_history_length_counts_every_event_once_a
     history = rng.integers(1, 30, 2000)
     b = rng.integers(1, 40, 2000)
     a = np.where(history >= 10, np.maximum(b - 8, 1), b)  # a gains on long histories only
-    groups = paired.split_by_history(a, b, history, k=20, resamples=300)
+    groups = paired.split_difference(a, b, history, paired.GROUPINGS["history"][0], k=20, resamples=300)
     assert sum(g["events"] for g in groups) == 2000 and sum(g["share"] for g in groups) == pytest.approx(1.0)
     assert sum(g["weight"] for g in groups) == pytest.approx(1.0)
-    by_name = {g["history"]: g for g in groups}
+    by_name = {g["group"]: g for g in groups}
     assert by_name["1"]["difference"] == 0.0 and by_name["1"]["interval"] == (0.0, 0.0)
     assert by_name["10-19"]["interval"][0] > 0 and by_name["20+"]["interval"][0] > 0
     assert by_name["10-19"]["weight"] + by_name["20+"]["weight"] == pytest.approx(1.0)
-    table = paired.history_table(groups, ("a", "b"), 20)
+    table = paired.split_table(groups, "items before the target", ("a", "b"), 20)
     assert table.count("\n") == len(groups) + 1 and "| 10-19 |" in table
 
 
-def test_paired_by_history_splits_two_rebuilt_rows_over_all_their_test_events(shared_data):
+def test_paired_splits_two_rebuilt_rows_by_history_and_target_popularity_over_all_their_test_events(shared_data):
     import paired
 
-    result = paired.compare("diginetica", "sknn", "sr", resamples=100, by_history=True)
-    assert sum(g["events"] for g in result.by_history) == result.events
-    overall = sum(g["difference"] * g["events"] for g in result.by_history) / result.events
-    assert overall == pytest.approx(result.difference, abs=1e-12)
-    assert "MRR@20 by history length" in paired.report(result, ("sknn", "sr"), 20)
+    result = paired.compare("diginetica", "sknn", "sr", resamples=100, by=("history", "popularity"))
+    data = accuracy.DATASETS["diginetica"][1]()
+    popularity = np.bincount(data.train.items, minlength=data.n_items + 1)
+    for grouping in ("history", "popularity"):
+        rows = result.splits[grouping]
+        assert sum(g["events"] for g in rows) == result.events
+        assert sum(g["difference"] * g["events"] for g in rows) / result.events == pytest.approx(result.difference, abs=1e-12)
+    last = data.test.offsets[1:] - 2  # leave-one-out: each user's last click before the target
+    assert np.array_equal(paired.target_popularity(data, last), popularity[data.test.items[last + 1]])
+    text = paired.report(result, ("sknn", "sr"), 20)
+    assert "MRR@20 by items before the target" in text and "MRR@20 by the target's training clicks" in text
 
 
 def test_paired_rebuilds_two_stored_rows_gives_their_figures_again_and_records_the_interval_in_the_first(shared_data, tmp_path, monkeypatch):
