@@ -455,6 +455,12 @@ def settings_cell(r: dict) -> str:
         t = r["tuning"]
         label = VALID_METRICS[t.get("valid_metric", "mrr20")]  # rows before valid_metric followed MRR@20
         best, default = (t["val_score"], t["val_score_default"]) if "val_score" in t else (t["val_mrr20"], t["val_mrr20_default"])
+        if "around" in t:  # tune.py --around/--vary: a second stage around a first stage's best
+            first = t.get("first_stage") or {}
+            before = (f"best of {first['trials']} random draws (`benchmarks/tune.py --trials {first['trials']} --seed {first['seed']}`), then "
+                      if first else f"around `{t['around']}`, ")
+            return (f"{before}{t['trials']} trials more on validation {label} varying {t['vary']} around it ({best:.4f}; "
+                    f"the first stage's best trained again here {default:.4f}), `benchmarks/tune.py --around SPEC --vary {t['vary']}`{refit}")
         return (f"best of {t['trials']} random draws on validation {label} ({best:.4f}; defaults {default:.4f}), "
                 f"`benchmarks/tune.py --trials {t['trials']} --seed {t['seed']}`{refit}")
     return ("defaults" if not options else "fixed (the row's name)") + refit

@@ -17,6 +17,12 @@ The search space of each (dataset, model) is ``SPACES`` below, or ``DATASET_SPAC
 own: every trial draws each setting uniformly from its list (seeded, so a run is reproducible); the first
 trial is always the model's defaults.
 
+``--around SPEC --vary NAME=V1,V2,...`` is a second, narrower stage: the settings of SPEC (a tuned row's model
+cell) once as they are and once with each other value of NAME, chosen on validation as a search is; the row then
+states both stages' budgets. (Beauty, 2026-12-06: the tuned GRU4Rec lost to sr on the most clicked targets,
+``benchmarks/paired.py --by popularity``, which ``sample_alpha``, the popularity exponent of its negative samples,
+governs.)
+
 ``--jobs N`` trains N trials at once, each in its own process with ``--threads`` threads (every trial is
 seeded on its own, so the figures are those of a run one at a time). ``--journal FILE`` appends each
 finished trial to FILE (JSON lines) and, started again, takes the trials it already holds from it, so a
@@ -252,6 +258,27 @@ def choose(entries: list[dict]) -> tuple[str, dict]:
     return metrics[0], max(entries, key=validation_score)
 
 
+def refine(dataset: str, model: str, around: str, vary: str) -> tuple[list[dict], dict | None]:
+    """The draws of ``--around SPEC --vary NAME=V1,...`` (SPEC's settings first, then each other value of NAME), and the
+    tuning record of SPEC's row in docs/accuracy.json where it has one (the first stage)."""
+    name, settings = settings_of(around)
+    if name != model:
+        raise UserError(f"--around {around}: a {name} spec, not {model}")
+    key, sep, values = vary.partition("=")
+    if not sep or not key or not values:
+        raise UserError(f"--vary {vary}: give NAME=V1,V2,...")
+    if key not in {f.name for f in dataclasses.fields(get_model(model).Config)}:
+        raise UserError(f"--vary {vary}: {model} has no setting '{key}'")
+    try:
+        tried = [json.loads(v) for v in values.split(",")]
+    except json.JSONDecodeError:
+        raise UserError(f"--vary {vary}: the values must be JSON (numbers, true/false, quoted strings)") from None
+    draws = [settings] + [{**settings, key: v} for v in tried if v != settings.get(key)]
+    rows = json.loads(accuracy.STORE.read_text()) if accuracy.STORE.is_file() else []
+    stage = next((r["tuning"] for r in rows if r["dataset"] == dataset and r["model"] == around and "tuning" in r), None)
+    return draws, stage
+
+
 def children_cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -261,17 +288,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", required=True, choices=sorted(accuracy.DATASETS))
     parser.add_argument("--model", required=True, choices=sorted(SPACES))
-    parser.add_argument("--trials", type=int, default=16, help="settings tried on validation, the defaults included")
+    parser.add_argument("--trials", type=int, default=16, help="settings tried on validation, the defaults included (not with --around: its draws are SPEC and --vary's values)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the draws (training seeds stay the models' own)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each trial")
     parser.add_argument("--jobs", type=int, default=1, help="trials trained at once, each in its own process")
     parser.add_argument("--journal", type=Path, help="JSON-lines file of finished trials: appended to, and read back when started again")
     parser.add_argument("--valid-metric", choices=sorted(VALID_METRICS), default="mrr20",
                         help="the validation figure each trial's early stopping follows and the choice between trials uses")
+    parser.add_argument("--around", metavar="SPEC", help="a second stage: the settings of SPEC (a tuned row's model cell), and --vary's values")
+    parser.add_argument("--vary", metavar="NAME=V1,V2,...", help="with --around: the setting tried at each of these values (JSON), the others as in SPEC")
     parser.add_argument("--no-docs", action="store_true", help="print only; do not touch docs/")
     args = parser.parse_args()
     if args.trials < 1 or args.jobs < 1 or args.threads < 1:
         sys.exit("error: --trials, --jobs and --threads must be at least 1")
+    if bool(args.around) != bool(args.vary):
+        sys.exit("error: --around and --vary go together")
     configure_process(threads=args.threads, keep_freed_memory=True)
     if not accuracy.SHARED.is_dir():
         sys.exit(f"real click logs not found at {accuracy.SHARED}")
@@ -282,8 +313,15 @@ def main() -> None:
     cls = get_model(args.model)
     space = space_for(args.dataset, args.model)
     started, cpu_started, load_before = time.perf_counter(), time.process_time() + children_cpu_s(), os.getloadavg()[0]
-    print(f"== {title}: {args.model}, {args.trials} trials on validation {VALID_METRICS[args.valid_metric]} (seed {args.seed}, {args.jobs} at a time)", flush=True)
-    draws = [with_companions(args.model, settings) for settings in draw(space, args.trials, args.seed)]
+    first_stage = None
+    if args.around:
+        try:
+            draws, first_stage = refine(args.dataset, args.model, args.around, args.vary)
+        except UserError as e:
+            sys.exit(f"error: {e}")
+    else:
+        draws = [with_companions(args.model, settings) for settings in draw(space, args.trials, args.seed)]
+    print(f"== {title}: {args.model}, {len(draws)} trials on validation {VALID_METRICS[args.valid_metric]} (seed {args.seed}, {args.jobs} at a time)", flush=True)
     if args.valid_metric != "mrr20":  # a setting of every draw, so the journal and the row's name say it
         draws = [{**settings, "valid_metric": args.valid_metric} for settings in draws]
     try:
@@ -309,6 +347,9 @@ def main() -> None:
                    "trial_s": round(sum(e["seconds"] for e in entries), 1),
                    "from_journal": sum(bool(e.get("from_journal")) for e in entries)},
     }
+    if args.around:  # the second stage: what it varied around, and the first stage's own record
+        row["tuning"].update(around=args.around, vary=args.vary, first_stage=first_stage)
+        row["tuning"].pop("space")
     row.update(figures, eval_s=round(time.perf_counter() - t0, 1))
     print(f"test: HR@10 {row['HR@10']:.4f}  HR@20 {row['HR@20']:.4f}  MRR@20 {row['MRR@20']:.4f}  NDCG@20 {row['NDCG@20']:.4f}"
           f"  (tuning and refit {train_s / 60:.1f} min)", flush=True)

@@ -60,6 +60,26 @@ def test_a_row_tuned_on_validation_ndcg10_says_so_in_its_settings_cell():
     assert "validation NDCG@10 (0.0247; defaults 0.0199)" in cell and "MRR@20" not in cell
 
 
+def test_a_second_tuning_stage_tries_the_spec_as_it_is_and_each_other_value_and_its_row_states_both_budgets(tmp_path, monkeypatch):
+    spec = 'gru4rec:lr=0.05,sample_alpha=0.5,loss="bpr-max"'
+    monkeypatch.setattr(accuracy, "STORE", tmp_path / "accuracy.json")
+    draws, first = tune.refine("beauty", "gru4rec", spec, "sample_alpha=0.0,0.5,1")
+    base = {"lr": 0.05, "sample_alpha": 0.5, "loss": "bpr-max"}
+    assert draws == [base, {**base, "sample_alpha": 0.0}, {**base, "sample_alpha": 1}] and first is None
+    accuracy.STORE.write_text(json.dumps([row("beauty", spec, 0.0285, tuning={"trials": 16, "seed": 1, "val_score": 0.0313, "val_score_default": 0.0302})]))
+    assert tune.refine("beauty", "gru4rec", spec, 'loss="cross-entropy"')[1]["trials"] == 16
+    for vary, message in (("sample_alpha", "give NAME=V1,V2"), ("alpha=0.1", "no setting 'alpha'"), ("loss=bpr", "must be JSON")):
+        with pytest.raises(tune.UserError, match=message):
+            tune.refine("beauty", "gru4rec", spec, vary)
+    with pytest.raises(tune.UserError, match="a gru4rec spec, not sasrec"):
+        tune.refine("beauty", "sasrec", spec, "lr=0.1")
+    second = row("beauty", spec.replace("0.5", "0.0"), 0.029, refit=True,
+                 tuning={"trials": 3, "seed": 1, "val_score": 0.0320, "val_score_default": 0.0312, "around": spec,
+                         "vary": "sample_alpha=0.0,0.5,1", "first_stage": {"trials": 16, "seed": 1}})
+    cell = accuracy.settings_cell(second)
+    assert "best of 16 random draws" in cell and "3 trials more" in cell and "varying sample_alpha=0.0,0.5,1" in cell and "0.0320" in cell
+
+
 def test_the_search_chooses_on_the_figure_its_trials_followed_and_refuses_trials_that_followed_different_ones():
     ndcg = [{"valid_metric": "ndcg10", "val_score": 0.020, "val_mrr20": 0.030},
             {"valid_metric": "ndcg10", "val_score": 0.025, "val_mrr20": 0.010}]
