@@ -229,7 +229,8 @@ def compare(dataset: str, spec_a: str, spec_b: str, k: int = 20, resamples: int 
     if record:
         entry = {"against": spec_b, "mrr": [row_a[metric], row_b[metric]], "difference": result.difference,
                  "interval": list(result.interval), "events": result.events, "resamples": resamples, "measured": time.strftime("%Y-%m-%d")}
-        accuracy.publish({**row_a, "paired": {**row_a.get("paired", {}), metric: entry}})
+        current = stored_row(dataset, spec_a)  # read again: another paired.py may have recorded since this one started
+        accuracy.publish({**current, "paired": {**current.get("paired", {}), metric: entry}})
     return result
 
 
