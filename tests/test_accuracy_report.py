@@ -342,6 +342,29 @@ def test_paired_rebuilds_two_stored_rows_gives_their_figures_again_and_records_t
     assert "## Best neural model against the best baseline" in accuracy.RESULTS.read_text()
 
 
+def test_paired_record_keeps_an_entry_another_run_recorded_into_the_same_row_while_it_ranked(shared_data, tmp_path, monkeypatch):
+    import paired
+
+    (tmp_path / "accuracy.json").write_text(accuracy.STORE.read_text())
+    for name, path in (("REPO", tmp_path), ("STORE", tmp_path / "accuracy.json"), ("RESULTS", tmp_path / "results.md"), ("CHART", tmp_path / "accuracy.png")):
+        monkeypatch.setattr(accuracy, name, path)
+    ranks = paired.event_ranks
+
+    def another_run_records_meanwhile(row, *args, **kwargs):
+        if row["model"] == "sr":  # while the second row is ranked, a second paired.py records into the first row
+            rows = json.loads(accuracy.STORE.read_text())
+            for r in rows:
+                if (r["dataset"], r["model"]) == ("diginetica", "sknn"):
+                    r["paired"] = {"MRR@20 seen removed": {"against": "stan"}}
+            accuracy.STORE.write_text(json.dumps(rows))
+        return ranks(row, *args, **kwargs)
+
+    monkeypatch.setattr(paired, "event_ranks", another_run_records_meanwhile)
+    paired.compare("diginetica", "sknn", "sr", resamples=50, record=True)
+    stored = next(r for r in json.loads(accuracy.STORE.read_text()) if (r["dataset"], r["model"]) == ("diginetica", "sknn"))
+    assert set(stored["paired"]) == {"MRR@20", "MRR@20 seen removed"} and stored["paired"]["MRR@20"]["against"] == "sr"
+
+
 def test_paired_loads_an_early_stopped_row_from_its_kept_run_instead_of_training_it_again(shared_data, tmp_path, monkeypatch):
     """``--runs``: the kept epoch's weights give the row's figure again; a run that was not kept is a one-line error."""
     import paired
