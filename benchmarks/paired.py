@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 
 from stream.experiment import bootstrap_interval  # noqa: E402  (the A/B report's percentile bootstrap)
 from streamrec.runtime import configure_process  # noqa: E402
-from training.evaluate import evaluate  # noqa: E402
+from training.evaluate import bucket_label, evaluate, in_bucket  # noqa: E402
 from training.models import get_model  # noqa: E402
 from training.models.base import config_from_options  # noqa: E402
 
@@ -123,12 +123,12 @@ def split_difference(ranks_a: np.ndarray, ranks_b: np.ndarray, values: np.ndarra
     total = float((rr_a - rr_b).sum())
     rows = []
     for lo, hi in groups:
-        m = (values >= lo) & (values <= (hi if hi is not None else np.iinfo(np.int64).max))
+        m = in_bucket(values, lo, hi)
         if not m.any():
             continue
         difference = rr_a[m] - rr_b[m]
         low, high = bootstrap_interval(difference, np.ones_like(difference), np.random.default_rng(seed), resamples)
-        rows.append({"group": str(lo) if lo == hi else (f"{lo}+" if hi is None else f"{lo}-{hi}"), "events": int(m.sum()),
+        rows.append({"group": bucket_label(lo, hi), "events": int(m.sum()),
                      "share": float(m.mean()), "mrr": (float(rr_a[m].mean()), float(rr_b[m].mean())),
                      "difference": float(difference.mean()), "interval": (low, high),
                      "weight": float(difference.sum()) / total if total else float("nan")})

@@ -51,10 +51,16 @@ SCORE_BUDGET = 2**25  # score cells per evaluated batch (128 MiB of float32): 33
 LENGTH_BUCKETS = ((2, 2), (3, 3), (4, 4), (5, 5), (6, 7), (8, 9), (10, 14), (15, 19), (20, None))
 
 
-def _bucket_label(lo: int, hi: int | None) -> str:
+def bucket_label(lo: int, hi: int | None) -> str:
+    """A bucket's name: "4", "5-6", or "20+" where it has no upper end (``hi`` None)."""
     if hi is None:
         return f"{lo}+"
     return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
+def in_bucket(values: np.ndarray, lo: int, hi: int | None) -> np.ndarray:
+    """Where ``values`` lie in [lo, hi] (no upper end where ``hi`` is None)."""
+    return (values >= lo) & (values <= (hi if hi is not None else np.iinfo(np.int64).max))
 
 
 def score_rows(n_items: int, batch_size: int, score_budget: int = SCORE_BUDGET) -> int:
@@ -258,9 +264,9 @@ def evaluate(
     lengths = session_length[pos]
     by_length = []
     for lo, hi in LENGTH_BUCKETS:
-        m = (lengths >= lo) & (lengths <= (hi if hi is not None else np.iinfo(np.int64).max))
+        m = in_bucket(lengths, lo, hi)
         if m.any():
-            row = {"length": _bucket_label(lo, hi), "n_events": int(m.sum())}
+            row = {"length": bucket_label(lo, hi), "n_events": int(m.sum())}
             row.update(rank_metrics(cons[m], (kmax,), ""))
             by_length.append(row)
     out["by_length"] = by_length
