@@ -11,6 +11,7 @@ give its row's MRR@K again, else the script stops: the interval would describe o
     python benchmarks/paired.py --dataset beauty --models NEURAL BASELINE --record   # the interval into the summary
     python benchmarks/paired.py --dataset beauty --models A B --k 10 --exclude-seen --runs RUNS   # kept runs, no training
     python benchmarks/paired.py --dataset beauty --models NEURAL BASELINE --by history popularity   # where it comes from
+    python benchmarks/paired.py --dataset beauty --models SPEC BASELINE --split valid --by popularity   # the same, blind to test
 
 With ``--runs RUNS`` (the folder ``accuracy.py --runs`` kept) an early-stopped leave-one-out row is loaded from its
 run's checkpoint (the kept epoch's weights) instead of trained again; the row's figure is still checked.
@@ -23,6 +24,13 @@ Prints MRR@K, HR@K and NDCG@K of both, each difference with its 95 % percentile 
 ``--by history popularity`` adds tables of the MRR@K difference by how many of the user's items come before the
 target and by how often the target was clicked in training (each group bootstrapped on its own): where one model
 gains and where the other.
+
+``--split valid`` asks the same on the validation targets, without reading test: each spec is trained as a
+``benchmarks/tune.py`` trial is (a neural model on the early-stopping split, early-stopped on the validation
+targets, the kept epoch's weights; a baseline fitted on that split), popularity counts that split's clicks, and
+any spec may be given, a row or not (a search's trial, a draw that was never a row). Nothing is checked against a
+row or recorded: the rows hold test figures. This is where a question about the chosen model (what to try next)
+can be asked while the choice stays on validation only.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ from streamrec.runtime import configure_process  # noqa: E402
 from training.evaluate import bucket_label, evaluate, in_bucket  # noqa: E402
 from training.models import get_model  # noqa: E402
 from training.models.base import config_from_options  # noqa: E402
+from training.protocols import early_stopping_split  # noqa: E402
 
 import accuracy  # noqa: E402  (benchmarks/ is on sys.path)
 import tune  # noqa: E402
@@ -109,9 +118,9 @@ def history_lengths(sessions, positions: np.ndarray) -> np.ndarray:
     return positions - sessions.offsets[owner] + 1
 
 
-def target_popularity(data, positions: np.ndarray) -> np.ndarray:
-    """How often each event's target occurs in the training clicks (``data.train``)."""
-    return np.bincount(data.train.items, minlength=data.n_items + 1)[data.test.items[positions + 1]]
+def target_popularity(popularity: np.ndarray, sessions, positions: np.ndarray) -> np.ndarray:
+    """How often each event's target occurs in the training clicks (``popularity``: their count per item)."""
+    return popularity[sessions.items[positions + 1]]
 
 
 def split_difference(ranks_a: np.ndarray, ranks_b: np.ndarray, values: np.ndarray, groups, k: int = 20, resamples: int = 2000,
@@ -187,6 +196,40 @@ def rebuild(row: dict, data, runs: Path | None = None):
     return model
 
 
+SPLITS = ("test", "valid")
+
+
+def spec_config(spec: str):
+    """(model class, config) of a spec as rows and tune.py write it: ``name:key=value,...`` with plain values
+    (accuracy.py) or JSON values (tune.py: strings quoted, lists)."""
+    try:
+        name, settings = tune.settings_of(spec)
+        cls = get_model(name)
+        return cls, dataclasses.replace(cls.Config(), **settings)
+    except ValueError:  # a plain string value (init=normal) is not JSON: accuracy.py's spec
+        name, options = accuracy.parse_spec(spec)
+        cls = get_model(name)
+        return cls, config_from_options(cls.Config, options)
+
+
+def validation_ranks(spec: str, data, k: int, exclude_seen: bool, threads: int = 1) -> tuple[np.ndarray, np.ndarray, float]:
+    """(positions, ranks, MRR@K) of ``spec`` on every validation target, trained as a tune.py trial is: a neural
+    model on the early-stopping split and early-stopped on validation (the kept epoch's weights), a baseline
+    fitted on that split; ties among unscored items in that split's popularity order."""
+    started = time.perf_counter()
+    cls, config = spec_config(spec)
+    fit, valid = early_stopping_split(data)
+    if accuracy.parse_spec(spec)[0] in accuracy.BASELINES:
+        model = cls.train(dataclasses.replace(data, train=fit, valid=None), config, progress=False)
+    else:
+        model = cls.train(data, dataclasses.replace(config, threads=threads), progress=False)
+    popularity = np.bincount(fit.items, minlength=data.n_items + 1)
+    m = evaluate(model, valid, ks=(k,), mode=data.stats.get("eval_mode", "next"), popularity=popularity, exclude_seen=exclude_seen,
+                 progress=False, event_ranks=True)
+    print(f"  {spec}: validation MRR@{k} {m[f'MRR@{k}']:.6f} ({time.perf_counter() - started:.0f} s)", flush=True)
+    return m["event_positions"], m["event_ranks"], m[f"MRR@{k}"]
+
+
 def event_ranks(row: dict, data, k: int, exclude_seen: bool, key: str, runs: Path | None = None,
                 tolerance: float = REPRODUCE_TOLERANCE) -> tuple[np.ndarray, np.ndarray]:
     """(positions, ranks) of the row's rebuilt model on every test event; stops unless it gives the row's ``key``
@@ -207,24 +250,41 @@ def event_ranks(row: dict, data, k: int, exclude_seen: bool, key: str, runs: Pat
 
 
 def compare(dataset: str, spec_a: str, spec_b: str, k: int = 20, resamples: int = 2000, exclude_seen: bool = False, record: bool = False,
-            runs: Path | None = None, by: tuple[str, ...] = (), tolerance: float = REPRODUCE_TOLERANCE) -> PairedResult:
+            runs: Path | None = None, by: tuple[str, ...] = (), tolerance: float = REPRODUCE_TOLERANCE, split: str = "test",
+            threads: int = 1) -> PairedResult:
     """Both rows rebuilt, ranked on the same test events and bootstrapped; with ``record`` the result is stored in the
     first row (``paired``, by metric) of docs/accuracy.json and the docs are rendered again (the summary's interval);
-    ``by`` splits the difference by those ``GROUPINGS`` too (``split_difference``)."""
+    ``by`` splits the difference by those ``GROUPINGS`` too (``split_difference``). With ``split="valid"`` both specs
+    are trained as tune.py's trials (``validation_ranks``, on ``threads`` torch threads) and ranked on the validation
+    targets instead: no row is needed or checked, and test is not read."""
     if dataset not in accuracy.DATASETS:
         sys.exit(f"error: unknown dataset '{dataset}' (one of {', '.join(accuracy.DATASETS)})")
-    row_a, row_b = stored_row(dataset, spec_a), stored_row(dataset, spec_b)
-    data = accuracy.DATASETS[dataset][1]()
-    metric = f"MRR@{k}" + (" seen removed" if exclude_seen else "")  # the rows' name for the figure ranked here
+    if split not in SPLITS:
+        sys.exit(f"error: unknown split '{split}' (one of {', '.join(SPLITS)})")
+    if split == "valid" and (record or runs is not None):
+        sys.exit("error: --split valid ranks models trained on the early-stopping split, not the rows: no --record, no --runs")
     if record and tolerance > REPRODUCE_TOLERANCE:
         sys.exit("error: --record stores the interval of the rows themselves: leave --tolerance at its default")
-    positions_a, ranks_a = event_ranks(row_a, data, k, exclude_seen, metric, runs, tolerance)
-    positions_b, ranks_b = event_ranks(row_b, data, k, exclude_seen, metric, runs, tolerance)
+    metric = f"MRR@{k}" + (" seen removed" if exclude_seen else "")  # the rows' name for the figure ranked here
+    if split == "valid":
+        data = accuracy.DATASETS[dataset][1]()
+        if data.valid is None:
+            sys.exit(f"error: {dataset} has no validation split")
+        positions_a, ranks_a, _ = validation_ranks(spec_a, data, k, exclude_seen, threads)
+        positions_b, ranks_b, _ = validation_ranks(spec_b, data, k, exclude_seen, threads)
+        train, events = early_stopping_split(data)
+    else:
+        row_a, row_b = stored_row(dataset, spec_a), stored_row(dataset, spec_b)
+        data = accuracy.DATASETS[dataset][1]()
+        positions_a, ranks_a = event_ranks(row_a, data, k, exclude_seen, metric, runs, tolerance)
+        positions_b, ranks_b = event_ranks(row_b, data, k, exclude_seen, metric, runs, tolerance)
+        train, events = data.train, data.test
     if not np.array_equal(positions_a, positions_b):
-        sys.exit("error: the two models were ranked on different test events")
+        sys.exit(f"error: the two models were ranked on different {split} events")
     result = paired_bootstrap(ranks_a, ranks_b, k, resamples)
+    popularity = np.bincount(train.items, minlength=data.n_items + 1)
     for grouping in by:
-        values = history_lengths(data.test, positions_a) if grouping == "history" else target_popularity(data, positions_a)
+        values = history_lengths(events, positions_a) if grouping == "history" else target_popularity(popularity, events, positions_a)
         result.splits[grouping] = split_difference(ranks_a, ranks_b, values, GROUPINGS[grouping][0], k, resamples)
     if record:
         entry = {"against": spec_b, "mrr": [row_a[metric], row_b[metric]], "difference": result.difference,
@@ -263,13 +323,17 @@ def main() -> None:
     parser.add_argument("--by", nargs="+", default=[], choices=sorted(GROUPINGS),
                         help="also split the MRR@K difference by how many items come before the target (history) or how often the target was clicked in training (popularity)")
     parser.add_argument("--record", action="store_true", help="store the interval in the first row of docs/accuracy.json and render the docs again")
+    parser.add_argument("--split", choices=SPLITS, default="test",
+                        help="valid: train both specs as tune.py's trials (any spec, a row or not) and rank the validation targets; test is not read")
+    parser.add_argument("--threads", type=int, default=1, help="with --split valid: torch threads of each neural training (a row's own: the test split)")
     args = parser.parse_args()
-    if args.k < 1 or args.resamples < 1 or args.tolerance < 0:
-        sys.exit("error: --k and --resamples must be at least 1, --tolerance at least 0")
-    configure_process(threads=1)
+    if args.k < 1 or args.resamples < 1 or args.tolerance < 0 or args.threads < 1:
+        sys.exit("error: --k, --resamples and --threads must be at least 1, --tolerance at least 0")
+    configure_process(threads=args.threads)
     if args.record and args.k != 20:
         sys.exit("error: --record stores MRR@20 intervals (the summary's metric): leave --k at 20")
-    result = compare(args.dataset, args.models[0], args.models[1], args.k, args.resamples, args.exclude_seen, args.record, args.runs, tuple(args.by), args.tolerance)
+    result = compare(args.dataset, args.models[0], args.models[1], args.k, args.resamples, args.exclude_seen, args.record, args.runs, tuple(args.by), args.tolerance,
+                     args.split, args.threads)
     print(report(result, tuple(args.models), args.k))
 
 

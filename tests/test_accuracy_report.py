@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -13,6 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import accuracy  # noqa: E402
 import tune  # noqa: E402
+from training.evaluate import evaluate  # noqa: E402
+from training.models import get_model  # noqa: E402
 
 
 def row(dataset: str, model: str, mrr20: float, **extra) -> dict:
@@ -319,9 +322,42 @@ def test_paired_splits_two_rebuilt_rows_by_history_and_target_popularity_over_al
         assert sum(g["events"] for g in rows) == result.events
         assert sum(g["difference"] * g["events"] for g in rows) / result.events == pytest.approx(result.difference, abs=1e-12)
     last = data.test.offsets[1:] - 2  # leave-one-out: each user's last click before the target
-    assert np.array_equal(paired.target_popularity(data, last), popularity[data.test.items[last + 1]])
+    assert np.array_equal(paired.target_popularity(popularity, data.test, last), popularity[data.test.items[last + 1]])
     text = paired.report(result, ("sknn", "sr"), 20)
     assert "MRR@20 by items before the target" in text and "MRR@20 by the target's training clicks" in text
+
+
+def test_paired_on_the_validation_split_ranks_each_spec_as_a_tuning_trial_scores_it_and_never_reads_test(shared_data, monkeypatch):
+    """``--split valid``: a spec that is no row (a trial) against a baseline, both trained on the early-stopping split,
+    on every validation target; the neural side's figure is its own early stopping's best; test is not there."""
+    import paired
+    from training.protocols import early_stopping_split
+
+    data = accuracy.DATASETS["diginetica"][1]()
+    blind = dataclasses.replace(data, test=None)  # any read of test fails
+    monkeypatch.setitem(accuracy.DATASETS, "diginetica", (accuracy.DATASETS["diginetica"][0], lambda: blind))
+    spec = "sasrec:hidden_size=16,epochs=2,patience=1"
+    result = paired.compare("diginetica", spec, "sr", resamples=100, split="valid", by=("popularity",))
+    fit, valid = early_stopping_split(data)
+    assert result.events == len(valid)
+    cls, config = paired.spec_config(spec)
+    trial = cls.train(data, dataclasses.replace(config, threads=1), progress=False).fit_result
+    assert result.mrr[0] == pytest.approx(trial.best_score, abs=1e-9)
+    sr = get_model("sr").train(dataclasses.replace(data, train=fit, valid=None), progress=False)
+    popularity = np.bincount(fit.items, minlength=data.n_items + 1)
+    assert result.mrr[1] == pytest.approx(evaluate(sr, valid, ks=(20,), mode="last", popularity=popularity, progress=False)["MRR@20"], abs=1e-12)
+    assert sum(g["events"] for g in result.splits["popularity"]) == result.events
+    with pytest.raises(SystemExit, match="no --record"):
+        paired.compare("diginetica", spec, "sr", split="valid", record=True)
+
+
+def test_a_spec_is_read_as_tune_writes_it_and_as_accuracy_writes_it():
+    import paired
+
+    cls, config = paired.spec_config('gru4rec:layers=[64],loss="bpr-max",sample_alpha=0.25')
+    assert cls.name == "gru4rec" and list(config.layers) == [64] and config.loss == "bpr-max" and config.sample_alpha == 0.25
+    cls, config = paired.spec_config("sasrec:hidden_size=64,dropout=0.1,init=normal")
+    assert cls.name == "sasrec" and config.hidden_size == 64 and config.init == "normal"
 
 
 def test_paired_rebuilds_two_stored_rows_gives_their_figures_again_and_records_the_interval_in_the_first(shared_data, tmp_path, monkeypatch):
