@@ -144,13 +144,15 @@ def split_difference(ranks_a: np.ndarray, ranks_b: np.ndarray, values: np.ndarra
     return rows
 
 
-def split_table(rows: list[dict], heading: str, names: tuple[str, str], k: int) -> str:
-    """``split_difference`` as a Markdown table."""
-    lines = [f"| {heading} | events | share | MRR@{k} {names[0]} | MRR@{k} {names[1]} | difference | 95 % interval | part of the overall difference |",
-             "|---|---|---|---|---|---|---|---|"]
+def split_table(rows: list[dict], heading: str, names: tuple[str, str], k: int, parts: bool = True) -> str:
+    """``split_difference`` as a Markdown table; ``parts=False`` leaves out each group's part of the overall
+    difference (where that difference is a tie, near 0, the parts are ratios to noise: -800 %, +900 %)."""
+    part = " part of the overall difference |" if parts else ""
+    lines = [f"| {heading} | events | share | MRR@{k} {names[0]} | MRR@{k} {names[1]} | difference | 95 % interval |{part}",
+             "|---|---|---|---|---|---|---|" + ("---|" if parts else "")]
     for g in rows:
         lines.append(f"| {g['group']} | {g['events']:,} | {g['share']:.1%} | {g['mrr'][0]:.4f} | {g['mrr'][1]:.4f} | {g['difference']:+.4f} | "
-                     f"{g['interval'][0]:+.4f} to {g['interval'][1]:+.4f} | {g['weight']:+.0%} |")
+                     f"{g['interval'][0]:+.4f} to {g['interval'][1]:+.4f} |" + (f" {g['weight']:+.0%} |" if parts else ""))
     return "\n".join(lines)
 
 
@@ -295,6 +297,7 @@ def compare(dataset: str, spec_a: str, spec_b: str, k: int = 20, resamples: int 
 
 
 def report(result: PairedResult, names: tuple[str, str], k: int) -> str:
+    lead = not result.interval[0] <= 0 <= result.interval[1]  # the groups' parts of a tie would be ratios to noise
     def line(metric: str, pair: tuple[float, float], interval: tuple[float, float]) -> str:
         low, high = interval
         verdict = "a tie: the interval holds 0" if low <= 0 <= high else ("a lead" if low > 0 else "a loss") + " of the first model beyond noise"
@@ -307,7 +310,9 @@ def report(result: PairedResult, names: tuple[str, str], k: int) -> str:
         line("MRR", result.mrr, result.interval), line("HR", result.hr, result.hr_interval), line("NDCG", result.ndcg, result.ndcg_interval),
         f"events with the target in only one top {k}: first {result.only_a:,}, second {result.only_b:,}",
     ] + [line for grouping, rows in result.splits.items()
-         for line in ("", f"MRR@{k} by {GROUPINGS[grouping][1]} (first minus second):", split_table(rows, GROUPINGS[grouping][1], names, k))])
+         for line in ("", f"MRR@{k} by {GROUPINGS[grouping][1]} (first minus second"
+                      + ("" if lead else "; no part of the overall difference: it is a tie") + "):",
+                      split_table(rows, GROUPINGS[grouping][1], names, k, parts=lead))])
 
 
 def main() -> None:

@@ -308,7 +308,8 @@ def test_the_paired_difference_split_into_groups_counts_every_event_once_and_fin
     assert by_name["10-19"]["interval"][0] > 0 and by_name["20+"]["interval"][0] > 0
     assert by_name["10-19"]["weight"] + by_name["20+"]["weight"] == pytest.approx(1.0)
     table = paired.split_table(groups, "items before the target", ("a", "b"), 20)
-    assert table.count("\n") == len(groups) + 1 and "| 10-19 |" in table
+    assert table.count("\n") == len(groups) + 1 and "| 10-19 |" in table and "part of the overall difference" in table
+    assert "part of" not in paired.split_table(groups, "items before the target", ("a", "b"), 20, parts=False)
 
 
 def test_paired_splits_two_rebuilt_rows_by_history_and_target_popularity_over_all_their_test_events(shared_data):
@@ -325,6 +326,8 @@ def test_paired_splits_two_rebuilt_rows_by_history_and_target_popularity_over_al
     assert np.array_equal(paired.target_popularity(popularity, data.test, last), popularity[data.test.items[last + 1]])
     text = paired.report(result, ("sknn", "sr"), 20)
     assert "MRR@20 by items before the target" in text and "MRR@20 by the target's training clicks" in text
+    tie = result.interval[0] <= 0 <= result.interval[1]
+    assert ("part of the overall difference |" in text) != tie and ("it is a tie" in text) == tie
 
 
 def test_paired_on_the_validation_split_ranks_each_spec_as_a_tuning_trial_scores_it_and_never_reads_test(shared_data, monkeypatch):
