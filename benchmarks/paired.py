@@ -164,17 +164,33 @@ def stored_row(dataset: str, spec: str) -> dict:
     return rows[0]
 
 
+SPLITS = ("test", "valid")
+
+
+def spec_config(spec: str, tuned: bool | None = None):
+    """(model class, config) of a spec as rows and tune.py write it: ``name:key=value,...`` with JSON values
+    (``tuned``, tune.py: strings quoted, lists) or plain ones (accuracy.py); ``tuned=None`` reads JSON where every
+    value is JSON, else plain (``init=normal`` is not JSON)."""
+    if tuned is not False:
+        try:
+            name, settings = tune.settings_of(spec)
+        except ValueError:
+            if tuned:
+                raise
+        else:
+            cls = get_model(name)
+            return cls, dataclasses.replace(cls.Config(), **settings)
+    name, options = accuracy.parse_spec(spec)
+    cls = get_model(name)
+    return cls, config_from_options(cls.Config, options)
+
+
 def rebuild(row: dict, data, runs: Path | None = None):
     """The row's model, trained again the way the row was measured, or with ``runs`` an early-stopped
     leave-one-out row loaded from its kept run (``accuracy.py --runs``: the kept epoch's weights)."""
+    cls, config = spec_config(row["model"], tuned="tuning" in row)
     if "tuning" in row:  # benchmarks/tune.py: settings written as JSON, the draw's own schedule, refit for its best epochs
-        name, settings = tune.settings_of(row["model"])
-        cls = get_model(name)
-        config = dataclasses.replace(cls.Config(), **settings, threads=row.get("threads", 1))
-        return accuracy.refit_on_all(cls, data, config, row["best_epochs"])
-    name, options = accuracy.parse_spec(row["model"])
-    cls = get_model(name)
-    config = config_from_options(cls.Config, options)
+        return accuracy.refit_on_all(cls, data, dataclasses.replace(config, threads=row.get("threads", 1)), row["best_epochs"])
     if row.get("best_epochs") is None:  # a baseline
         return cls.train(data, config, progress=False)
     config = dataclasses.replace(config, threads=row.get("threads", 1))
@@ -198,49 +214,30 @@ def rebuild(row: dict, data, runs: Path | None = None):
     return model
 
 
-SPLITS = ("test", "valid")
-
-
-def spec_config(spec: str):
-    """(model class, config) of a spec as rows and tune.py write it: ``name:key=value,...`` with plain values
-    (accuracy.py) or JSON values (tune.py: strings quoted, lists)."""
-    try:
-        name, settings = tune.settings_of(spec)
-        cls = get_model(name)
-        return cls, dataclasses.replace(cls.Config(), **settings)
-    except ValueError:  # a plain string value (init=normal) is not JSON: accuracy.py's spec
-        name, options = accuracy.parse_spec(spec)
-        cls = get_model(name)
-        return cls, config_from_options(cls.Config, options)
-
-
-def validation_ranks(spec: str, data, k: int, exclude_seen: bool, threads: int = 1) -> tuple[np.ndarray, np.ndarray, float]:
-    """(positions, ranks, MRR@K) of ``spec`` on every validation target, trained as a tune.py trial is: a neural
-    model on the early-stopping split and early-stopped on validation (the kept epoch's weights), a baseline
-    fitted on that split; ties among unscored items in that split's popularity order."""
+def validation_ranks(spec: str, data, fit, valid, popularity: np.ndarray, k: int, exclude_seen: bool, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, ranks) of ``spec`` on every validation target (``valid``), trained as a tune.py trial is: a neural
+    model on the early-stopping split (``fit``) and early-stopped on validation (the kept epoch's weights), a baseline
+    fitted on ``fit``; ties among unscored items in ``popularity`` order (``fit``'s clicks per item)."""
     started = time.perf_counter()
     cls, config = spec_config(spec)
-    fit, valid = early_stopping_split(data)
-    if accuracy.parse_spec(spec)[0] in accuracy.BASELINES:
+    if cls.name in accuracy.BASELINES:
         model = cls.train(dataclasses.replace(data, train=fit, valid=None), config, progress=False)
     else:
         model = cls.train(data, dataclasses.replace(config, threads=threads), progress=False)
-    popularity = np.bincount(fit.items, minlength=data.n_items + 1)
     m = evaluate(model, valid, ks=(k,), mode=data.stats.get("eval_mode", "next"), popularity=popularity, exclude_seen=exclude_seen,
                  progress=False, event_ranks=True)
     print(f"  {spec}: validation MRR@{k} {m[f'MRR@{k}']:.6f} ({time.perf_counter() - started:.0f} s)", flush=True)
-    return m["event_positions"], m["event_ranks"], m[f"MRR@{k}"]
+    return m["event_positions"], m["event_ranks"]
 
 
-def event_ranks(row: dict, data, k: int, exclude_seen: bool, key: str, runs: Path | None = None,
+def event_ranks(row: dict, data, popularity: np.ndarray, k: int, exclude_seen: bool, key: str, runs: Path | None = None,
                 tolerance: float = REPRODUCE_TOLERANCE) -> tuple[np.ndarray, np.ndarray]:
-    """(positions, ranks) of the row's rebuilt model on every test event; stops unless it gives the row's ``key``
-    again, within ``tolerance``."""
+    """(positions, ranks) of the row's rebuilt model on every test event, ties among unscored items in ``popularity``
+    order (train's clicks per item); stops unless it gives the row's ``key`` again, within ``tolerance``."""
     if key not in row:  # before the rebuild, which can take minutes
         sys.exit(f"error: the row for '{row['model']}' has no {key}")
     started = time.perf_counter()
     model = rebuild(row, data, runs)
-    popularity = np.bincount(data.train.items, minlength=data.n_items + 1)
     mode = data.stats.get("eval_mode", "next")
     m = evaluate(model, data.test, ks=(k,), mode=mode, popularity=popularity, exclude_seen=exclude_seen, progress=False, event_ranks=True)
     if abs(m[f"MRR@{k}"] - row[key]) > tolerance:
@@ -272,19 +269,20 @@ def compare(dataset: str, spec_a: str, spec_b: str, k: int = 20, resamples: int 
         data = accuracy.DATASETS[dataset][1]()
         if data.valid is None:
             sys.exit(f"error: {dataset} has no validation split")
-        positions_a, ranks_a, _ = validation_ranks(spec_a, data, k, exclude_seen, threads)
-        positions_b, ranks_b, _ = validation_ranks(spec_b, data, k, exclude_seen, threads)
         train, events = early_stopping_split(data)
+        popularity = np.bincount(train.items, minlength=data.n_items + 1)
+        positions_a, ranks_a = validation_ranks(spec_a, data, train, events, popularity, k, exclude_seen, threads)
+        positions_b, ranks_b = validation_ranks(spec_b, data, train, events, popularity, k, exclude_seen, threads)
     else:
         row_a, row_b = stored_row(dataset, spec_a), stored_row(dataset, spec_b)
         data = accuracy.DATASETS[dataset][1]()
-        positions_a, ranks_a = event_ranks(row_a, data, k, exclude_seen, metric, runs, tolerance)
-        positions_b, ranks_b = event_ranks(row_b, data, k, exclude_seen, metric, runs, tolerance)
         train, events = data.train, data.test
+        popularity = np.bincount(train.items, minlength=data.n_items + 1)
+        positions_a, ranks_a = event_ranks(row_a, data, popularity, k, exclude_seen, metric, runs, tolerance)
+        positions_b, ranks_b = event_ranks(row_b, data, popularity, k, exclude_seen, metric, runs, tolerance)
     if not np.array_equal(positions_a, positions_b):
         sys.exit(f"error: the two models were ranked on different {split} events")
     result = paired_bootstrap(ranks_a, ranks_b, k, resamples)
-    popularity = np.bincount(train.items, minlength=data.n_items + 1)
     for grouping in by:
         values = history_lengths(events, positions_a) if grouping == "history" else target_popularity(popularity, events, positions_a)
         result.splits[grouping] = split_difference(ranks_a, ranks_b, values, GROUPINGS[grouping][0], k, resamples)
