@@ -369,6 +369,9 @@ def merge(rows: list[dict]) -> list[dict]:
     Sorted by dataset, then the baselines first (in ``BASELINES`` order), then the neural rows as they came."""
     stored = json.loads(STORE.read_text()) if STORE.exists() else []
     fresh = {(r["dataset"], r["model"]): r for r in rows}
+    for r in stored:  # a paired interval outlives its row's re-run: paired_cell still checks it against the figures
+        if (r["dataset"], r["model"]) in fresh and "paired" in r:
+            fresh[r["dataset"], r["model"]].setdefault("paired", r["paired"])
     merged = [fresh.pop((r["dataset"], r["model"]), r) for r in stored] + list(fresh.values())
     order = {k: i for i, k in enumerate(DATASETS)}
     rank = {name: i for i, name in enumerate(BASELINES)}
@@ -483,12 +486,19 @@ def settings_cell(r: dict) -> str:
         t = r["tuning"]
         label = VALID_METRICS[t.get("valid_metric", "mrr20")]  # rows before valid_metric followed MRR@20
         best, default = (t["val_score"], t["val_score_default"]) if "val_score" in t else (t["val_mrr20"], t["val_mrr20_default"])
-        if "around" in t:  # tune.py --around/--vary: a second stage around a first stage's best
-            first = t.get("first_stage") or {}
+        if "around" in t:  # tune.py --around/--vary: a later stage around an earlier stage's best
+            chain = [t]  # the stages, first to last: each record holds the one before as first_stage
+            while chain[0].get("first_stage"):
+                chain.insert(0, chain[0]["first_stage"])
+            first = chain[0]
             before = (f"best of {first['trials']} random draws (`benchmarks/tune.py --trials {first['trials']} --seed {first['seed']}`), then "
-                      if first else f"around `{t['around']}`, ")
-            return (f"{before}{t['trials']} trials more on validation {label} varying {t['vary']} around it ({best:.4f}; "
-                    f"the first stage's best trained again here {default:.4f}), `benchmarks/tune.py --around SPEC --vary {t['vary']}`{refit}")
+                      if "around" not in first else f"around `{first['around']}`, ")
+            middle = "".join(f"{s['trials']} trials more varying {s['vary']} around it ({s['val_score']:.4f}), then "
+                             for s in chain[1:-1] if "around" in s)
+            previous = "the first stage's" if len(chain) <= 2 else "the previous stage's"
+            return (f"{before}{middle}{t['trials']} trials more on validation {label} varying {t['vary']} around "
+                    f"{'that' if middle else 'it'} ({best:.4f}; {previous} best trained again here {default:.4f}), "
+                    f"`benchmarks/tune.py --around SPEC --vary {t['vary']}`{refit}")
         return (f"best of {t['trials']} random draws on validation {label} ({best:.4f}; defaults {default:.4f}), "
                 f"`benchmarks/tune.py --trials {t['trials']} --seed {t['seed']}`{refit}")
     return ("defaults" if not options else "fixed (the row's name)") + refit

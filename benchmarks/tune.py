@@ -19,7 +19,8 @@ trial is always the model's defaults.
 
 ``--around SPEC --vary NAME=V1,V2,...`` is a second, narrower stage: the settings of SPEC (a tuned row's model
 cell) once as they are and once with each other value of NAME, chosen on validation as a search is; the row then
-states both stages' budgets. (Beauty, 2026-12-06: the tuned GRU4Rec lost to sr on the most clicked targets,
+states every stage's budget, and SPEC may itself be a later stage's row. Varying ``loss`` swaps the loss's companions
+too (``COMPANIONS``: bpr-max's ELU, bpreg and no logQ correction; cross-entropy's are the model's defaults). (Beauty, 2026-12-06: the tuned GRU4Rec lost to sr on the most clicked targets,
 ``benchmarks/paired.py --by popularity``, which ``sample_alpha``, the popularity exponent of its negative samples,
 governs.)
 
@@ -258,6 +259,19 @@ def choose(entries: list[dict]) -> tuple[str, dict]:
     return metrics[0], max(entries, key=validation_score)
 
 
+def varied(model: str, settings: dict, key: str, value) -> dict:
+    """``settings`` with ``key`` set to ``value``; where the old value brought companions (bpr-max's ELU, bpreg and no
+    logQ) they go back to the model's defaults, and the new value's companions come in, as a search would draw them."""
+    out = {**settings, key: value}
+    if not any(name == model and setting == key for name, setting, _ in COMPANIONS):
+        return out
+    for (name, setting, before), more in COMPANIONS.items():
+        if name == model and setting == key and settings.get(key) == before:
+            for companion in more:
+                out.pop(companion, None)
+    return with_companions(model, out)
+
+
 def refine(dataset: str, model: str, around: str, vary: str) -> tuple[list[dict], dict | None]:
     """The draws of ``--around SPEC --vary NAME=V1,...`` (SPEC's settings first, then each other value of NAME), and the
     tuning record of SPEC's row in docs/accuracy.json where it has one (the first stage)."""
@@ -273,7 +287,7 @@ def refine(dataset: str, model: str, around: str, vary: str) -> tuple[list[dict]
         tried = [json.loads(v) for v in values.split(",")]
     except json.JSONDecodeError:
         raise UserError(f"--vary {vary}: the values must be JSON (numbers, true/false, quoted strings)") from None
-    draws = [settings] + [{**settings, key: v} for v in tried if v != settings.get(key)]
+    draws = [settings] + [varied(model, settings, key, v) for v in tried if v != settings.get(key)]
     rows = json.loads(accuracy.STORE.read_text()) if accuracy.STORE.is_file() else []
     stage = next((r["tuning"] for r in rows if r["dataset"] == dataset and r["model"] == around and "tuning" in r), None)
     return draws, stage

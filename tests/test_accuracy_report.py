@@ -83,6 +83,37 @@ def test_a_second_tuning_stage_tries_the_spec_as_it_is_and_each_other_value_and_
     assert "best of 16 random draws" in cell and "3 trials more" in cell and "varying sample_alpha=0.0,0.5,1" in cell and "0.0320" in cell
 
 
+def test_a_stage_that_varies_the_loss_drops_the_old_loss_companions_and_brings_the_new_ones(tmp_path, monkeypatch):
+    monkeypatch.setattr(accuracy, "STORE", tmp_path / "accuracy.json")
+    bpr_max = 'gru4rec:lr=0.05,loss="bpr-max",elu_param=0.5,logq=0.0,bpreg=1.0,sample_alpha=0.25'
+    as_is, cross_entropy = tune.refine("beauty", "gru4rec", bpr_max, 'loss="cross-entropy"')[0]
+    assert as_is["elu_param"] == 0.5 and cross_entropy == {"lr": 0.05, "loss": "cross-entropy", "sample_alpha": 0.25}
+    assert tune.refine("beauty", "gru4rec", 'gru4rec:loss="cross-entropy"', 'loss="bpr-max"')[0][1] == {
+        "loss": "bpr-max", "elu_param": 0.5, "logq": 0.0, "bpreg": 1.0}
+
+
+def test_a_third_stage_states_every_stage_s_budget_in_order():
+    first = {"trials": 16, "seed": 1}
+    second = {"trials": 4, "seed": 1, "val_score": 0.0318, "val_score_default": 0.0313, "around": "gru4rec:lr=0.05",
+              "vary": "sample_alpha=0.0,0.25,0.75", "first_stage": first}
+    third = row("beauty", 'gru4rec:lr=0.05,loss="cross-entropy"', 0.03, refit=True,
+                tuning={"trials": 2, "seed": 1, "val_score": 0.0321, "val_score_default": 0.0318, "around": "gru4rec:lr=0.05,sample_alpha=0.25",
+                        "vary": 'loss="cross-entropy"', "first_stage": second})
+    cell = accuracy.settings_cell(third)
+    assert cell.startswith("best of 16 random draws (`benchmarks/tune.py --trials 16 --seed 1`), then 4 trials more varying "
+                           "sample_alpha=0.0,0.25,0.75 around it (0.0318), then 2 trials more on validation MRR@20 varying "
+                           'loss="cross-entropy" around that (0.0321; the previous stage\'s best trained again here 0.0318)')
+
+
+def test_a_row_trained_again_keeps_its_paired_interval_while_its_figures_match(tmp_path, monkeypatch):
+    monkeypatch.setattr(accuracy, "STORE", tmp_path / "accuracy.json")
+    paired = {"MRR@20": {"against": "sr", "mrr": [0.0292, 0.0283], "interval": [0.0001, 0.0018]}}
+    accuracy.STORE.write_text(json.dumps([row("beauty", "sr", 0.0283), row("beauty", "gru4rec", 0.0292, paired=paired)]))
+    same, other = row("beauty", "gru4rec", 0.0292), row("beauty", "gru4rec", 0.0290)
+    assert "+0.0001 to +0.0018" in accuracy.summary(accuracy.merge([same]))
+    assert "not measured" in accuracy.summary(accuracy.merge([other]))  # carried, and refused: its figure changed
+
+
 def test_the_search_chooses_on_the_figure_its_trials_followed_and_refuses_trials_that_followed_different_ones():
     ndcg = [{"valid_metric": "ndcg10", "val_score": 0.020, "val_mrr20": 0.030},
             {"valid_metric": "ndcg10", "val_score": 0.025, "val_mrr20": 0.010}]
