@@ -73,3 +73,13 @@ def test_produced_by_shows_the_command_as_a_code_block(monkeypatch):
 
     monkeypatch.setattr("sys.argv", [str(_report.REPO / "benchmarks" / "stream.py"), "--systems", "c"])
     assert produced_by() == ["Produced by:", "", "    python benchmarks/stream.py --systems c", ""]
+
+
+def test_the_readme_lists_every_benchmark_script_with_what_it_measures():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    readme = root.joinpath("README.md").read_text()
+    section = readme.split("## Benchmarks", 1)[1].split("\n## ", 1)[0]
+    scripts = sorted(p.name for p in root.joinpath("benchmarks").glob("[a-z]*.py"))
+    assert scripts and [s for s in scripts if f"`{s}`" not in section] == []
