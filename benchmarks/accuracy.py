@@ -495,12 +495,11 @@ def settings_cell(r: dict) -> str:
             chain = [t]  # the stages, first to last: each record holds the one before as first_stage
             while chain[0].get("first_stage"):
                 chain.insert(0, chain[0]["first_stage"])
-            first = chain[0]
+            first, stages = chain[0], chain if "around" in chain[0] else chain[1:]  # the search, where there was one
             before = (f"best of {first['trials']} random draws (`benchmarks/tune.py --trials {first['trials']} --seed {first['seed']}`), then "
                       if "around" not in first else f"around `{first['around']}`, ")
-            middle = "".join(f"{s['trials']} trials more varying {s['vary']} around it ({s['val_score']:.4f}), then "
-                             for s in chain[1:-1] if "around" in s)
-            previous = "the first stage's" if len(chain) <= 2 else "the previous stage's"
+            middle = "".join(f"{s['trials']} trials more varying {s['vary']} around it ({s['val_score']:.4f}), then " for s in stages[:-1])
+            previous = "the first stage's" if len(stages) == 1 else "the previous stage's"
             again = "from the journal" if t.get("from_journal") else "trained again here"  # tune.py --journal
             return (f"{before}{middle}{t['trials']} trials more on validation {label} varying {t['vary']} around "
                     f"{'that' if middle else 'it'} ({best:.4f}; {previous} best {again} {default:.4f}), "

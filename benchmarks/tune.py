@@ -263,12 +263,11 @@ def varied(model: str, settings: dict, key: str, value) -> dict:
     """``settings`` with ``key`` set to ``value``; where the old value brought companions (bpr-max's ELU, bpreg and no
     logQ) they go back to the model's defaults, and the new value's companions come in, as a search would draw them."""
     out = {**settings, key: value}
-    if not any(name == model and setting == key for name, setting, _ in COMPANIONS):
+    linked = {before: more for (name, setting, before), more in COMPANIONS.items() if name == model and setting == key}
+    if not linked:
         return out
-    for (name, setting, before), more in COMPANIONS.items():
-        if name == model and setting == key and settings.get(key) == before:
-            for companion in more:
-                out.pop(companion, None)
+    for companion in linked.get(settings.get(key), {}):
+        out.pop(companion, None)
     return with_companions(model, out)
 
 

@@ -103,6 +103,9 @@ def test_a_third_stage_states_every_stage_s_budget_in_order():
     assert cell.startswith("best of 16 random draws (`benchmarks/tune.py --trials 16 --seed 1`), then 4 trials more varying "
                            "sample_alpha=0.0,0.25,0.75 around it (0.0318), then 2 trials more on validation MRR@20 varying "
                            'loss="cross-entropy" around that (0.0321; the previous stage\'s best from the journal 0.0318)')
+    hand_started = {**third, "tuning": {**third["tuning"], "first_stage": {**second, "first_stage": None}}}
+    assert accuracy.settings_cell(hand_started).startswith(
+        "around `gru4rec:lr=0.05`, 4 trials more varying sample_alpha=0.0,0.25,0.75 around it (0.0318), then 2 trials more")
 
 
 def test_a_row_trained_again_keeps_its_paired_interval_while_its_figures_match(tmp_path, monkeypatch):
