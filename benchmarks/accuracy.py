@@ -187,7 +187,7 @@ NOTES = {
         "NDCG@10 0.0144; BERT4Rec defaults, cap 3, HR@10 0.0117; GRU4Rec defaults, cap 5, validated on training "
         "positions by older code, MRR@20 0.0252; SR-GNN, cap 2, MRR@20 0.0116; Caser, cap 1, 0.0033; BST, cap 2, "
         "0.0025), and each GRU4Rec tuning stage's row by the next stage's.",
-        "- **Budget-limited rows**: where the `epochs` column shows `(cap N)` the run hit its cap before early "
+        "- **Budget-limited rows**: where the `epochs` column shows `(cap N)` or `(budget N s)` the run hit its epoch cap or its time budget before early "
         "stopping could trigger (patience 5 for SASRec and Caser, 3 for BST and SR-GNN, 10 for BERT4Rec's "
         "defaults), so the row is a lower bound. Evaluating a window model on this file takes about half a minute "
         "per ranking (`eval_s` in docs/accuracy.json; rows from 2026-12-05 on time both rankings, with and without "
@@ -249,7 +249,8 @@ def run_folder(runs: Path, dataset: str, spec: str) -> Path:
 
 
 def train_and_select(cls, data: PreparedData, config, refit: bool = False, run_dir: Path | None = None):
-    """(model, best epoch + 1, epochs run, early stopping triggered, seconds): early-stopped, then refit on all of train
+    """(model, best epoch + 1, epochs run, early stopping triggered, out of time, seconds): early-stopped (or cut
+    short by the config's ``time_budget_s``), then refit on all of train
     in "next" mode (and on leave-one-out data too with ``refit``, so the model also learns the validation targets,
     which the baselines are fitted on). With ``run_dir`` the early-stopped training keeps its log, checkpoint and
     learning curve there and resumes from the checkpoint when started again."""
@@ -259,18 +260,19 @@ def train_and_select(cls, data: PreparedData, config, refit: bool = False, run_d
     model = cls.train(data, config, progress=True, run_dir=run_dir)
     result = getattr(model, "fit_result", None)
     if result is None:  # a baseline: nothing to select
-        return model, None, None, None, time.perf_counter() - started
+        return model, None, None, None, None, time.perf_counter() - started
     best, run = result.best_epoch + 1, len(result.history)
     validated = any(h.get("val_mrr20") is not None for h in result.history)
     if validated and (refit or data.stats.get("eval_mode", "next") == "next"):
         print(f"    refit on all of train for {best} epoch(s) of the same {config.epochs}-epoch schedule", flush=True)
         model = refit_on_all(cls, data, config, best)
-    return model, best, run, result.stopped_early, time.perf_counter() - started
+    return model, best, run, result.stopped_early, result.out_of_time, time.perf_counter() - started
 
 
 def refit_on_all(cls, data: PreparedData, config, best: int):
-    """``cls`` trained again on all of train (validation included) for ``best`` epochs of ``config``'s lr schedule."""
-    return cls.train(dataclasses.replace(data, valid=None), dataclasses.replace(config, stop_after=best), progress=True)
+    """``cls`` trained again on all of train (validation included) for ``best`` epochs of ``config``'s lr schedule
+    (all of them: a time budget bounded the choice, not the refit)."""
+    return cls.train(dataclasses.replace(data, valid=None), dataclasses.replace(config, stop_after=best, time_budget_s=0.0), progress=True)
 
 
 def test_figures(model, data: PreparedData, popularity: np.ndarray) -> dict:
@@ -286,8 +288,10 @@ def test_figures(model, data: PreparedData, popularity: np.ndarray) -> dict:
 
 
 def run_dataset(key: str, specs: list[str], max_epochs: int, threads: int, record: Callable[[dict], None], refit: bool = False,
-                runs: Path | None = None, keep_epochs: bool = False) -> list[dict]:
+                runs: Path | None = None, keep_epochs: bool = False, time_budget_s: float = 0.0) -> list[dict]:
     """Train and evaluate every spec on one dataset; ``record`` gets each row as soon as it is measured.
+    ``time_budget_s`` (> 0) bounds each neural training's wall time (``TrainerConfig.time_budget_s``); a row it
+    cut short says so (``out_of_time``) and counts as budget-limited, like one that hit ``max_epochs``.
     With ``runs``, each neural model's training keeps its run folder under ``runs/<dataset>/<spec>``, and with
     ``keep_epochs`` every epoch's weights in it too (for ``benchmarks/epoch_curves.py``)."""
     title, load = DATASETS[key]
@@ -308,10 +312,12 @@ def run_dataset(key: str, specs: list[str], max_epochs: int, threads: int, recor
             config.epochs = min(config.epochs, max_epochs)
         if keep_epochs and hasattr(config, "keep_epochs"):
             config.keep_epochs = True
+        if time_budget_s and hasattr(config, "time_budget_s"):
+            config.time_budget_s = time_budget_s
         print(f"  {spec}", flush=True)
         load_before, cpu_before = os.getloadavg()[0], time.process_time()
         run_dir = run_folder(runs, key, spec) if runs is not None else None
-        model, best, run, stopped_early, train_s = train_and_select(cls, data, config, refit=refit, run_dir=run_dir)
+        model, best, run, stopped_early, out_of_time, train_s = train_and_select(cls, data, config, refit=refit, run_dir=run_dir)
         train_cpu_s = time.process_time() - cpu_before
         t0 = time.perf_counter()
         figures = test_figures(model, data, popularity)
@@ -323,6 +329,8 @@ def run_dataset(key: str, specs: list[str], max_epochs: int, threads: int, recor
         }
         if best is not None and mode == "last":
             row["refit"] = refit
+        if best is not None and getattr(config, "time_budget_s", 0):
+            row["time_budget_s"], row["out_of_time"] = config.time_budget_s, bool(out_of_time)
         device = getattr(getattr(model, "fit_result", None), "device", "cpu")  # FitResult.device; baselines have none
         if device != "cpu":  # rows trained on a GPU name it
             row["device"] = f"{device} ({torch.cuda.get_device_name(device)})" if device.startswith("cuda") else device
@@ -359,9 +367,12 @@ COMMANDS = {
 
 
 def epochs_cell(r: dict) -> str:
-    """``best/run``, marked ``(cap N)`` when the run ended at its epoch cap without early stopping."""
+    """``best/run``, marked ``(cap N)`` when the run ended at its epoch cap without early stopping, ``(budget N s)``
+    when its time budget ended it."""
     if r["best_epochs"] is None:
         return "–"
+    if r.get("out_of_time"):
+        return f"{r['best_epochs']}/{r['epochs_run']} (budget {r['time_budget_s']:g} s)"
     return f"{r['best_epochs']}/{r['epochs_run']}" + (f" (cap {r['max_epochs']})" if capped(r) else "")
 
 
@@ -386,7 +397,7 @@ def markdown(rows: list[dict]) -> str:
         "  the model is then trained again on all of train for the best epoch count (the same learning-rate schedule,",
         "  stopped there: `stop_after`), so it sees the same data as the baselines; the other leave-one-out rows keep",
         "  the early-stopped model, as Klenitskiy & Vasilev do. `epochs` = best epoch / epochs run, with `(cap N)` where",
-        "  the cap, not early stopping, ended training. `train s` is wall time of both passes (of every trial for tuned",
+        "  the cap, not early stopping, ended training, and `(budget N s)` where a wall-time budget did (`--time-budget`). `train s` is wall time of both passes (of every trial for tuned",
         "  rows), `CPU s` the process CPU time. The yoochoose rows but SASRec's (measured again on 2026-12-06) were measured before `stop_after` existed: their refit",
         "  ran `epochs = best` (for GRU4Rec, whose learning rate decays over the run, a compressed schedule; the",
         "  window models keep a constant rate, so for them it is the same run).",
@@ -527,8 +538,10 @@ def summary(rows: list[dict]) -> str:
 
 
 def capped(r: dict) -> bool:
-    """True when the epoch cap, not early stopping, ended the row's training."""
-    return r["best_epochs"] is not None and r["epochs_run"] == r["max_epochs"] and not r.get("stopped_early", False)
+    """True when the epoch cap or the time budget, not early stopping, ended the row's training."""
+    if r["best_epochs"] is None:
+        return False
+    return bool(r.get("out_of_time")) or (r["epochs_run"] == r["max_epochs"] and not r.get("stopped_early", False))
 
 
 def chart_label(r: dict) -> str:
@@ -591,12 +604,16 @@ def main() -> None:
     parser.add_argument("--refit", action="store_true", help="leave-one-out data too: train again on all of train (validation targets included) for the best epoch count")
     parser.add_argument("--runs", type=Path, default=None, help="keep each neural training's run folder (log, checkpoint, curve) under DIR/<dataset>/<spec>; "
                         "started again, a training resumes from its checkpoint")
+    parser.add_argument("--time-budget", type=float, default=0.0, metavar="SECONDS", help="end each neural training after the epoch in which its wall time passed "
+                        "SECONDS, keeping the best epoch so far; the row is marked '(budget N s)', a lower bound (0 = none)")
     parser.add_argument("--keep-epochs", action="store_true", help="with --runs: also keep every epoch's weights in the run folder (epochs/NNN.pt, for benchmarks/epoch_curves.py)")
     parser.add_argument("--no-docs", action="store_true", help="print only; do not touch docs/")
     parser.add_argument("--render-only", action="store_true", help="train nothing: re-render the docs section and chart from docs/accuracy.json")
     args = parser.parse_args()
     if args.keep_epochs and args.runs is None:
         sys.exit("error: --keep-epochs keeps the weights in the run folders: give --runs DIR too")
+    if args.time_budget < 0:
+        sys.exit(f"error: --time-budget must not be negative, got {args.time_budget:g}")
     if args.render_only:
         rows = merge([])
         chart(rows)
@@ -615,7 +632,8 @@ def main() -> None:
             sys.exit(f"unknown dataset '{key}' (known: {', '.join(DATASETS)})")
     started = time.perf_counter()
     for key in args.datasets.split(","):
-        run_dataset(key, specs, args.max_epochs, args.threads, record=(lambda row: None) if args.no_docs else publish, refit=args.refit, runs=args.runs, keep_epochs=args.keep_epochs)
+        run_dataset(key, specs, args.max_epochs, args.threads, record=(lambda row: None) if args.no_docs else publish, refit=args.refit, runs=args.runs, keep_epochs=args.keep_epochs,
+                    time_budget_s=args.time_budget)
     print(f"\nall done in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
 
 

@@ -174,6 +174,28 @@ def test_every_beauty_spec_of_the_gpu_script_parses_into_its_model_config_before
         assert all(str(getattr(config, key)).lower() == value.lower() for key, value in options.items()), spec
 
 
+def test_a_row_its_time_budget_cut_short_is_marked_in_the_epochs_column_and_counts_as_budget_limited():
+    base = {"best_epochs": 40, "epochs_run": 60, "max_epochs": 200, "stopped_early": False}
+    cut = {**base, "time_budget_s": 250.0, "out_of_time": True}
+    assert accuracy.epochs_cell(cut) == "40/60 (budget 250 s)" and accuracy.capped(cut)
+    assert accuracy.epochs_cell({**base, "stopped_early": True}) == "40/60" and not accuracy.capped({**base, "stopped_early": True})
+    within = {**base, "epochs_run": 60, "stopped_early": True, "time_budget_s": 250.0, "out_of_time": False}
+    assert accuracy.epochs_cell(within) == "40/60" and not accuracy.capped(within)
+    assert accuracy.epochs_cell({**base, "epochs_run": 200}) == "40/200 (cap 200)"
+
+
+def test_the_gpu_script_cuts_a_row_short_at_its_budget_and_such_a_row_keeps_its_device_in_its_name(shared_data, tmp_path):
+    """A lent GPU's minutes are fixed: each row trains within its budget, and a row cut short sits beside the CPU row."""
+    import gpu_issue17
+
+    rows = gpu_issue17.beauty("cpu", 3, 1, tmp_path, "diginetica", budgets=(1e-6, 0))
+    cut, whole = rows
+    assert cut["out_of_time"] and (cut["best_epochs"], cut["epochs_run"]) == (1, 1) and cut["model"] == f"{gpu_issue17.BEAUTY[0]},device=cpu"
+    assert "out_of_time" not in whole and whole["model"] == gpu_issue17.BEAUTY[1]
+    assert accuracy.epochs_cell(cut) == "1/1 (budget 1e-06 s)"
+    assert json.loads((tmp_path / "accuracy-gpu.json").read_text()) == rows
+
+
 def test_learning_curves_read_every_kept_run_and_mark_the_epoch_the_trainer_keeps(tmp_path, monkeypatch, capsys):
     import learning_curves
 

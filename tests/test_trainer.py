@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -117,6 +118,77 @@ def test_stop_after_ends_training_early_on_the_schedule_of_the_whole_run():
     assert any(not torch.equal(v, weights["shortened"][-1][k]) for k, v in weights["stopped"][-1].items())  # a 2-epoch schedule differs
     with pytest.raises(UserError, match="stop_after"):
         TrainerConfig(stop_after=-1).check()
+
+
+class FakeClock:
+    """Stands in for the trainer's ``time`` module: the clock moves only when a test moves it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def test_a_time_budget_ends_training_after_the_epoch_that_spent_it_and_keeps_the_best_epoch_so_far(monkeypatch):
+    import training.trainer as trainer
+
+    clock = FakeClock()
+    monkeypatch.setattr(trainer, "time", clock)
+    config = TrainerConfig(epochs=6, lr=0.05, threads=1, time_budget_s=25)
+    module, batches, loss_fn = regression_task(config)
+    scores, snapshots = iter([0.1, 0.5, 0.3, 0.9, 0.9, 0.9]), []
+
+    def validate():  # each epoch, validation included, takes 10 s of the fake clock: 10, 20, 30 s ...
+        clock.now += 10
+        snapshots.append({k: v.clone() for k, v in module.state_dict().items()})
+        return next(scores)
+
+    result = fit(module, config, batches, loss_fn, validate=validate, progress=False)
+    assert result.out_of_time and not result.stopped_early
+    assert len(result.history) == 3 and result.best_epoch == 1  # 30 s passed 25 after epoch 3; epoch 2 was the best
+    for key, value in module.state_dict().items():
+        torch.testing.assert_close(value, snapshots[1][key])
+
+    for budget, epochs_run in ((0, 6), (60, 6), (55, 6)):  # none; never passed; passed only after the last epoch
+        clock.now, scores = 0.0, iter([0.1] * 6)
+        config = TrainerConfig(epochs=6, lr=0.05, threads=1, time_budget_s=budget)
+        module, batches, loss_fn = regression_task(config)
+        result = fit(module, config, batches, loss_fn, validate=validate, progress=False)
+        assert (len(result.history), result.out_of_time) == (epochs_run, False), budget
+    with pytest.raises(UserError, match="'time_budget_s' must not be negative"):
+        TrainerConfig(time_budget_s=-1).check()
+
+
+def test_a_run_its_time_budget_cut_short_resumes_with_a_budget_of_its_own_to_the_uninterrupted_run(tmp_path, monkeypatch):
+    import training.trainer as trainer
+
+    clock = FakeClock()
+    monkeypatch.setattr(trainer, "time", clock)
+
+    calls: list[float] = []
+
+    def validate():
+        clock.now += 10
+        calls.append(clock.now)
+        return float(len(calls))  # rising over the whole run, resumed or not: every epoch is the best so far
+
+    weights = {}
+    for name, budget in (("straight", 0), ("budgeted", 15)):
+        clock.now, calls[:] = 0.0, []
+        config = TrainerConfig(epochs=4, lr=0.05, optimizer="adam", lr_schedule="cosine", threads=1, time_budget_s=budget)
+        module, batches, loss_fn = regression_task(config)
+        result = fit(module, config, batches, loss_fn, validate=validate, run_dir=tmp_path / name, progress=False)
+        assert len(result.history) == (4 if name == "straight" else 2) and result.out_of_time == (name == "budgeted")
+        if name == "budgeted":  # started again with resume: on from epoch 3, a new 15 s budget, so two more epochs
+            clock.now = 0.0
+            config = dataclasses.replace(config, resume=True)
+            module, batches, loss_fn = regression_task(config)
+            result = fit(module, config, batches, loss_fn, validate=validate, run_dir=tmp_path / name, progress=False)
+            assert len(result.history) == 4 and not result.out_of_time
+        weights[name] = module.state_dict()
+    for key, value in weights["budgeted"].items():
+        torch.testing.assert_close(value, weights["straight"][key])
 
 
 def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path):

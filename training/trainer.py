@@ -17,7 +17,7 @@ How a model uses it (the whole API)::
         validate=lambda: validation_figures(model, data.valid),   # optional: MRR@20, NDCG@10 on held-out sessions
         run_dir=run_dir, progress=True,
     )
-    result.best_epoch, result.best_score, result.history, result.stopped_early
+    result.best_epoch, result.best_score, result.history, result.stopped_early, result.out_of_time
 
 What ``fit`` does, in order:
   - ``seed_everything(config.seed)`` before anything else. ``config.threads`` and glibc's allocator are
@@ -40,6 +40,10 @@ What ``fit`` does, in order:
     of ``config.valid_users`` validation sessions when that is set, ``validation_sample``); stop when
     ``config.patience`` (> 0) epochs pass without improvement. The best weights are loaded back into
     ``module`` before ``fit`` returns;
+  - ``config.time_budget_s`` (> 0) ends training after the epoch in which this call's wall time, validation
+    included, passed it, keeping the best epoch so far (``result.out_of_time``): a run that must fit a
+    fixed window (a lent GPU's minutes, a CPU budget per model) ends with a model, marked as cut short.
+    A resumed run counts its budget afresh;
   - with ``run_dir``: ``train_log.jsonl`` (one JSON line per epoch: epoch, loss, val_mrr20, seconds, lr,
     device, step_ms = training wall time per optimizer step, batch_ms = of which building and moving the
     batch, and on CUDA gpu_util = mean ``torch.cuda.utilization()`` in %, null where it cannot be read),
@@ -127,6 +131,7 @@ class TrainerConfig:
     valid_users: int = 0  # validate on a fixed random sample of this many validation sessions (0 = all); Klenitskiy & Vasilev sample 10,000
     valid_metric: str = "mrr20"  # the validation figure early stopping follows; "ndcg10": NDCG@10, as Klenitskiy & Vasilev choose
     stop_after: int = 0  # end after this many epochs (0 = all) while the lr schedule still spans ``epochs``: a refit repeats the chosen run's schedule
+    time_budget_s: float = 0.0  # end after the epoch in which this fit's wall time (validation included) passed this many seconds (0 = none); FitResult.out_of_time says so
     resume: bool = False  # continue from run_dir/checkpoint.pt
     keep_epochs: bool = False  # with a run_dir, also save every epoch's weights to run_dir/epochs/NNN.pt (benchmarks/epoch_curves.py)
     device: str = "auto"  # auto = CUDA when available, else cpu; cpu; cuda; cuda:N
@@ -141,7 +146,7 @@ class TrainerConfig:
         for name in ("epochs", "batch_size", "threads"):
             if getattr(self, name) < 1:
                 raise UserError(f"setting '{name}' must be at least 1, got {getattr(self, name)}")
-        for name in ("lr", "momentum", "weight_decay", "grad_clip", "warmup_steps", "patience", "stop_after", "valid_users"):
+        for name in ("lr", "momentum", "weight_decay", "grad_clip", "warmup_steps", "patience", "stop_after", "valid_users", "time_budget_s"):
             if getattr(self, name) < 0:
                 raise UserError(f"setting '{name}' must not be negative, got {getattr(self, name)}")
         if self.valid_metric not in VALID_METRICS:
@@ -228,6 +233,7 @@ class FitResult:
     best_epoch: int = -1
     best_score: float = float("nan")
     stopped_early: bool = False
+    out_of_time: bool = False  # config.time_budget_s ended it before its epochs, early stopping or stop_after did
     device: str = "cpu"  # where it trained
 
 
@@ -437,6 +443,7 @@ def fit(
     from tqdm.auto import tqdm
 
     config.check()
+    fit_started = time.perf_counter()
     device = resolve_device(config.device)
     on_cpu = device.type == "cpu"
     seed_everything(config.seed)
@@ -583,6 +590,11 @@ def fit(
                 torch.save(ckpt["model"], kept)
             _save_curve(result.history, Path(run_dir) / "learning_curve.png")
         if stop:
+            break
+        if config.time_budget_s and epoch + 1 < last_epoch and time.perf_counter() - fit_started >= config.time_budget_s:
+            result.out_of_time = True  # not in the checkpoint: a resumed run goes on with a budget of its own
+            if progress:
+                tqdm.write(f"time budget of {config.time_budget_s:g} s spent after epoch {epoch + 1}/{config.epochs}; kept epoch {result.best_epoch + 1}")
             break
 
     if best_state is not None:
