@@ -331,6 +331,7 @@ def run_dataset(key: str, specs: list[str], max_epochs: int, threads: int, recor
             row["refit"] = refit
         if best is not None and getattr(config, "time_budget_s", 0):
             row["time_budget_s"], row["out_of_time"] = config.time_budget_s, bool(out_of_time)
+        row.update(step_figures(getattr(getattr(model, "fit_result", None), "history", None)))
         device = getattr(getattr(model, "fit_result", None), "device", "cpu")  # FitResult.device; baselines have none
         if device != "cpu":  # rows trained on a GPU name it
             row["device"] = f"{device} ({torch.cuda.get_device_name(device)})" if device.startswith("cuda") else device
@@ -339,6 +340,18 @@ def run_dataset(key: str, specs: list[str], max_epochs: int, threads: int, recor
         print(f"    HR@10 {row['HR@10']:.4f}  HR@20 {row['HR@20']:.4f}  MRR@20 {row['MRR@20']:.4f}  NDCG@20 {row['NDCG@20']:.4f}  "
               f"epochs {best}/{run}  train {train_s:.0f}s  eval {row['eval_s']:.0f}s", flush=True)
     return rows
+
+
+def step_figures(history: list[dict] | None) -> dict[str, float]:
+    """The median step and batch time (ms) of a training's epochs, and on a GPU its mean utilisation (%): whether the
+    device was kept busy (batch time near step time, or low utilisation, means the host starved it)."""
+    if not history or "step_ms" not in history[0]:
+        return {}
+    figures = {name: round(float(np.median([h[name] for h in history])), 3) for name in ("step_ms", "batch_ms")}
+    util = [h["gpu_util"] for h in history if h.get("gpu_util") is not None]
+    if util:
+        figures["gpu_util"] = round(float(np.mean(util)), 1)
+    return figures
 
 
 def merge(rows: list[dict]) -> list[dict]:

@@ -27,6 +27,8 @@ The machine's own python3 holds torch (no pip there); everything this imports is
    table: a lower bound) and keeps ``,device=cuda`` in its name, so it sits beside the CPU row instead of
    replacing it. Each row goes to ``$OUT/accuracy-gpu.json`` as it is measured (``device`` names the GPU);
    merge them into docs/accuracy.json here and re-render with ``python benchmarks/accuracy.py --render-only``.
+   The run ends with a table: per row its device, epochs, median step and batch time, mean GPU utilisation
+   and HR@10 / NDCG@10 with the user's own items removed.
 
 ``--device cpu --max-epochs 1 --dataset diginetica`` runs the same steps here on the CPU in a minute (a dry run
 of the script itself).
@@ -106,6 +108,11 @@ def beauty(device: str, max_epochs: int, threads: int, out: Path, dataset: str =
 
     for spec, budget in zip(BEAUTY, budgets, strict=True):
         accuracy.run_dataset(dataset, [f"{spec},device={device}"], max_epochs, threads, record, time_budget_s=budget)
+    print("\n| model | device | epochs | train s | step ms | batch ms | GPU % | HR@10 / NDCG@10, own items removed |", flush=True)
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model'].split(':')[0]} | {r.get('device', 'cpu')} | {accuracy.epochs_cell(r)} | {r['train_s']:.0f} | {r.get('step_ms', '')} "
+              f"| {r.get('batch_ms', '')} | {r.get('gpu_util', '')} | {r['HR@10 seen removed']:.4f} / {r['NDCG@10 seen removed']:.4f} |", flush=True)
     return rows
 
 

@@ -193,7 +193,16 @@ def test_the_gpu_script_cuts_a_row_short_at_its_budget_and_such_a_row_keeps_its_
     assert cut["out_of_time"] and (cut["best_epochs"], cut["epochs_run"]) == (1, 1) and cut["model"] == f"{gpu_issue17.BEAUTY[0]},device=cpu"
     assert "out_of_time" not in whole and whole["model"] == gpu_issue17.BEAUTY[1]
     assert accuracy.epochs_cell(cut) == "1/1 (budget 1e-06 s)"
+    assert all(r["step_ms"] > 0 and 0 <= r["batch_ms"] <= r["step_ms"] and "gpu_util" not in r for r in rows)  # GPU % on CUDA only
     assert json.loads((tmp_path / "accuracy-gpu.json").read_text()) == rows
+
+
+def test_a_row_gives_the_median_step_and_batch_time_of_its_epochs_and_on_a_gpu_the_mean_utilisation():
+    history = [{"step_ms": 10.0, "batch_ms": 1.0, "gpu_util": 90.0}, {"step_ms": 30.0, "batch_ms": 2.0, "gpu_util": None},
+               {"step_ms": 20.0, "batch_ms": 9.0, "gpu_util": 70.0}]
+    assert accuracy.step_figures(history) == {"step_ms": 20.0, "batch_ms": 2.0, "gpu_util": 80.0}
+    assert accuracy.step_figures([{k: v for k, v in h.items() if k != "gpu_util"} for h in history]) == {"step_ms": 20.0, "batch_ms": 2.0}
+    assert accuracy.step_figures(None) == {} and accuracy.step_figures([{"epoch": 0, "loss": 1.0}]) == {}  # a baseline; an old log
 
 
 def test_learning_curves_read_every_kept_run_and_mark_the_epoch_the_trainer_keeps(tmp_path, monkeypatch, capsys):
