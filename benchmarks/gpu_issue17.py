@@ -21,9 +21,9 @@ The machine's own python3 holds torch (no pip there); everything this imports is
    window, no target where the mask draw hid nothing, softmax over the whole vocabulary), the closest BERT4Rec
    rows on the CPU over three seeds (150, 83 and 83 epochs there; with BERT's input layer and their NDCG@10 choice of
    epoch too it stopped sooner and lower, docs/results.md).
-   Each row trains within a wall-time budget (``BUDGETS``, ``--budgets``: 110 s and 250 s), so that the whole
-   run, smoke and test rankings included, ends inside the call's 540 s however fast the GPU turns out to be; a
-   row its budget cut short keeps the best epoch so far, is marked ``out_of_time`` (``(budget N s)`` in the
+   Each row trains within a wall-time budget (``BUDGETS``, ``--budgets``: SASRec 90 s, BERT4Rec the rest of
+   ``--seconds`` 480 less 45 s for its test rankings), so that the whole run, smoke and rankings included, ends
+   inside the call's 540 s however fast the GPU turns out to be; a row its budget cut short keeps the best epoch so far, is marked ``out_of_time`` (``(budget N s)`` in the
    table: a lower bound) and keeps ``,device=cuda`` in its name, so it sits beside the CPU row instead of
    replacing it. Each row goes to ``$OUT/accuracy-gpu.json`` as it is measured (``device`` names the GPU);
    merge them into docs/accuracy.json here and re-render with ``python benchmarks/accuracy.py --render-only``.
@@ -63,9 +63,12 @@ BEAUTY = [
     "sasrec:hidden_size=64,dropout=0.1,init=normal",
     "bert4rec:init=normal,batch_size=128,patience=20,valid_exclude_seen=true,unmasked=skip,train_windows=last,block=postnorm,head=tied,valid_users=10000,softmax=vocab",
 ]
-# wall-time budget per Beauty row's training, seconds (TrainerConfig.time_budget_s): with the smoke, loading the
-# file and ranking the test set twice per row, the run ends inside the device call's 540 s whatever the GPU's speed
-BUDGETS = (110.0, 250.0)
+# wall-time budget per Beauty row's training, seconds (TrainerConfig.time_budget_s), or None: what is left of the
+# run's --seconds when the row starts, less RESERVE_S for its test rankings. With the smoke and loading the file,
+# the run ends inside the device call's 540 s whatever the GPU's speed; BERT4Rec, the open row, gets the most.
+BUDGETS: tuple[float | None, ...] = (90.0, None)
+SECONDS = 480.0
+RESERVE_S = 45.0
 
 
 def smoke(device: str, out: Path) -> list[dict]:
@@ -94,9 +97,11 @@ def smoke(device: str, out: Path) -> list[dict]:
     return lines
 
 
-def beauty(device: str, max_epochs: int, threads: int, out: Path, dataset: str = "beauty", budgets: tuple[float, ...] = BUDGETS) -> list[dict]:
+def beauty(device: str, max_epochs: int, threads: int, out: Path, dataset: str = "beauty",
+           budgets: tuple[float | None, ...] = BUDGETS, deadline: float | None = None) -> list[dict]:
     """The Beauty rows (or these specs on another dataset), each written to out/accuracy-gpu.json as soon as it is
-    measured, each training within its budget (seconds; 0 = none)."""
+    measured, each training within its budget (seconds; 0 = none; None = until ``deadline``, a ``perf_counter``
+    time, less ``RESERVE_S``, and at least 1 s)."""
     rows: list[dict] = []
 
     def record(row: dict) -> None:
@@ -107,6 +112,11 @@ def beauty(device: str, max_epochs: int, threads: int, out: Path, dataset: str =
         (out / "accuracy-gpu.json").write_text(json.dumps(rows, indent=1))
 
     for spec, budget in zip(BEAUTY, budgets, strict=True):
+        if budget is None:
+            if deadline is None:
+                raise ValueError("a budget of the rest needs a deadline")
+            budget = max(1.0, deadline - time.perf_counter() - RESERVE_S)
+            print(f"  {budget:.0f} s left for this row's training", flush=True)
         accuracy.run_dataset(dataset, [f"{spec},device={device}"], max_epochs, threads, record, time_budget_s=budget)
     print("\n| model | device | epochs | train s | step ms | batch ms | GPU % | HR@10 / NDCG@10, own items removed |", flush=True)
     print("|---|---|---|---|---|---|---|---|")
@@ -122,17 +132,20 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="cuda (the point), or cpu for a dry run here")
     parser.add_argument("--max-epochs", type=int, default=200, help="cap per Beauty row (early stopping ends sooner)")
     parser.add_argument("--threads", type=int, default=8, help="torch CPU threads (batch building, test ranking)")
-    parser.add_argument("--budgets", default=",".join(f"{b:g}" for b in BUDGETS),
-                        help="wall-time budget of each Beauty row's training, seconds, in BEAUTY's order (0 = none)")
+    parser.add_argument("--budgets", default=",".join("rest" if b is None else f"{b:g}" for b in BUDGETS),
+                        help="wall-time budget of each Beauty row's training, seconds, in BEAUTY's order (0 = none; "
+                        "rest = what is left of --seconds, less a reserve for its test rankings)")
+    parser.add_argument("--seconds", type=float, default=SECONDS, help="the whole run's wall time that 'rest' budgets fill")
     parser.add_argument("--smoke-only", action="store_true")
     parser.add_argument("--dataset", default="beauty", choices=sorted(accuracy.DATASETS), help="beauty (the issue's); another for a quick dry run")
     args = parser.parse_args()
+    wrong = f"error: --budgets takes {len(BEAUTY)} values, seconds (0 or more) or 'rest', comma-separated, got '{args.budgets}'"
     try:
-        budgets = tuple(float(b) for b in args.budgets.split(","))
+        budgets = tuple(None if b.strip() == "rest" else float(b) for b in args.budgets.split(","))
     except ValueError:
-        raise SystemExit(f"error: --budgets takes {len(BEAUTY)} numbers of seconds, comma-separated, got '{args.budgets}'") from None
-    if len(budgets) != len(BEAUTY) or min(budgets) < 0:
-        raise SystemExit(f"error: --budgets takes {len(BEAUTY)} numbers of seconds (0 or more), comma-separated, got '{args.budgets}'")
+        raise SystemExit(wrong) from None
+    if len(budgets) != len(BEAUTY) or any(b is not None and b < 0 for b in budgets):
+        raise SystemExit(wrong)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: no CUDA device here (torch.cuda.is_available() is false); use --device cpu for a dry run")
     torch.set_num_threads(args.threads)
@@ -143,7 +156,7 @@ def main() -> None:
     smoke(args.device, args.out)
     print(f"smoke done in {time.perf_counter() - started:.0f} s", flush=True)
     if not args.smoke_only:
-        beauty(args.device, args.max_epochs, args.threads, args.out, args.dataset, budgets)
+        beauty(args.device, args.max_epochs, args.threads, args.out, args.dataset, budgets, deadline=started + args.seconds)
     print(f"all done in {time.perf_counter() - started:.0f} s", flush=True)
 
 
