@@ -70,6 +70,16 @@ def test_the_train_log_reports_step_time_and_the_device(data_dir, tmp_path):
         assert "gpu_util" not in line  # only reported on CUDA
 
 
+def test_a_run_its_time_budget_cut_short_says_so_in_its_config_and_loads_for_evaluation(data_dir, tmp_path):
+    run = train(data_dir, tmp_path / "cut", "sasrec", "--device", "cpu", "--set", "time_budget_s=0.001")
+    doc = json.loads((run / "config.json").read_text())
+    assert doc["out_of_time"] and (doc["best_epoch"], doc["epochs_run"]) == (1, 1) and len(log_of(run)) == 1
+    result = CliRunner().invoke(cli, ["evaluate", "--run", str(run), "--data", str(data_dir)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    whole = json.loads((train(data_dir, tmp_path / "whole", "sasrec", "--device", "cpu") / "config.json").read_text())
+    assert "out_of_time" not in whole and whole["epochs_run"] == 2
+
+
 def one_line_error(args):
     """Exit status and stderr of the real `streamrec` entry point (a fresh process, as a user runs it)."""
     done = subprocess.run([sys.executable, "-c", "from stream.cli import main; main()", *args], capture_output=True, text=True, timeout=300)

@@ -71,6 +71,10 @@ def train(model_name: str, data_dir: Path, run_dir: Path, epochs, seed, threads,
     fit_result = getattr(model, "fit_result", None)
     if fit_result is not None:
         doc["trained_on"] = fit_result.device
+        doc["best_epoch"], doc["epochs_run"] = fit_result.best_epoch + 1, len(fit_result.history)
+        if fit_result.out_of_time:  # the time budget, not its epochs or early stopping, ended it: say so where the run is
+            doc["out_of_time"] = True
+            click.echo(f"time budget of {config.time_budget_s:g} s spent: kept epoch {doc['best_epoch']} of {doc['epochs_run']} run", err=True)
     (run_dir / "config.json").write_text(json.dumps(doc, indent=2))
     click.echo(f"trained {model_name} in {seconds:.1f}s -> {run_dir}", err=True)
 
