@@ -1,7 +1,7 @@
 """Klenitskiy & Vasilev's own BERT4Rec, run on this machine on Beauty, validation and test traced per epoch.
 
 Their code (github.com/antklen/sasrec-bert4rec-recsys23, RecSys 2023) published Beauty HR@10 0.0338 /
-NDCG@10 0.0187 for BERT4Rec (best epoch 87); ours reaches 95 % / 95 % of that on average over three seeds, 98 % /
+NDCG@10 0.0187 for BERT4Rec (best epoch 87); ours reaches 95 % / 94 % of that on average over four seeds, 98 % /
 100 % from the best one (docs/results.md, issue 17).
 This script imports their ``src/`` from a checkout you give it (it has no licence, so nothing of it is copied
 here) and trains their model, on their data pipeline, with their settings (``src/configs/BERT4Rec.yaml``:

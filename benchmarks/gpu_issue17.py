@@ -19,7 +19,7 @@ The machine's own python3 holds torch (no pip there); everything this imports is
    BERT4Rec in their configuration (initialisation, batch 128, patience 20 on MRR@20 of their 10,000-user
    validation sample without the user's own items, post-norm block, bare tied output layer, each user's last
    window, no target where the mask draw hid nothing, softmax over the whole vocabulary), the closest BERT4Rec
-   rows on the CPU over three seeds (150, 83 and 83 epochs there; with BERT's input layer and their NDCG@10 choice of
+   rows on the CPU over four seeds (150, 83, 83 and 71 epochs there; with BERT's input layer and their NDCG@10 choice of
    epoch too it stopped sooner and lower, docs/results.md).
    Each row trains within a wall-time budget (``BUDGETS``, ``--budgets``: SASRec 90 s, BERT4Rec the rest of
    ``--seconds`` 480 less 45 s for its test rankings), so that the whole run, smoke and rankings included, ends
