@@ -332,8 +332,9 @@ def run_dataset(key: str, specs: list[str], max_epochs: int, threads: int, recor
             row["refit"] = refit
         if best is not None and getattr(config, "time_budget_s", 0):
             row["time_budget_s"], row["out_of_time"] = config.time_budget_s, bool(out_of_time)
-        row.update(step_figures(getattr(getattr(model, "fit_result", None), "history", None)))
-        device = getattr(getattr(model, "fit_result", None), "device", "cpu")  # FitResult.device; baselines have none
+        fit_result = getattr(model, "fit_result", None)  # baselines have none
+        row.update(step_figures(getattr(fit_result, "history", None)))
+        device = getattr(fit_result, "device", "cpu")
         if device != "cpu":  # rows trained on a GPU name it
             row["device"] = f"{device} ({torch.cuda.get_device_name(device)})" if device.startswith("cuda") else device
         rows.append(row)

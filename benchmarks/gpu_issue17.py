@@ -23,9 +23,9 @@ The machine's own python3 holds torch (no pip there); everything this imports is
    epoch too it stopped sooner and lower, docs/results.md).
    Each row trains within a wall-time budget (``BUDGETS``, ``--budgets``: SASRec 90 s, BERT4Rec the rest of
    ``--seconds`` 480 less 45 s for its test rankings), so that the whole run, smoke and rankings included, ends
-   inside the call's 540 s however fast the GPU turns out to be; a row its budget cut short keeps the best epoch so far, is marked ``out_of_time`` (``(budget N s)`` in the
-   table: a lower bound) and keeps ``,device=cuda`` in its name, so it sits beside the CPU row instead of
-   replacing it. Each row goes to ``$OUT/accuracy-gpu.json`` as it is measured (``device`` names the GPU);
+   inside the call's 540 s however fast the GPU turns out to be; a row its budget cut short keeps the best epoch
+   so far, is marked ``out_of_time`` (``(budget N s)`` in the table: a lower bound) and keeps ``,device=cuda`` in
+   its name, so it sits beside the CPU row instead of replacing it. Each row goes to ``$OUT/accuracy-gpu.json`` as it is measured (``device`` names the GPU);
    merge them into docs/accuracy.json here and re-render with ``python benchmarks/accuracy.py --render-only``.
    The run ends with a table: per row its device, epochs, median step and batch time, mean GPU utilisation
    and HR@10 / NDCG@10 with the user's own items removed.
